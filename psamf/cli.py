@@ -1,0 +1,46 @@
+"""The `psamf` command line. Each subcommand lives in its own module, imported only when used.
+
+A subcommand module provides `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("psamf.demo", "run the whole pipeline on the embedded local Ray with synthetic data and the tiny model"),
+    "config": ("psamf.config_cli", "print a preset (or a config file with overrides) as resolved YAML"),
+    "synth": ("psamf.synth", "write a seeded synthetic MOSI/MOSEI/SIMS-shaped data set in MMSA or MulT format"),
+    "prepare": ("psamf.prepare", "turn MMSA / MulT / custom corpora into Parquet shards plus manifest.json"),
+    "train": ("psamf.train", "train PSA-MF with Ray Train (embedded local Ray, or the cluster in RAY_ADDRESS)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="psamf", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ModuleNotFoundError as e:  # a subcommand whose module is not built yet
+            if e.name != module:
+                raise
+            p.set_defaults(_missing=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_missing", False):
+        parser.error(f"subcommand {args.command!r} is not available in this build")
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Shared fixtures: one local Ray for the whole test run, one moto S3 server on 127.0.0.1.
+
+Environment set here, before anything can start Ray (see shared/docs/ray-notes.md §10):
+token auth pinned off for the embedded test cluster, usage stats off, AWS credentials and
+endpoint for the moto server so Ray workers see them too.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_PORT = _free_port()
+S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "AWS_ENDPOINT_URL_S3": S3_ENDPOINT,
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+for _k, _v in AWS_TEST_ENV.items():
+    os.environ[_k] = _v
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 HTTP endpoint (moto server) on 127.0.0.1 for the whole session. Yields its endpoint URL."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    yield S3_ENDPOINT
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket per test; yields its name."""
+    import uuid
+
+    import boto3
+
+    name = f"psamf-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One embedded Ray for every test that needs it: 4 logical CPUs on purpose (2-core machines)."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(
+        address="local",
+        num_cpus=4,
+        object_store_memory=200 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": dict(AWS_TEST_ENV, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
+                                      TOKENIZERS_PARALLELISM="false")},
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
