@@ -22,7 +22,13 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer, BertTokenizerFast
 
     if name == TINY:
-        return BertTokenizerFast(vocab_file=tiny_vocab_path(), do_lower_case=True)
+        with open(tiny_vocab_path(), encoding="utf-8") as f:
+            vocab = {tok: i for i, tok in enumerate(line.rstrip("\n") for line in f if line.strip())}
+        # transformers 5 takes the vocabulary itself; 4.x takes a file path
+        try:
+            return BertTokenizerFast(vocab=vocab, do_lower_case=True)
+        except TypeError:
+            return BertTokenizerFast(vocab_file=tiny_vocab_path(), do_lower_case=True)
     try:
         return AutoTokenizer.from_pretrained(name, use_fast=True)
     except OSError as e:
