@@ -217,12 +217,17 @@ class DataConfig:
     group_window: int = 16  # batches per length-grouping window
     prefetch_batches: int = 2
     s3_endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO/moto; else AWS_ENDPOINT_URL_S3 / AWS default
+    shuffle_seed: int = 0  # train order: file shuffle (reseeded per pass) + per-epoch window permutation
+    normalize_features: bool = False  # z-score audio/visual with the manifest's train stats (read time); reference: off
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "data.uri must not be empty")
         _check(1 <= self.max_text_len <= 512, f"data.max_text_len must be in [1, 512], got {self.max_text_len}")
         _check(self.group_window >= 1, "data.group_window must be >= 1")
         _check(self.prefetch_batches >= 0, "data.prefetch_batches must be >= 0")
+        _check(0 <= self.shuffle_seed < 2**32, f"data.shuffle_seed must be in [0, 2**32), got {self.shuffle_seed}")
+        _check(self.s3_endpoint is None or self.s3_endpoint.startswith(("http://", "https://")),
+               f"data.s3_endpoint must be an http(s):// URL or null, got {self.s3_endpoint!r}")
 
 
 @dataclass
@@ -234,7 +239,8 @@ class RunConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     max_failures: int = 2  # worker-group restarts from the latest checkpoint; -1 = unlimited
-    keep_checkpoints: int = 2  # best k by optim.select_metric
+    keep_checkpoints: int = 2  # best k by optim.select_metric; Ray also always keeps the latest (resume point)
+    s3_endpoint: str | None = None  # custom S3 endpoint for an s3:// storage_path (MinIO, moto); else data.s3_endpoint, then AWS_ENDPOINT_URL_S3
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, f"run.name must be a non-empty name without '/', got {self.name!r}")
@@ -243,6 +249,9 @@ class RunConfig:
         _check(self.gpus_per_worker > 0, "run.gpus_per_worker must be > 0")
         _check(self.max_failures >= -1, "run.max_failures must be >= -1")
         _check(self.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
+        _check(bool(self.storage_path), "run.storage_path must not be empty")
+        _check(self.s3_endpoint is None or self.s3_endpoint.startswith(("http://", "https://")),
+               f"run.s3_endpoint must be an http(s):// URL or null, got {self.s3_endpoint!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,7 +407,10 @@ def _build_section(typ: type, values: Mapping[str, Any], section: str, source: s
         if not ok:
             raise ConfigError(f"{source}: {section}.{f.name} must be {_type_name(hints[f.name])}, got {v!r}")
         kwargs[f.name] = coerced
-    return typ(**kwargs)
+    try:
+        return typ(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def _type_name(tp: Any) -> str:

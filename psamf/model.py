@@ -63,17 +63,19 @@ class RNNEncoder(nn.Module):
     flag, reference §6 item 18), so there is none here.
     """
 
-    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+    def __init__(self, in_dim: int, hidden: int, out_dim: int | None):
         super().__init__()
         self.rnn = nn.LSTM(in_dim, hidden, num_layers=1, bidirectional=False)
-        self.linear_1 = nn.Linear(hidden, out_dim)
+        # the utterance vector feeds only the pre-fusion tokens: not built when pre-fusion is ablated
+        self.linear_1 = nn.Linear(hidden, out_dim) if out_dim is not None else None
 
-    def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor | None, Tensor]:
         T = x.shape[1]
         packed = pack_padded_sequence(x.transpose(0, 1), lengths.cpu(), enforce_sorted=False)  # time-major
         out, (h_n, _) = self.rnn(packed)
         seq, _ = pad_packed_sequence(out, total_length=T)  # (T, B, hidden)
-        return self.linear_1(h_n[-1]), seq.transpose(0, 1)  # (B, A), (B, T, hidden)
+        h = self.linear_1(h_n[-1]) if self.linear_1 is not None else None  # (B, A)
+        return h, seq.transpose(0, 1)  # (B, T, hidden)
 
 
 class ClipPair(NamedTuple):
@@ -210,8 +212,9 @@ class PSAMF(nn.Module):
         self.personality_dim = personality_dim
 
         # --- audio / visual encoders
-        self.visual_enc = RNNEncoder(cfg.visual_dim, cfg.lstm_hidden, A)
-        self.acoustic_enc = RNNEncoder(cfg.audio_dim, cfg.lstm_hidden, A)
+        utt_dim = A if cfg.use_prefusion else None
+        self.visual_enc = RNNEncoder(cfg.visual_dim, cfg.lstm_hidden, utt_dim)
+        self.acoustic_enc = RNNEncoder(cfg.audio_dim, cfg.lstm_hidden, utt_dim)
 
         # --- personality-sentiment alignment (reference names)
         if cfg.use_personality:

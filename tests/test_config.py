@@ -1,0 +1,93 @@
+import pytest
+import yaml
+
+from psamf.config import ABLATIONS, Config, ConfigError, ablate
+
+
+@pytest.mark.parametrize("name", Config.preset_names())
+def test_preset_yaml_round_trip(name, tmp_path):
+    cfg = Config.from_preset(name)
+    path = tmp_path / f"{name}.yaml"
+    cfg.to_yaml(path)
+    again = Config.from_yaml(path)
+    assert again == cfg
+    assert again.preset == name
+
+
+def test_presets_differ_where_the_reference_and_paper_differ():
+    ref, paper = Config.from_preset("reference"), Config.from_preset("paper")
+    assert (ref.model.text_layers, ref.model.multimodal_layers, ref.model.align_layer) == (11, 1, 10)
+    assert ref.model.multimodal_init == "random" and paper.model.multimodal_init == "pretrained"
+    assert ref.model.sim_mode == "batch_dissimilarity" and paper.model.sim_mode == "per_sample_cosine"
+    assert ref.model.clip_logit_scale == pytest.approx(2.6593, abs=1e-4)
+    assert (ref.loss.w_l1, ref.loss.w_ccl, ref.loss.w_ps, ref.loss.w_clm) == (1.0, 1.0, 0.1, 0.09)
+    assert (paper.loss.w_ps, paper.loss.w_clm) == (1.0, 1.0)
+    assert ref.model.personality_tokens and not ref.model.cross_key_padding_mask
+    assert paper.model.cross_block == "transformer" and ref.model.cross_block == "bare"
+    tiny = Config.from_preset("tiny")
+    assert 2 <= tiny.model.bert_layers <= 4 and tiny.model.hidden_size <= 64
+
+
+def test_partial_yaml_starts_from_its_preset(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"preset": "tiny", "optim": {"lr_main": "1e-4", "epochs": 3}}))
+    cfg = Config.from_yaml(p)
+    assert cfg.optim.lr_main == 1e-4 and cfg.optim.epochs == 3
+    assert cfg.model.hidden_size == Config.from_preset("tiny").model.hidden_size
+
+
+@pytest.mark.parametrize("doc, fragment", [
+    ({"modle": {}}, "unknown top-level key"),
+    ({"model": {"hiden_size": 8}}, "model.hiden_size"),
+    ({"model": {"hidden_size": "big"}}, "model.hidden_size must be int"),
+    ({"model": {"sim_mode": "cosine"}}, "model.sim_mode must be one of"),
+    ({"preset": "huge"}, "unknown preset"),
+    ({"optim": {"batch_size": 1}}, "optim.batch_size"),
+    ({"optim": {"select_metric": "test_mae"}}, "never selected on test"),
+    ({"loss": {"w_ps": -1}}, "loss.w_ps"),
+])
+def test_yaml_errors_name_the_field(tmp_path, doc, fragment):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        Config.from_yaml(p)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["model.align_layer=5"], "alignment beyond the text layers"),
+    (["model.hidden_size=33"], "must divide into model.num_attention_heads"),
+    (["model.av_dim=15"], "must divide into model.cross_heads"),
+    (["model.use_prefusion=false"], "use_clm_loss=true needs model.use_prefusion"),
+    (["model.use_personality=false"], "personality_tokens=true needs model.use_personality"),
+    (["model.multimodal_layers=0"], "multimodal_layers >= 1"),
+    (["model.hidden_dropout=1.5"], "hidden_dropout"),
+    (["modelx.a=1"], "section"),
+    (["model.nope=1"], "unknown key 'model.nope'"),
+    (["model.text_layers"], "section.key=value"),
+])
+def test_impossible_combinations_are_rejected(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("(", r"\(")):
+        Config.from_preset("tiny").override(overrides)
+
+
+def test_overrides_parse_yaml_scalars():
+    cfg = Config.from_preset("tiny").override(["optim.lr_bert=2e-5", "model.cross_pad_to=null",
+                                               "run.use_gpu=true", "data.uri=s3://b/x"])
+    assert cfg.optim.lr_bert == 2e-5 and cfg.model.cross_pad_to is None
+    assert cfg.run.use_gpu is True and cfg.data.uri == "s3://b/x"
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_each_ablation_gives_a_valid_config(name):
+    cfg = ablate(Config.from_preset("reference"), name)
+    for k, v in ABLATIONS[name].items():
+        assert getattr(cfg.model, k) == v
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        Config.from_yaml(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        Config.from_yaml(bad)
