@@ -39,7 +39,7 @@ def test_full_size_reference_keys_convert_completely():
     assert len(converted) == len(model.state_dict())
     reasons = list(report.dropped.values())
     assert sum("vanilla BERT" in r for r in reasons) == sum(k.startswith("text_enc.") for k in ref)
-X
+    assert sum("pooler" in r for r in reasons) == 4  # ss_text_enc and p_text_enc poolers, weight + bias
     assert sum(r.startswith("r_a") for r in reasons) == 2
     assert converted["mm_layers.0.attention.self.query.weight"].shape == (768, 768)
     assert "token_v.weight" in converted and "clip_ta.x_learn_weight.weight" in converted
