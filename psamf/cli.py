@@ -13,7 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("psamf.demo", "run the whole pipeline on the embedded local Ray with synthetic data and the tiny model"),
     "config": ("psamf.config_cli", "print a preset (or a config file with overrides) as resolved YAML"),
-    "synth": ("psamf.synth", "write a seeded synthetic MOSI/MOSEI/SIMS-shaped data set in MMSA or MulT format"),
+    "synth": ("psamf.synth", "write a seeded synthetic MOSI/MOSEI/SIMS-shaped data set (MMSA, MulT + label CSV, or custom manifest)"),
     "prepare": ("psamf.prepare", "turn MMSA / MulT / custom corpora into Parquet shards plus manifest.json"),
     "train": ("psamf.train", "train PSA-MF with Ray Train (embedded local Ray, or the cluster in RAY_ADDRESS)"),
 }
