@@ -219,6 +219,7 @@ class DataConfig:
     s3_endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO/moto; else AWS_ENDPOINT_URL_S3 / AWS default
     shuffle_seed: int = 0  # train order: file shuffle (reseeded per pass) + per-epoch window permutation
     normalize_features: bool = False  # z-score audio/visual with the manifest's train stats (read time); reference: off
+    materialize: bool = True  # read each split into the object store once: later epochs skip Parquet (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "data.uri must not be empty")

@@ -1,0 +1,441 @@
+"""The Ray Data pipeline: prepared shards (psamf.prepare) -> named, padded torch batches.
+
+    read_manifest(uri)                   manifest.json; a directory without one is an incomplete data set
+    build_datasets(data_cfg)             {"train", "valid", "test"} -> ray.data.Dataset (pruned columns)
+    split_config()                       ray.train.DataConfig(datasets_to_split=["train"]) for the TorchTrainer
+    iter_batches(shard, data_cfg, B, epoch=, train=)   the batches a training / evaluation loop consumes
+    PadCollate                           ArrowBatchCollateFn: one Arrow batch -> dict of padded tensors
+
+Where each step runs (ray-notes §3.2, style §7): tokenisation (both tokenizers), id checks and the
+optional personality CLS happen offline in `psamf prepare`; no per-row transform is left for Ray Data.
+`build_datasets` reads the manifest's shard list with `read_parquet(...).select_columns(...)` (text,
+speaker, split stay on disk) and, with `data_cfg.materialize` (default), `materialize()`s each split
+once into the object store: on the 2-core bench machine a materialized MOSEI pass streams ~5,000-6,000
+samples/s into a Train worker against ~500-800 for re-reading Parquet every epoch, most of which is
+per-pass start-up (docs/benchmarks.md). Turn it off when a split does not fit the object store (MOSEI
+ragged: train ~1.3 GiB, all splits ~1.8 GiB in Arrow).
+
+Per-epoch randomness happens after that boundary, where the epoch number is known:
+  * train block order changes every pass: `randomize_block_order(RandomSeedConfig(seed,
+    reseed_after_execution=True))` when materialized, else the seeded file shuffle
+    `FileShuffleConfig(seed, reseed_after_execution=True)`; shard rows were already written in a
+    seeded random order by prepare;
+  * `iter_batches(train=True)` permutes every window of `group_window * batch_size` rows with a
+    generator seeded by `(data_cfg.shuffle_seed, epoch, first row index of the window)` — the
+    "row permutation" tier of ray-notes §3.3, run on Ray's collate threads;
+  * with `data_cfg.length_grouping` the window is instead sorted by transcript length (random
+    tie-break), cut into batches, and the batch order shuffled.
+A row meets only rows of its own block (~1,600 MOSEI rows at the default 128 MiB shard size) in a
+window; that is the price of not running a global `random_shuffle()` each epoch.
+Normalisation (`data_cfg.normalize_features`, off by default as in the reference code) is applied
+by `PadCollate` with the manifest's train-split statistics; shards always hold the source values.
+
+Splits across Train workers: **only train is split** (`split_config()`: `streaming_split(n,
+equal=True)`: every rank gets the same number of rows — hence of batches with `drop_last=True` — and
+together they cover the split minus fewer than `n` rows). **valid and test are not split**: every
+rank streams the whole split in shard order (`preserve_order`) and computes the full metrics itself,
+so all ranks agree without any all-reduce / all-gather; rank 0 reports them. Evaluation is a small
+fraction of an epoch (MOSEI: 1,871 valid rows vs 16,326 train rows, forward only), so splitting it
+would save little and cost a gather of every prediction (Corr and F1 need them all, not sums).
+Evaluate with the unwrapped model (`model.module`) so that no DDP collective runs in forward.
+
+Batches (`iter_batches`) are dicts (B = rows, L_b / L_pb = the batch's longest transcript per
+tokenizer, T_a / T_v = the batch's longest audio / visual sequence):
+
+    input_ids, attention_mask, token_type_ids          (B, L_b)  int64
+    p_input_ids, p_attention_mask, p_token_type_ids    (B, L_pb) int64
+    personality_cls     (B, H_p) float32   only if the shards have it and data_cfg.use_precomputed_personality
+    audio               (B, T_a, D_a) float32   valid frames first, zero padded
+    audio_lengths       (B,) int64
+    visual              (B, T_v, D_v) float32
+    visual_lengths      (B,) int64
+    label               (B,) float32
+    index               (B,) int64     data-set-wide row number (prepare.py); all_gather-able
+    sample_id           list[str]      "<video_id>$_$<clip_id>", same order as the rows
+
+Sample ids and Ray (verified on 2.60): `iter_torch_batches` passes a non-tensor value such as a list
+of str through, but then the whole batch is no longer a `TensorBatchType`, so Ray skips its device
+transfer and memory pinning. Hence `PadCollate` used directly with `iter_torch_batches` returns
+tensors only (with `index`; `sample_id` only if `PadCollate(sample_ids=True)`), while `iter_batches`
+— which collates whole windows on Ray's prefetch threads and moves tensors to the device itself
+(non-blocking) — always adds `sample_id`. Batch order is deterministic for evaluation splits; for
+train it depends on which blocks reach a rank first (content per window is seeded).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from ray.data.collate_fn import ArrowBatchCollateFn
+
+from psamf.config import DataConfig
+from psamf.prepare import MANIFEST_NAME, SCHEMA_VERSION, fsspec_filesystem, s3_endpoint_from_env
+
+if TYPE_CHECKING:
+    import ray.data
+    import ray.train
+    import torch
+
+__all__ = [
+    "EVAL_SPLIT_ACROSS_WORKERS",
+    "IncompleteDatasetError",
+    "read_manifest",
+    "build_datasets",
+    "split_config",
+    "PadCollate",
+    "iter_batches",
+    "train_columns",
+    "padding_stats",
+]
+
+EVAL_SPLIT_ACROSS_WORKERS = False  # valid/test: every rank streams the whole split (module docstring)
+
+TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+P_TOKEN_COLUMNS = ("p_input_ids", "p_attention_mask", "p_token_type_ids")
+# what a training / evaluation loop needs; text, speaker, split, p_text_len stay on disk
+BASE_COLUMNS = ("index", "sample_id", "label", *TOKEN_COLUMNS, *P_TOKEN_COLUMNS, "text_len",
+                "audio", "audio_len", "visual", "visual_len")
+
+
+class IncompleteDatasetError(FileNotFoundError):
+    """The shard directory has no manifest.json: prepare never finished (or is running) there."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest and datasets
+# ---------------------------------------------------------------------------------------------
+
+
+def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None, *,
+                  s3_endpoint: str | None = None) -> dict:
+    """The `manifest.json` of a prepared shard directory (local, `s3://`, `gs://`).
+
+    Raises `IncompleteDatasetError` when it is missing: shards without a manifest are an interrupted or
+    running `psamf prepare` and must not be read.
+    """
+    fs, root = fsspec_filesystem(uri, storage_options, s3_endpoint)
+    path = f"{root}/{MANIFEST_NAME}"
+    fs.invalidate_cache()
+    try:
+        with fs.open(path, "rb") as f:
+            man = json.load(f)
+    except FileNotFoundError:
+        raise IncompleteDatasetError(
+            f"{uri}: no {MANIFEST_NAME} — not a complete prepared data set (psamf prepare was interrupted, is "
+            f"still running, or never ran here). Re-run `psamf prepare --out {uri} ...`.") from None
+    if man.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{uri}/{MANIFEST_NAME}: schema_version {man.get('schema_version')!r}, this psamf reads "
+                         f"{SCHEMA_VERSION}; re-run psamf prepare")
+    return man
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_manifest(uri: str, s3_endpoint: str | None) -> dict:
+    return read_manifest(uri, s3_endpoint=s3_endpoint)
+
+
+def _arrow_filesystem(uri: str, s3_endpoint: str | None):
+    """(pyarrow filesystem or None, base path) for `ray.data.read_parquet` (ray-notes §3.1)."""
+    if uri.startswith(("s3://", "s3a://")):
+        ep = s3_endpoint or s3_endpoint_from_env()
+        if not ep:
+            return None, uri.rstrip("/")  # AWS itself: pyarrow + the default credential chain
+        from urllib.parse import urlparse
+
+        import pyarrow.fs as pafs
+
+        u = urlparse(ep)
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        fs = pafs.S3FileSystem(endpoint_override=u.netloc, scheme=u.scheme or "https", region=region)
+        return fs, uri.split("://", 1)[1].rstrip("/")
+    if "://" in uri:
+        return None, uri.rstrip("/")  # gs://, hdfs://, ...: pyarrow resolves the scheme
+    return None, os.path.abspath(uri).rstrip("/")
+
+
+def train_columns(manifest: Mapping[str, Any], data_cfg: DataConfig) -> list[str]:
+    """The shard columns the pipeline reads (column pruning)."""
+    cols = list(BASE_COLUMNS)
+    if manifest.get("personality_cls") and data_cfg.use_precomputed_personality:
+        cols.append("personality_cls")
+    return cols
+
+
+def build_datasets(data_cfg: DataConfig, splits: Sequence[str] = ("train", "valid", "test"), *,
+                   manifest: Mapping[str, Any] | None = None) -> dict[str, "ray.data.Dataset"]:
+    """One `ray.data.Dataset` per split over the manifest's shards (never a glob), pruned columns.
+
+    `data_cfg.materialize`: each split is read once, here (blocking), into the object store; train then
+    gets a per-pass seeded block order. Otherwise every pass re-reads Parquet, train with a per-pass
+    seeded file order. valid/test keep shard order. `manifest` skips reading manifest.json (it must
+    describe `data_cfg.uri`; a subset of its shards reads only those). `s3://`: endpoint from
+    `data_cfg.s3_endpoint`, else `AWS_ENDPOINT_URL_S3`, else AWS itself; credentials from the standard AWS
+    chain, which Ray workers must see too (export before Ray starts, or put them in the runtime_env).
+    """
+    import ray.data
+    from ray.data import FileShuffleConfig, RandomSeedConfig
+
+    man = dict(manifest) if manifest is not None else read_manifest(data_cfg.uri, s3_endpoint=data_cfg.s3_endpoint)
+    _check_compatible(man, data_cfg)
+    fs, base = _arrow_filesystem(data_cfg.uri, data_cfg.s3_endpoint)
+    cols = train_columns(man, data_cfg)
+    out = {}
+    for split in splits:
+        paths = [f"{base}/{s['path']}" for s in man["shards"] if s["split"] == split]
+        if not paths:
+            raise ValueError(f"split {split!r} not in {data_cfg.uri} (has {sorted(man['counts'])})")
+        train = split == "train"
+        shuffle = FileShuffleConfig(seed=data_cfg.shuffle_seed, reseed_after_execution=True) \
+            if train and not data_cfg.materialize else None
+        # select_columns right after the read is pushed down into the Parquet reader (2.60 deprecates columns=)
+        ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle).select_columns(cols)
+        if not train:  # evaluation streams in shard order (deterministic prediction files)
+            ds.context.execution_options.preserve_order = True
+        if data_cfg.materialize:
+            ds = ds.materialize()  # the read runs once, here; epochs iterate object-store blocks
+            if train:  # per-pass block order instead of the per-pass file order
+                ds = ds.randomize_block_order(
+                    seed=RandomSeedConfig(seed=data_cfg.shuffle_seed, reseed_after_execution=True))
+        out[split] = ds
+    return out
+
+
+def _check_compatible(man: Mapping[str, Any], data_cfg: DataConfig) -> None:
+    """The config must describe the shards it reads (tokenizers, text length)."""
+    toks = man["tokenizers"]
+    for field, key in (("tokenizer", "text"), ("personality_tokenizer", "personality")):
+        if getattr(data_cfg, field) != toks[key]["name"]:
+            raise ValueError(f"data.{field}={getattr(data_cfg, field)!r} but {data_cfg.uri} was tokenised with "
+                             f"{toks[key]['name']!r}; re-run psamf prepare or fix the config")
+    if data_cfg.max_text_len != toks["text"]["max_len"]:
+        raise ValueError(f"data.max_text_len={data_cfg.max_text_len} but the shards hold {toks['text']['max_len']} "
+                         "tokens per transcript")
+
+
+def split_config(eval_splits: Sequence[str] = ("valid", "test"), **kwargs: Any) -> "ray.train.DataConfig":
+    """`ray.train.DataConfig` for the TorchTrainer: split train across workers, not valid/test (module doc).
+
+    Train's default ingest options are kept; evaluation splits additionally preserve shard order (Train
+    replaces each dataset's execution options, so `build_datasets`' own setting would not reach workers).
+    """
+    import copy
+
+    import ray.train
+
+    opts = ray.train.DataConfig.default_ingest_options()
+    eval_opts = copy.deepcopy(opts)
+    eval_opts.preserve_order = True
+    return ray.train.DataConfig(datasets_to_split=["train"],
+                                execution_options={s: eval_opts for s in eval_splits}, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collate
+# ---------------------------------------------------------------------------------------------
+
+
+def _column(batch: pa.Table, name: str) -> pa.Array:
+    col = batch.column(name)
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+
+
+def _fsl_2d(arr: pa.Array) -> np.ndarray:
+    """fixed_size_list<T>[k] (possibly sliced) -> (n, k) numpy view/copy."""
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
+
+
+def _frames(arr: pa.Array, lengths: np.ndarray) -> np.ndarray:
+    """audio/visual column (ragged list<fixed_size_list> or fixed_shape_tensor) -> (B, T_batch_max, D)."""
+    B = len(arr)
+    t_b = int(lengths.max()) if B else 0
+    if isinstance(arr.type, pa.BaseExtensionType):  # fixed layout: padded to the data-set max, valid-first
+        full = arr.to_numpy_ndarray() if hasattr(arr, "to_numpy_ndarray") else arr.to_numpy()
+        return np.array(full[:, :t_b], dtype=np.float32, order="C")  # a writable copy of the batch-max slice
+    inner = arr.flatten()  # sliced correctly; (sum len, D) as fixed_size_list
+    D = inner.type.list_size
+    flat = inner.flatten().to_numpy(zero_copy_only=False).reshape(-1, D)
+    out = np.zeros((B, t_b, D), np.float32)
+    valid = np.arange(t_b)[None, :] < lengths[:, None]  # (B, T_b), valid-first
+    out[valid] = flat  # row-major order of `valid` == concatenation order of the frames
+    return out
+
+
+class PadCollate(ArrowBatchCollateFn):
+    """Arrow batch -> dict of padded tensors (module docstring lists the keys).
+
+    Pads audio/visual to the batch maximum, trims token ids to the batch's longest transcript per
+    tokenizer, optionally z-scores the valid frames. Stateless after construction (numpy constants only),
+    so it is safe on Ray's collate thread pool.
+    """
+
+    def __init__(self, data_cfg: DataConfig | None = None, *, manifest: Mapping[str, Any] | None = None,
+                 use_personality_cls: bool | None = None, normalize: bool | None = None,
+                 sample_ids: bool = False):
+        super().__init__()
+        self.use_personality_cls = (data_cfg.use_precomputed_personality if data_cfg is not None else True) \
+            if use_personality_cls is None else use_personality_cls
+        normalize = (data_cfg.normalize_features if data_cfg is not None else False) if normalize is None \
+            else normalize
+        self.sample_ids = sample_ids
+        self.norm: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+        if normalize:
+            if manifest is None:
+                if data_cfg is None:
+                    raise ValueError("PadCollate(normalize=True) needs the manifest or a DataConfig")
+                manifest = _cached_manifest(data_cfg.uri, data_cfg.s3_endpoint)
+            st = manifest["normalization"]
+            self.norm = {}
+            for m in ("audio", "visual"):
+                mean = np.asarray(st[m]["mean"], np.float32)
+                std = np.asarray(st[m]["std"], np.float32)
+                self.norm[m] = (mean, np.where(std > 1e-6, std, 1.0).astype(np.float32))
+
+    def __call__(self, batch: pa.Table) -> dict[str, Any]:
+        import torch
+
+        out: dict[str, Any] = {}
+        for names in (TOKEN_COLUMNS, P_TOKEN_COLUMNS):
+            cols = {c: _fsl_2d(_column(batch, c)) for c in names}
+            mask = cols[names[1]]
+            l_b = max(1, int(mask.sum(axis=1).max())) if len(mask) else 0  # right-padded: real tokens first
+            for c in names:
+                out[c] = torch.from_numpy(cols[c][:, :l_b].astype(np.int64))
+        if self.use_personality_cls and "personality_cls" in batch.column_names:
+            out["personality_cls"] = torch.from_numpy(
+                np.array(_fsl_2d(_column(batch, "personality_cls")), dtype=np.float32, order="C"))
+        for m in ("audio", "visual"):
+            lengths = _column(batch, f"{m}_len").to_numpy(zero_copy_only=False).astype(np.int64)
+            x = _frames(_column(batch, m), lengths)
+            if self.norm is not None:
+                mean, std = self.norm[m]
+                valid = (np.arange(x.shape[1])[None, :] < lengths[:, None])[..., None]
+                x = np.where(valid, (x - mean) / std, 0.0).astype(np.float32)
+            out[m] = torch.from_numpy(x)
+            out[f"{m}_lengths"] = torch.from_numpy(lengths)
+        out["label"] = torch.from_numpy(_column(batch, "label").to_numpy(zero_copy_only=False).astype(np.float32))
+        out["index"] = torch.from_numpy(_column(batch, "index").to_numpy(zero_copy_only=False).astype(np.int64))
+        if self.sample_ids:
+            out["sample_id"] = _column(batch, "sample_id").to_pylist()
+        return out
+
+
+class _WindowCollate(ArrowBatchCollateFn):
+    """A window of rows -> list of collated batches (shuffled / length-grouped per epoch).
+
+    Runs on Ray's collate threads; deterministic per window: the generator is seeded by
+    (seed, epoch, first row index of the window), not by call order.
+    """
+
+    def __init__(self, collate: PadCollate, batch_size: int, *, seed: int, epoch: int, shuffle: bool,
+                 group: bool):
+        super().__init__()
+        self.collate, self.batch_size = collate, batch_size
+        self.seed, self.epoch, self.shuffle, self.group = seed, epoch, shuffle, group
+
+    def batch_order(self, n: int, first_index: int, text_len: np.ndarray | None) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.epoch, max(0, first_index)]) if self.shuffle else None
+        bs = self.batch_size
+        if self.group and text_len is not None:
+            tie = rng.random(n) if rng is not None else np.arange(n)
+            order = np.lexsort((tie, text_len))  # by length, random tie-break
+        elif rng is not None:
+            order = rng.permutation(n)
+        else:
+            order = np.arange(n)
+        batches = [order[i: i + bs] for i in range(0, n, bs)]
+        if rng is not None and len(batches) > 1:
+            full = [b for b in batches if len(b) == bs]
+            part = [b for b in batches if len(b) < bs]
+            batches = [full[i] for i in rng.permutation(len(full))] + part  # a short batch stays last
+        return batches
+
+    def __call__(self, window: pa.Table) -> list[dict[str, Any]]:
+        n = window.num_rows
+        if n == 0:
+            return []
+        if not self.shuffle and not self.group:  # evaluation: zero-copy slices in shard order
+            return [self.collate(window.slice(i, self.batch_size)) for i in range(0, n, self.batch_size)]
+        first = int(_column(window, "index")[0].as_py())
+        text_len = _column(window, "text_len").to_numpy(zero_copy_only=False) \
+            if self.group and "text_len" in window.column_names else None
+        return [self.collate(window.take(pa.array(rows))) for rows in self.batch_order(n, first, text_len)]
+
+
+def _resolve_device(device: Any) -> "torch.device":
+    import torch
+
+    if device != "auto":
+        return torch.device(device)
+    try:
+        from ray.train.utils import _in_ray_train_worker
+
+        if _in_ray_train_worker():
+            from ray.train.torch import get_device
+
+            return get_device()
+    except Exception:  # noqa: BLE001 - outside Ray Train
+        pass
+    return torch.device("cpu")
+
+
+def iter_batches(ds_or_shard: "ray.data.Dataset | ray.data.DataIterator", data_cfg: DataConfig, batch_size: int,
+                 *, epoch: int, train: bool, drop_last: bool | None = None, device: Any = "auto",
+                 manifest: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """Batches for one pass over a dataset or a Train worker's shard (`get_dataset_shard(name)`).
+
+    train=True: rows permuted within windows of `group_window * batch_size` rows, seeded by
+    (`data_cfg.shuffle_seed`, `epoch`, window); with `data_cfg.length_grouping`, batches of similar
+    transcript length, in shuffled order. `drop_last` defaults to `train`: every DDP rank then runs the
+    same number of full batches (the split is equal), and no batch of one row reaches the in-batch
+    contrastive losses. train=False: shard order, no drop (with `length_grouping`, sorted within windows
+    for less padding, deterministically). Tensors are moved to `device` ("auto": the Ray Train device,
+    else CPU). See the module docstring for the keys.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if drop_last is None:
+        drop_last = train
+    it = ds_or_shard.iterator() if hasattr(ds_or_shard, "iterator") else ds_or_shard
+    collate = PadCollate(data_cfg, manifest=manifest, sample_ids=True)
+    group = bool(data_cfg.length_grouping)
+    window_batches = data_cfg.group_window if (train or group) else 1
+    wc = _WindowCollate(collate, batch_size, seed=data_cfg.shuffle_seed, epoch=epoch, shuffle=train, group=group)
+    dev = _resolve_device(device)
+    prefetch = max(1, math.ceil(data_cfg.prefetch_batches / window_batches)) if data_cfg.prefetch_batches else 0
+    for window in it.iter_torch_batches(batch_size=batch_size * window_batches, collate_fn=wc,
+                                        prefetch_batches=prefetch, drop_last=False, device="cpu"):
+        for b in window:
+            if drop_last and len(b["sample_id"]) < batch_size:
+                continue
+            if dev.type != "cpu":
+                b = {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+            yield b
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement helper (benchmarks, tests)
+# ---------------------------------------------------------------------------------------------
+
+
+def padding_stats(batch: Mapping[str, Any]) -> dict[str, int]:
+    """Real vs padded token / frame counts of one collated batch."""
+    out = {}
+    for key, mask_or_len in (("tokens", "attention_mask"), ("p_tokens", "p_attention_mask"),
+                             ("audio", "audio_lengths"), ("visual", "visual_lengths")):
+        x = batch[mask_or_len]
+        if x.dim() == 2:
+            real, total = int(x.sum()), x.numel()
+        else:
+            real, total = int(x.sum()), int(x.numel() * int(x.max()))
+        out[f"{key}_real"] = real
+        out[f"{key}_padded"] = total - real
+    return out

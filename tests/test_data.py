@@ -1,0 +1,362 @@
+"""psamf.data: collate on hand-built Arrow tables, windows / length grouping, Ray pipeline, 2 Train workers."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from psamf.config import DataConfig
+from psamf.data import PadCollate, _WindowCollate, padding_stats
+from psamf.tokenizers import TINY
+
+L = 8
+
+
+def fsl(rows, width, typ=pa.int32()):
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(rows).reshape(-1), typ), width)
+
+
+def hand_table(layout="ragged", *, with_cls=False, a_lens=(3, 1, 5), v_lens=(2, 4, 1), t_lens=(4, 2, 6),
+               p_lens=(3, 5, 2), D_a=2, D_v=3, T_max=(6, 5)):
+    """Three shard rows built by hand: frame values encode (row, frame, feature) so padding errors show."""
+    B = len(a_lens)
+    cols = {"index": pa.array(np.arange(10, 10 + B), pa.int64()),
+            "sample_id": pa.array([f"v{i}$_$1" for i in range(B)]),
+            "label": pa.array(np.linspace(-1, 1, B), pa.float32())}
+    for prefix, lens in (("", t_lens), ("p_", p_lens)):
+        ids = np.zeros((B, L), np.int32)
+        mask = np.zeros((B, L), np.int32)
+        for i, n in enumerate(lens):
+            ids[i, :n] = 100 * (i + 1) + np.arange(n)
+            mask[i, :n] = 1
+        cols[prefix + "input_ids"] = fsl(ids, L)
+        cols[prefix + "attention_mask"] = fsl(mask, L)
+        cols[prefix + "token_type_ids"] = fsl(np.zeros((B, L)), L)
+    cols["text_len"] = pa.array(t_lens, pa.int32())
+    for m, lens, D, T in (("audio", a_lens, D_a, T_max[0]), ("visual", v_lens, D_v, T_max[1])):
+        frames = [np.array([[1000 * (i + 1) + 10 * t + d for d in range(D)] for t in range(n)], np.float32)
+                  for i, n in enumerate(lens)]
+        if layout == "ragged":
+            offs = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+            cols[m] = pa.ListArray.from_arrays(pa.array(offs), fsl(np.concatenate(frames), D, pa.float32()))
+        else:
+            padded = np.zeros((B, T, D), np.float32)
+            for i, f in enumerate(frames):
+                padded[i, : len(f)] = f
+            cols[m] = pa.FixedShapeTensorArray.from_numpy_ndarray(padded)
+        cols[f"{m}_len"] = pa.array(lens, pa.int32())
+    if with_cls:
+        cols["personality_cls"] = fsl(np.arange(B * 4, dtype=np.float32), 4, pa.float32())
+    return pa.table(cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# PadCollate on hand-built tables
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["ragged", "fixed"])
+def test_collate_pads_to_batch_max_and_trims_tokens(layout):
+    tbl = hand_table(layout)
+    b = PadCollate()(tbl)
+    assert set(b) == {"input_ids", "attention_mask", "token_type_ids", "p_input_ids", "p_attention_mask",
+                      "p_token_type_ids", "audio", "audio_lengths", "visual", "visual_lengths", "label", "index"}
+    assert b["input_ids"].shape == (3, 6) and b["p_input_ids"].shape == (3, 5)  # batch-longest transcript
+    for k in ("input_ids", "attention_mask", "token_type_ids", "p_input_ids", "audio_lengths", "index"):
+        assert b[k].dtype == torch.int64, k
+    for k in ("audio", "visual", "label"):
+        assert b[k].dtype == torch.float32, k
+    assert b["input_ids"][1].tolist() == [200, 201, 0, 0, 0, 0]
+    assert b["attention_mask"].sum(1).tolist() == [4, 2, 6]
+    assert b["audio"].shape == (3, 5, 2) and b["visual"].shape == (3, 4, 3)  # batch max, not data-set max (6, 5)
+    assert b["audio_lengths"].tolist() == [3, 1, 5] and b["visual_lengths"].tolist() == [2, 4, 1]
+    for i, n in enumerate([3, 1, 5]):
+        want = np.array([[1000 * (i + 1) + 10 * t + d for d in range(2)] for t in range(n)], np.float32)
+        np.testing.assert_array_equal(b["audio"][i, :n].numpy(), want)  # valid frames first
+        assert not b["audio"][i, n:].any()  # zero padding after
+    np.testing.assert_array_equal(b["visual"][2, 0].numpy(), [3000, 3001, 3002])
+    assert b["index"].tolist() == [10, 11, 12]
+    np.testing.assert_allclose(b["label"].numpy(), [-1, 0, 1])
+
+
+@pytest.mark.parametrize("layout", ["ragged", "fixed"])
+def test_collate_on_sliced_and_chunked_tables(layout):
+    tbl = hand_table(layout)
+    full = PadCollate()(tbl)
+    part = PadCollate()(tbl.slice(1, 2))  # offsets into the child arrays
+    assert part["audio"].shape == (2, 5, 2) and part["input_ids"].shape == (2, 6)
+    torch.testing.assert_close(part["audio"], full["audio"][1:])
+    chunked = pa.concat_tables([tbl.slice(0, 1), tbl.slice(1, 2)])
+    assert chunked.column("audio").num_chunks == 2
+    got = PadCollate()(chunked)
+    for k in full:
+        torch.testing.assert_close(got[k], full[k])
+    one = PadCollate()(tbl.slice(1, 1))  # a one-row batch: its own lengths
+    assert one["audio"].shape == (1, 1, 2) and one["input_ids"].shape == (1, 2) and one["visual"].shape == (1, 4, 3)
+
+
+def test_collate_personality_cls_and_sample_ids():
+    tbl = hand_table(with_cls=True)
+    b = PadCollate()(tbl)
+    assert b["personality_cls"].shape == (3, 4) and b["personality_cls"].dtype == torch.float32
+    assert b["personality_cls"][1].tolist() == [4, 5, 6, 7]
+    cfg = DataConfig(use_precomputed_personality=False)
+    assert "personality_cls" not in PadCollate(cfg)(tbl)
+    assert "personality_cls" not in PadCollate()(hand_table())  # absent column -> absent key
+    b = PadCollate(sample_ids=True)(tbl)
+    assert b["sample_id"] == ["v0$_$1", "v1$_$1", "v2$_$1"]
+
+
+def test_collate_normalizes_valid_frames_only():
+    tbl = hand_table()
+    man = {"normalization": {"audio": {"mean": [1000.0, 1001.0], "std": [2.0, 0.0]},
+                             "visual": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}}}
+    raw = PadCollate()(tbl)
+    b = PadCollate(DataConfig(normalize_features=True), manifest=man)(tbl)
+    valid = raw["audio"][0, :3]
+    torch.testing.assert_close(b["audio"][0, :3, 0], (valid[:, 0] - 1000) / 2)
+    torch.testing.assert_close(b["audio"][0, :3, 1], valid[:, 1] - 1001)  # std 0 -> divide by 1
+    assert not b["audio"][0, 3:].any() and not b["audio"][1, 1:].any()  # padding stays 0
+    torch.testing.assert_close(b["visual"], raw["visual"])
+
+
+def test_collate_threadsafe_under_concurrency():
+    from concurrent.futures import ThreadPoolExecutor
+
+    tbl = hand_table()
+    c = PadCollate()
+    want = c(tbl)
+    with ThreadPoolExecutor(4) as ex:
+        outs = list(ex.map(lambda _: c(tbl), range(32)))
+    for o in outs:
+        for k in want:
+            torch.testing.assert_close(o[k], want[k])
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows: shuffling and length grouping (no Ray)
+# ---------------------------------------------------------------------------------------------
+
+
+def varied_table(n=256, seed=0):
+    """Shard-like rows with widely varied transcript lengths (and audio lengths correlated with them)."""
+    rng = np.random.default_rng(seed)
+    t = rng.integers(3, 41, n)
+    a = np.clip(t * 3 + rng.integers(-5, 6, n), 1, None)
+    width = 48
+    ids = np.zeros((n, width), np.int32)
+    mask = (np.arange(width)[None] < t[:, None]).astype(np.int32)
+    ids[mask == 1] = 7
+    cols = {"index": pa.array(np.arange(n), pa.int64()), "sample_id": pa.array([f"s{i}" for i in range(n)]),
+            "label": pa.array(rng.normal(size=n), pa.float32()), "text_len": pa.array(t, pa.int32())}
+    for p in ("", "p_"):
+        cols[p + "input_ids"] = fsl(ids, width)
+        cols[p + "attention_mask"] = fsl(mask, width)
+        cols[p + "token_type_ids"] = fsl(np.zeros_like(ids), width)
+    for m, lens, D in (("audio", a, 2), ("visual", t, 3)):
+        offs = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        cols[m] = pa.ListArray.from_arrays(pa.array(offs), fsl(np.ones((int(lens.sum()), D)), D, pa.float32()))
+        cols[f"{m}_len"] = pa.array(lens, pa.int32())
+    return pa.table(cols)
+
+
+def _padding(batches):
+    tot = {}
+    for b in batches:
+        for k, v in padding_stats(b).items():
+            tot[k] = tot.get(k, 0) + v
+    return tot
+
+
+def test_window_shuffle_is_seeded_by_epoch_and_covers_rows():
+    tbl = varied_table(64)
+    wc = lambda epoch, **kw: _WindowCollate(PadCollate(sample_ids=True), 8, seed=5, epoch=epoch,
+                                            **{"shuffle": True, "group": False} | kw)
+    ids = lambda bs: [s for b in bs for s in b["sample_id"]]
+    e0, e0b, e1 = ids(wc(0)(tbl)), ids(wc(0)(tbl)), ids(wc(1)(tbl))
+    assert e0 == e0b and e0 != e1  # same epoch -> same order; next epoch -> a new one
+    assert sorted(e0) == sorted(e1) == sorted(tbl.column("sample_id").to_pylist())
+    assert e0 != tbl.column("sample_id").to_pylist()
+    evals = ids(_WindowCollate(PadCollate(sample_ids=True), 8, seed=5, epoch=0, shuffle=False, group=False)(tbl))
+    assert evals == tbl.column("sample_id").to_pylist()  # evaluation: shard order
+
+
+def test_length_grouping_reduces_padding():
+    tbl = varied_table(512)
+    c = PadCollate(sample_ids=True)
+    rand = _WindowCollate(c, 16, seed=0, epoch=0, shuffle=True, group=False)(tbl)
+    grouped = _WindowCollate(c, 16, seed=0, epoch=0, shuffle=True, group=True)(tbl)
+    assert len(rand) == len(grouped) == 32
+    assert sorted(s for b in grouped for s in b["sample_id"]) == sorted(s for b in rand for s in b["sample_id"])
+    pr, pg = _padding(rand), _padding(grouped)
+    assert pg["tokens_real"] == pr["tokens_real"]
+    assert pg["tokens_padded"] < 0.2 * pr["tokens_padded"]  # sorted windows: far less token padding
+    assert pg["audio_padded"] < 0.5 * pr["audio_padded"]  # and, lengths being correlated, fewer padded frames
+    # batch order is shuffled, not ascending length
+    maxlen = [int(b["attention_mask"].sum(1).max()) for b in grouped]
+    assert maxlen != sorted(maxlen)
+
+
+def test_window_short_batch_last():
+    tbl = varied_table(37)
+    bs = _WindowCollate(PadCollate(sample_ids=True), 8, seed=0, epoch=3, shuffle=True, group=True)(tbl)
+    assert [len(b["sample_id"]) for b in bs] == [8, 8, 8, 8, 5]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def _prepared(tmp_path, sizes=(24, 6, 6), **kw):
+    try:
+        from tests.test_prepare import make_raw, run_prepare
+    except ImportError:  # tests/ not a package
+        from test_prepare import make_raw, run_prepare
+
+    raw = make_raw(sizes=sizes)
+    out = tmp_path / "shards"
+    man = run_prepare(raw, out, **kw)
+    cfg = DataConfig(uri=str(out), tokenizer=TINY, personality_tokenizer=TINY, max_text_len=16)
+    return raw, cfg, man
+
+
+@pytest.mark.integration
+def test_build_datasets_and_iter_batches(tmp_path, ray_cluster):
+    from psamf.data import build_datasets, iter_batches
+
+    raw, cfg, man = _prepared(tmp_path, rows_per_shard=5)
+    ds = build_datasets(cfg)
+    assert set(ds) == {"train", "valid", "test"}
+    cols = ds["train"].schema().names
+    assert "text" not in cols and "speaker" not in cols and "sample_id" in cols and "audio" in cols
+    train_ids = sorted(raw.splits["train"].ids)
+    seen = []
+    for b in iter_batches(ds["train"], cfg, 5, epoch=0, train=True):  # drop_last defaults to True for train
+        assert len(b["sample_id"]) == 5 and b["audio"].shape[0] == 5
+        assert b["input_ids"].shape[1] == int(b["attention_mask"].sum(1).max())
+        seen += b["sample_id"]
+    assert len(seen) == 20 and set(seen) <= set(train_ids)
+    all_ids = [s for b in iter_batches(ds["train"], cfg, 5, epoch=1, train=True, drop_last=False)
+               for s in b["sample_id"]]
+    assert sorted(all_ids) == train_ids
+    ev = [b for b in iter_batches(ds["valid"], cfg, 4, epoch=0, train=False)]
+    assert [len(b["sample_id"]) for b in ev] == [4, 2]  # evaluation: no drop
+    assert [s for b in ev for s in b["sample_id"]] == raw.splits["valid"].ids  # one shard: source order
+    with pytest.raises(ValueError, match="data.tokenizer"):
+        build_datasets(DataConfig(uri=cfg.uri, tokenizer="bert-base-uncased", personality_tokenizer=TINY,
+                                  max_text_len=16))
+    with pytest.raises(ValueError, match="split 'extra'"):
+        build_datasets(cfg, splits=("extra",))
+
+
+@pytest.mark.integration
+def test_build_datasets_refuses_incomplete(tmp_path, ray_cluster):
+    from psamf.data import IncompleteDatasetError, build_datasets
+
+    raw, cfg, man = _prepared(tmp_path)
+    (tmp_path / "shards" / "manifest.json").unlink()
+    with pytest.raises(IncompleteDatasetError, match="not a complete prepared data set"):
+        build_datasets(cfg)
+
+
+@pytest.mark.integration
+def test_length_grouping_through_the_pipeline(tmp_path, ray_cluster):
+    """On a prepared set with varied transcript lengths, grouping cuts token padding, same rows."""
+    from psamf.data import build_datasets, iter_batches
+
+    raw, cfg, man = _prepared(tmp_path, sizes=(96, 2, 2), rows_per_shard=32)
+    ds = build_datasets(cfg, splits=("train",))["train"]
+    base = list(iter_batches(ds, cfg, 8, epoch=0, train=True))
+    gcfg = DataConfig(**{**cfg.__dict__, "length_grouping": True, "group_window": 12})
+    grouped = list(iter_batches(ds, gcfg, 8, epoch=0, train=True))
+    assert sorted(s for b in grouped for s in b["sample_id"]) == sorted(s for b in base for s in b["sample_id"])
+    assert _padding(grouped)["tokens_padded"] < 0.5 * _padding(base)["tokens_padded"]
+
+
+@pytest.mark.integration
+def test_two_train_workers_stream_disjoint_covering_shards(tmp_path, ray_cluster):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from psamf.data import build_datasets, split_config
+
+    raw, cfg, man = _prepared(tmp_path, sizes=(40, 4, 4), rows_per_shard=6)
+    out_dir = tmp_path / "ids"
+    out_dir.mkdir()
+
+    def worker(config):
+        import json as _json
+
+        import ray.train as rt
+
+        from psamf.data import iter_batches as _iter
+
+        ctx = rt.get_context()
+        shard = rt.get_dataset_shard("train")
+        train_ids = [s for b in _iter(shard, config["cfg"], 4, epoch=0, train=True, drop_last=False)
+                     for s in b["sample_id"]]
+        valid_ids = [s for b in _iter(rt.get_dataset_shard("valid"), config["cfg"], 4, epoch=0, train=False)
+                     for s in b["sample_id"]]
+        with open(f"{config['out']}/rank{ctx.get_world_rank()}.json", "w") as f:
+            _json.dump({"train": train_ids, "valid": valid_ids}, f)
+
+    ds = build_datasets(cfg, splits=("train", "valid"))
+    trainer = TorchTrainer(
+        worker, train_loop_config={"cfg": cfg, "out": str(out_dir)}, datasets=ds, dataset_config=split_config(),
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(name=f"data-{uuid.uuid4().hex[:8]}", storage_path=str(tmp_path / "runs")),
+    )
+    trainer.fit()
+    r0 = json.loads((out_dir / "rank0.json").read_text())
+    r1 = json.loads((out_dir / "rank1.json").read_text())
+    assert r0["train"] and r1["train"] and not set(r0["train"]) & set(r1["train"])  # disjoint
+    assert sorted(r0["train"] + r1["train"]) == sorted(raw.splits["train"].ids)  # together: the whole split
+    assert len(r0["train"]) == len(r1["train"]) == 20  # equal split
+    assert r0["valid"] == r1["valid"] == raw.splits["valid"].ids  # valid not split: every rank sees all of it
+
+
+# ---------------------------------------------------------------------------------------------
+# Small contracts (no Ray)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_read_manifest_checks_schema_version(tmp_path):
+    from psamf.data import IncompleteDatasetError, read_manifest
+
+    with pytest.raises(IncompleteDatasetError, match="no manifest.json"):
+        read_manifest(str(tmp_path / "missing"))
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 999}))
+    with pytest.raises(ValueError, match="schema_version 999"):
+        read_manifest(str(tmp_path))
+
+
+def test_split_config_splits_only_train():
+    from psamf.data import split_config
+
+    rc = split_config()
+    assert rc._datasets_to_split == ["train"]
+    assert rc._get_user_execution_options("valid").preserve_order
+    assert rc._get_user_execution_options("train") is None  # Train's defaults for the split dataset
+
+
+def test_data_config_new_fields_validated():
+    from psamf.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.shuffle_seed"):
+        DataConfig(shuffle_seed=-1)
+    with pytest.raises(ConfigError, match="data.s3_endpoint"):
+        DataConfig(s3_endpoint="127.0.0.1:9000")
+    assert DataConfig().materialize and not DataConfig().normalize_features
+
+
+def test_eval_splits_are_not_split_across_workers():
+    from psamf import data
+
+    assert data.EVAL_SPLIT_ACROSS_WORKERS is False
+    assert data.split_config(eval_splits=("valid",))._datasets_to_split == ["train"]
