@@ -1,0 +1,403 @@
+"""Unit tests for psamf.train / psamf.evaluate / psamf.outputs without a Ray cluster: train_step, evaluate,
+checkpoint round trip, optimiser groups, plateau schedule, selection + early stopping (checked against Ray's own
+checkpoint-retention order), preflight checks, CLI parsing, output writers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from psamf import train as T
+from psamf.config import Config, ConfigError
+from psamf.model import build_model
+from tests.helpers import make_batch, tiny_cfg
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def cfg() -> Config:
+    return tiny_cfg()
+
+
+def _model(cfg: Config, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(cfg.model)
+
+
+def _batch(cfg: Config, B: int = 6, seed: int = 0, start: int = 0) -> dict:
+    b = make_batch(cfg.model, B=B, seed=seed)
+    b["sample_id"] = [f"v{start + i}$_$0" for i in range(B)]
+    b["index"] = torch.arange(start, start + B)
+    return b
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- AMP
+def test_resolve_amp_is_off_on_cpu_unless_forced():
+    assert T.resolve_amp("auto", "cpu") is None
+    assert T.resolve_amp("off", "cpu") is None
+    assert T.resolve_amp("bf16", "cpu") is torch.bfloat16
+    with pytest.raises(ConfigError):
+        T.resolve_amp("fp8", "cpu")
+
+
+# ----------------------------------------------------------------------------- train_step
+def test_train_step_updates_weights_and_returns_every_term(cfg):
+    model = _model(cfg)
+    opt = T.build_optimizer(model, cfg.optim)
+    before = _params(model)
+    stats = T.train_step(model, _batch(cfg), opt, cfg)
+    assert {"total", "l1", "ccl", "ps", "clm", "grad_norm", "batch_size"} <= set(stats)
+    assert stats["batch_size"] == 6 and all(math.isfinite(stats[k]) for k in ("total", "l1", "grad_norm"))
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any(k.startswith("text_bert.") for k in changed) and any(k.startswith("fusion_prj.") for k in changed)
+    # the frozen personality encoder never moves
+    assert not [k for k in changed if k.startswith("personality_enc.")]
+
+
+def test_every_trainable_parameter_gets_a_gradient(cfg):
+    """DDP runs with find_unused_parameters=False: a trainable parameter without a gradient would hang it.
+    Checked for the tiny preset, a tiny model with the paper's switches, and every ablation."""
+    from psamf.config import ABLATIONS, ablate
+
+    paper_like = tiny_cfg(cross_block="transformer", separate_queries=True, prefusion_input="cls",
+                          personality_tokens=False, sim_mode="per_sample_cosine")
+    for c in (cfg, paper_like, *(ablate(cfg, name) for name in ABLATIONS)):
+        model = _model(c)
+        opt = T.build_optimizer(model, c.optim)
+        T.train_step(model, _batch(c), opt, c)
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, missing
+
+
+def test_train_step_overfits_a_fixed_batch(cfg):
+    model = _model(cfg)
+    opt = T.build_optimizer(model, cfg.optim)
+    batch = _batch(cfg, B=8)
+    first = T.train_step(model, batch, opt, cfg)["l1"]
+    for _ in range(40):
+        last = T.train_step(model, batch, opt, cfg)["l1"]
+    assert last < 0.5 * first
+
+
+def test_grad_clipping_bounds_the_update(cfg):
+    c = cfg.override(["optim.grad_clip=0.01"])
+    model = _model(c)
+    opt = T.build_optimizer(model, c.optim)
+    T.train_step(model, _batch(c), opt, c)
+    norm = torch.norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert norm <= 0.01 * 1.001
+
+
+def test_train_step_bf16_autocast_on_cpu_runs(cfg):
+    model = _model(cfg)
+    opt = T.build_optimizer(model, cfg.optim)
+    stats = T.train_step(model, _batch(cfg), opt, cfg, amp_dtype=torch.bfloat16)
+    assert math.isfinite(stats["total"])
+
+
+def test_non_finite_loss_raises_before_the_update(cfg):
+    model = _model(cfg)
+    opt = T.build_optimizer(model, cfg.optim)
+    batch = _batch(cfg)
+    batch["label"][0] = float("nan")
+    before = _params(model)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        T.train_step(model, batch, opt, cfg)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- evaluate
+def test_evaluate_is_deterministic_and_partitions_cover_each_sample_once(cfg):
+    model = _model(cfg)
+    batches = [_batch(cfg, B=5, seed=s, start=5 * s) for s in range(4)]
+    full = T.EvalOutput.merge([T.evaluate(model, batches, cfg)])
+    assert full.n == 20 and len(set(full.ids)) == 20 and model.training  # mode restored
+    again = T.EvalOutput.merge([T.evaluate(model, batches, cfg)])
+    np.testing.assert_array_equal(full.pred, again.pred)
+    # two "ranks", each keeping its hash partition of the same stream, gathered = the full evaluation
+    parts = [T.evaluate(model, batches, cfg, keep=T._partition(r, 2)) for r in range(2)]
+    assert 0 < parts[0].n < 20 and parts[0].n + parts[1].n == 20
+    merged = T.EvalOutput.merge(parts)
+    assert merged.ids == full.ids
+    np.testing.assert_allclose(merged.pred, full.pred, atol=1e-5)
+    np.testing.assert_array_equal(merged.label, full.label)
+    # a sample counted twice is an error, not a silently skewed metric
+    with pytest.raises(RuntimeError, match="more than once"):
+        T.EvalOutput.merge([parts[0], parts[0]])
+
+
+def test_eval_metrics_val_loss_is_the_per_sample_l1(cfg):
+    model = _model(cfg)
+    out = T.EvalOutput.merge([T.evaluate(model, [_batch(cfg, B=4), _batch(cfg, B=3, seed=1, start=4)], cfg)])
+    m = T.eval_metrics(out, "mosi")
+    mae = float(np.mean(np.abs(out.pred.astype(np.float64) - out.label)))
+    assert m["val_loss"] == pytest.approx(mae) and m["val_mae"] == pytest.approx(mae, rel=1e-6)
+    assert m["val_l1"] == pytest.approx(mae, rel=1e-5)  # batch means weighted by batch size = per-sample mean
+    assert m["val_n"] == 7 and {"val_total", "val_ccl", "val_ps", "val_clm", "val_corr", "val_acc7"} <= set(m)
+    assert "val_loss" in T.selectable_metrics("mosi") and "val_acc3" in T.selectable_metrics("sims")
+    assert "val_n" not in T.selectable_metrics("mosi")
+
+
+# ----------------------------------------------------------------------------- optimiser, schedule
+def test_param_groups_cover_trainable_parameters_once_with_their_lrs(cfg):
+    model = _model(cfg)
+    opt = T.build_optimizer(model, cfg.optim)
+    lrs = T.group_lrs(opt)
+    assert lrs == {"lr_bert": cfg.optim.lr_bert, "lr_main": cfg.optim.lr_main}
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    assert len(ids) == len(set(ids)) and set(ids) == set(trainable)
+    bert = {id(p) for p in model.text_bert.parameters()}
+    assert bert <= {id(p) for p in opt.param_groups[0]["params"]}
+    assert opt.param_groups[0]["weight_decay"] == cfg.optim.weight_decay_bert
+
+
+def test_plateau_scheduler_halves_both_lrs_after_patience(cfg):
+    c = cfg.override(["optim.plateau_patience=1", "optim.plateau_factor=0.5"])
+    opt = T.build_optimizer(_model(c), c.optim)
+    sched = T.build_scheduler(opt, c.optim)
+    for v in (1.0, 1.0, 1.0):  # no improvement for 2 epochs > patience 1
+        sched.step(v)
+    assert T.group_lrs(opt) == {"lr_bert": c.optim.lr_bert / 2, "lr_main": c.optim.lr_main / 2}
+
+
+# ----------------------------------------------------------------------------- selection / early stopping
+def test_selector_min_max_ties_nan_and_patience():
+    s = T.Selector("val_loss", "min", patience=2)
+    assert s.update(0, 1.0) and s.update(1, 0.8)
+    assert not s.update(2, 0.9) and not s.should_stop
+    assert s.update(3, 0.8)  # tie: the later epoch is selected ...
+    assert s.best_epoch == 3 and s.bad_epochs == 2 and s.should_stop  # ... but it is not an improvement
+    s2 = T.Selector("val_acc2_non0", "max", patience=None)
+    assert s2.update(0, float("nan")) and s2.update(1, 0.5) and not s2.update(2, float("nan"))
+    assert s2.best_epoch == 1 and not s2.should_stop
+    s3 = T.Selector("val_acc2_non0", "max")
+    s3.load_state_dict(s2.state_dict())
+    assert (s3.best, s3.best_epoch, s3.bad_epochs) == (0.5, 1, 1)
+    with pytest.raises(ConfigError, match="select_metric"):
+        T.Selector("val_loss", "min").load_state_dict(s2.state_dict())
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_selected_epoch_is_always_among_the_checkpoints_ray_keeps(tmp_path, mode):
+    """Replays random score sequences (ties, NaN) through Ray's checkpoint manager: the selected epoch is Ray's
+    best, and with num_to_keep=1 both the selected and the latest checkpoint survive."""
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+
+    rng = random.Random(0)
+    for trial in range(30):
+        mgr = _CheckpointManager(CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_x",
+                                                  checkpoint_score_order=mode))
+        sel = T.Selector("val_x", mode)
+        kept = {}
+        for epoch in range(8):
+            v = rng.choice([0.1, 0.2, 0.3, float("nan")])
+            sel.update(epoch, v)
+            d = tmp_path / f"t{trial}_{mode}_{epoch}"
+            d.mkdir()
+            ck = Checkpoint.from_directory(str(d))
+            kept[ck.path] = epoch
+            mgr.register_checkpoint(_TrainingResult(checkpoint=ck, metrics={"val_x": v, "epoch": epoch}))
+            alive = {kept[p] for p in kept if os.path.exists(p)}
+            assert sel.best_epoch in alive and epoch in alive, (trial, epoch, alive)
+            assert mgr.best_checkpoint_result.metrics["epoch"] == sel.best_epoch
+
+
+# ----------------------------------------------------------------------------- checkpoints, RNG
+def test_rng_state_round_trip():
+    T.seed_everything(3)
+    state = T.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    T.seed_everything(99)
+    T.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_checkpoint_round_trip_resumes_identically(cfg, tmp_path):
+    model = _model(cfg)
+    opt = T.build_optimizer(model, cfg.optim)
+    sched = T.build_scheduler(opt, cfg.optim)
+    sel = T.Selector(cfg.optim.select_metric, cfg.optim.select_mode, 3)
+    T.train_step(model, _batch(cfg), opt, cfg)
+    sched.step(1.0)
+    sel.update(0, 1.0)
+    history = [{"epoch": 0, "val_loss": 1.0, "val_corr": float("nan")}]
+    T.seed_everything(5)
+    T.save_checkpoint(str(tmp_path), model=model, optimizer=opt, scheduler=sched, selector=sel, epoch=0,
+                      history=history, cfg=cfg, rng_states=[T.rng_state()], session=2, metrics=history[0])
+    assert {"model.pt", "train_state.pt", "config.yaml", "meta.json"} <= set(os.listdir(tmp_path))
+    assert T.checkpoint_config(str(tmp_path)).to_dict() == cfg.to_dict()
+
+    # continue the original for one step
+    torch.manual_seed(11)
+    T.train_step(model, _batch(cfg, seed=2), opt, cfg)
+    # restore into fresh objects and take the same step
+    model2 = _model(cfg, seed=123)
+    opt2 = T.build_optimizer(model2, cfg.optim)
+    sched2 = T.build_scheduler(opt2, cfg.optim)
+    sel2 = T.Selector(cfg.optim.select_metric, cfg.optim.select_mode, 3)
+    state = T.load_checkpoint(str(tmp_path), model=model2, optimizer=opt2, scheduler=sched2, selector=sel2)
+    assert state["epoch"] == 0 and state["session"] == 2 and sel2.best_epoch == 0
+    assert state["history"][0]["epoch"] == 0 and math.isnan(state["history"][0]["val_corr"])
+    assert sched2.state_dict() == sched.state_dict()
+    torch.manual_seed(11)
+    T.train_step(model2, _batch(cfg, seed=2), opt2, cfg)
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["epoch"] == 0 and meta["select_metric"] == cfg.optim.select_metric
+
+
+# ----------------------------------------------------------------------------- preflight (no Ray)
+def _manifest(**kw) -> dict:
+    m = {"dataset": "mosi", "feature_dims": {"audio": 7, "visual": 9},
+         "counts": {"train": 200, "valid": 30, "test": 40},
+         "tokenizers": {"text": {"name": "psamf:tiny", "vocab_size": 333, "max_len": 32},
+                        "personality": {"name": "psamf:tiny", "vocab_size": 333, "max_len": 32}},
+         "personality_cls": None}
+    m.update(kw)
+    return m
+
+
+def test_preflight_takes_dims_from_the_manifest(cfg, tmp_path):
+    c = cfg.override([f"run.storage_path={tmp_path}"])
+    pf = T.preflight(c, manifest=_manifest())
+    assert (pf.cfg.model.audio_dim, pf.cfg.model.visual_dim) == (7, 9)
+    assert pf.storage.root == str(tmp_path) and pf.cfg.preset == "tiny"
+
+
+@pytest.mark.parametrize("override,manifest,match", [
+    (["optim.select_metric=val_bogus"], {}, "select_metric"),
+    (["model.vocab_size=100"], {}, r"model\.vocab_size=100 is smaller"),
+    (["model.personality_vocab_size=100"], {}, r"personality_vocab_size"),
+    (["data.tokenizer=bert-base-uncased"], {}, "tokenised with 'psamf:tiny'"),
+    (["data.dataset=mosei"], {}, "hold 'mosi'"),
+    (["optim.batch_size=128"], {}, r"fewer than optim\.batch_size"),
+    ([], {"counts": {"train": 200, "valid": 0, "test": 40}}, "no 'valid' split"),
+])
+def test_preflight_rejects_bad_configs(cfg, tmp_path, override, manifest, match):
+    c = cfg.override([f"run.storage_path={tmp_path}", *override])
+    with pytest.raises(ConfigError, match=match):
+        T.preflight(c, manifest=_manifest(**manifest))
+
+
+def test_preflight_refuses_to_resume_a_run_with_another_model(cfg, tmp_path):
+    c = cfg.override([f"run.storage_path={tmp_path}", "run.name=r1"])
+    pf = T.preflight(c, manifest=_manifest())
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "config.yaml").write_text(pf.cfg.to_yaml())
+    T.preflight(c.override(["optim.epochs=9"]), manifest=_manifest())  # more epochs: a resume, fine
+    with pytest.raises(ConfigError, match=r"already exists.*model\.hidden_size"):
+        T.preflight(c.override(["model.hidden_size=64", "model.num_attention_heads=2"]), manifest=_manifest())
+
+
+# ----------------------------------------------------------------------------- CLI, jobs entrypoint
+def test_cli_config_parsing(tmp_path):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    T.add_arguments(p)
+    args = p.parse_args(["--preset", "tiny", "--run-name", "abc", "--seeds", "1,2,3", "optim.epochs=3"])
+    cfg = T.load_config(args)
+    assert cfg.run.name == "abc" and cfg.optim.epochs == 3 and cfg.preset == "tiny"
+    assert T.parse_seeds(args.seeds) == [1, 2, 3]
+    with pytest.raises(ConfigError):
+        T.parse_seeds("1,x")
+    assert T._seed_config(cfg, 7).run.name == "abc-seed7" and T._seed_config(cfg, 7).optim.seed == 7
+    y = tmp_path / "c.yaml"
+    y.write_text("preset: tiny\noptim:\n  epochs: 2\n")
+    assert T.load_config(p.parse_args(["--config", str(y)])).optim.epochs == 2
+
+
+def test_jobs_train_entrypoint_parses_and_fails_cleanly_on_bad_config(monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("jobs_train", os.path.join(os.path.dirname(__file__), "..",
+                                                                            "jobs", "train.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    called = {}
+    monkeypatch.setattr(T, "train", lambda cfg, seeds=None: called.setdefault("cfg", cfg) and (_ for _ in ()).throw(
+        ConfigError("stop here")))
+    assert mod.main(["--preset", "tiny", "--run-name", "j1", "optim.epochs=2"]) == 2
+    assert called["cfg"].run.name == "j1" and called["cfg"].optim.epochs == 2
+    assert mod.main(["--preset", "tiny", "optim.nope=1"]) == 2
+    assert "optim.nope" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- outputs
+def test_outputs_are_written_atomically_and_readably(tmp_path):
+    import pyarrow.parquet as pq
+
+    from psamf import outputs as O
+
+    st = O.storage_target(str(tmp_path / "runs"))
+    run_dir = st.run_dir("r")
+    hist = [{"epoch": e, "train_total": 2.0 - e / 10, "train_l1": 1.0, "val_loss": 1.0 - e / 10, "val_mae": 1.0,
+             "val_corr": float("nan") if e == 0 else 0.5, "val_acc2_non0": 0.6, "lr_bert": 1e-3, "lr_main": 3e-3}
+            for e in range(3)]
+    O.write_history(st.fs, run_dir, hist)
+    tb = O.write_tensorboard(st.fs, run_dir, hist, final={"selected_epoch": 2, "test": {"mae": 0.9}})
+    first = os.listdir(tb)
+    O.write_tensorboard(st.fs, run_dir, hist)
+    assert len(first) == 1 and len(os.listdir(tb)) == 1  # rewritten, not appended
+    png = O.plot_curves(hist, selected_epoch=2)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    O.write_predictions(st.fs, f"{run_dir}/p.parquet", [("valid", ["a", "b"], [0.5, -1], [0.1, 0.2]),
+                                                         ("test", ["c"], [1.0], [0.7])])
+    t = pq.read_table(f"{run_dir}/p.parquet").to_pydict()
+    assert t["sample_id"] == ["a", "b", "c"] and t["split"] == ["valid", "valid", "test"]
+    O.write_json(st.fs, f"{run_dir}/m.json", {"x": float("nan"), "y": np.float32(1.5)})
+    assert json.loads(open(f"{run_dir}/m.json").read()) == {"x": None, "y": 1.5}
+    assert not [f for f in os.listdir(run_dir) if ".tmp-" in f]
+
+
+def test_storage_target_for_s3_with_custom_endpoint_drops_the_scheme():
+    from psamf.outputs import storage_target
+
+    st = storage_target("s3://bucket/runs", "http://127.0.0.1:9")
+    assert st.storage_path == "bucket/runs" and st.storage_filesystem is not None
+    assert st.run_dir("r") == "bucket/runs/r" and st.run_uri("r") == "s3://bucket/runs/r"
+
+
+def test_seeds_run_one_named_run_each_and_summarise_with_population_std(cfg, tmp_path, monkeypatch):
+    from psamf.outputs import storage_target
+
+    seen = []
+
+    def fake_preflight(c, *, check_resources=True, manifest=None):
+        return T.Preflight(cfg=c, manifest=_manifest(), storage=storage_target(str(tmp_path)))
+
+    def fake_fit(pf, **kw):
+        seen.append((pf.cfg.run.name, pf.cfg.optim.seed))
+        mae = {1: 0.5, 2: 0.7, 3: 0.9}[pf.cfg.optim.seed]
+        m = {"mae": mae, "corr": 0.1, "n": 10}
+        return T.TrainResult(run_name=pf.cfg.run.name, run_dir=f"{tmp_path}/{pf.cfg.run.name}",
+                             metrics={"test": m, "valid": m}, paths={})
+
+    monkeypatch.setattr(T, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(T, "preflight", fake_preflight)
+    monkeypatch.setattr(T, "fit_one", fake_fit)
+    monkeypatch.setattr(T, "_parallel_runs", lambda c, n: 2)  # the thread-pool path
+    res = T.train(cfg.override(["run.name=ms", f"run.storage_path={tmp_path}"]), seeds=[1, 2, 3, 2])
+    assert sorted(seen) == [("ms-seed1", 1), ("ms-seed2", 2), ("ms-seed3", 3)]
+    assert [r.run_name for r in res.seeds] == ["ms-seed1", "ms-seed2", "ms-seed3"]
+    mean, std = res.summary["mae"]
+    assert mean == pytest.approx(0.7) and std == pytest.approx(np.std([0.5, 0.7, 0.9]))  # ddof=0
+    assert "n" not in res.summary and "population" in res.table
+    summary = json.loads((tmp_path / "ms-seeds.json").read_text())
+    assert summary["seeds"] == [1, 2, 3] and summary["test"]["mae"]["std"] == pytest.approx(std)

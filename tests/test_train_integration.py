@@ -1,0 +1,210 @@
+"""Ray Train integration: 2 DDP workers (gloo, CPU) on synthetic MOSI-shaped shards, one shared local Ray.
+
+* S3 (moto): data and run storage in a bucket; the model learns (validation MAE below predict-the-mean); every
+  output is written; the best k + latest checkpoints are kept.
+* A worker killed mid-run (rank 1 `os._exit(1)` once at epoch 2) is restarted from the latest checkpoint and the
+  run finishes with every epoch recorded exactly once.
+* Re-running an interrupted run name resumes from its latest checkpoint — also when `num_to_keep=1` keeps only
+  the best by the selection metric plus the latest — and re-running a finished one with more epochs continues.
+* Evaluating a checkpoint on 2 workers equals evaluating it in one process, sample by sample.
+* A bad configuration fails with ConfigError before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from psamf import train as T
+from psamf.config import Config, ConfigError
+
+pytestmark = pytest.mark.integration
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Synthetic MOSI-shaped data set (about 190 / 34 / 100 utterances), prepared once for the module."""
+    from psamf.prepare import prepare
+    from psamf.synth import synthesize
+
+    root = tmp_path_factory.mktemp("data")
+    paths = synthesize("mosi", "mmsa", root / "synth", seed=0, scale=0.15)
+    out = str(root / "shards")
+    man = prepare({"format": "mmsa", "input": str(paths["pickle"]), "dataset": "mosi"}, out,
+                  tokenizer="psamf:tiny", personality_tokenizer="psamf:tiny", max_text_len=32)
+    return out, man
+
+
+def _cfg(shards_uri: str, storage: str, name: str, *extra: str) -> Config:
+    return Config.from_preset("tiny").override([
+        f"data.uri={shards_uri}", f"run.storage_path={storage}", f"run.name={name}", "run.num_workers=2",
+        "optim.epochs=4", *extra])
+
+
+def _split_ids(shards_dir: str, split: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    files = sorted(f for f in os.listdir(shards_dir) if f.startswith(split + "-") and f.endswith(".parquet"))
+    return sorted(i for f in files for i in pq.read_table(os.path.join(shards_dir, f), columns=["sample_id"])
+                  .column("sample_id").to_pylist())
+
+
+def _epochs(history) -> list[int]:
+    return [r["epoch"] for r in history]
+
+
+# --------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def s3_run(ray_cluster, s3_server, shards):
+    """Data and run storage in S3 (moto); 2 DDP workers; rank 1 exits hard once, mid-epoch 1, and
+    FailureConfig(max_failures=1) restarts the worker group from the latest checkpoint. One fit for the module
+    (a fresh bucket, like the `s3_bucket` fixture, but module-scoped)."""
+    import uuid
+
+    import boto3
+    import pyarrow.fs as pafs
+
+    from psamf.outputs import s3_filesystem
+
+    local, man = shards
+    bucket = f"psamf-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    fs = s3_filesystem(s3_server)
+    pafs.copy_files(local, f"{bucket}/shards", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    marker = os.path.join(os.path.dirname(local), f"fault-{bucket}")
+    cfg = _cfg(f"s3://{bucket}/shards", f"s3://{bucket}/runs", "s3run", f"data.s3_endpoint={s3_server}",
+               "run.keep_checkpoints=2", "run.max_failures=1", "optim.epochs=3")
+    mp = pytest.MonkeyPatch()
+    mp.setenv(T.FAULT_ENV, f"rank=1,epoch=1,marker={marker}")
+    try:
+        res = T.train(cfg)
+    finally:
+        mp.undo()
+    return res, fs, bucket, marker
+
+
+def test_two_worker_ddp_on_s3_learns_and_writes_every_output(s3_run, shards):
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from psamf.outputs import exists, read_bytes, read_json
+
+    res, fs, bucket, _ = s3_run
+    local, man = shards
+    m = res.metrics
+    assert res.run_dir == f"s3://{bucket}/runs/s3run"
+    assert _epochs(res.history) == [0, 1, 2] and m["world_size"] == 2
+    # it learns: validation MAE of the selected checkpoint below the predict-the-mean floor
+    assert m["valid"]["mae"] < m["baselines"]["valid"]["mae_mean"] - 0.1, (m["valid"], m["baselines"]["valid"])
+    assert m["valid"]["n"] == man["counts"]["valid"] and m["test"]["n"] == man["counts"]["test"]
+    sel = m["selection"]["selected_epoch"]
+    assert m["selection"]["metric"] == "val_loss"
+    assert m["valid"]["mae"] == pytest.approx(res.history[sel]["val_mae"], abs=1e-5)  # re-evaluated = recorded
+
+    run = f"{bucket}/runs/s3run"
+    for name in ("metrics.json", "predictions.parquet", "curves.png", "history.json", "config.yaml"):
+        assert exists(fs, f"{run}/{name}"), name
+    tb = fs.get_file_info(pafs.FileSelector(f"{run}/tensorboard"))
+    assert len(tb) == 1 and tb[0].base_name.startswith("events.out.tfevents")
+    assert read_json(fs, f"{run}/metrics.json")["selection"]["selected_epoch"] == sel
+    assert Config.from_dict(__import__("yaml").safe_load(read_bytes(fs, f"{run}/config.yaml"))).run.name == "s3run"
+    with fs.open_input_file(f"{run}/predictions.parquet") as f:
+        pred = pq.read_table(f).to_pandas()
+    for split in ("valid", "test"):
+        ids = sorted(pred.loc[pred.split == split, "sample_id"])
+        assert ids == _split_ids(local, split)  # every sample exactly once
+    # checkpoints: best 2 by val_loss + the latest; the selected one among them, with its full state
+    ckpts = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(run))
+                   if i.base_name.startswith("checkpoint_"))
+    assert 2 <= len(ckpts) <= 3 and f"checkpoint_epoch={sel:03d}" in ckpts and "checkpoint_epoch=002" in ckpts
+    files = {i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{run}/checkpoint_epoch=002"))}
+    assert {"model.pt", "train_state.pt", "config.yaml", "meta.json"} <= files
+    assert m["checkpoint"] == f"s3://{run}/checkpoint_epoch={sel:03d}"
+
+
+def test_killed_worker_restarts_from_its_checkpoint_and_every_epoch_is_recorded_once(s3_run):
+    from psamf.outputs import read_json
+
+    res, fs, bucket, marker = s3_run
+    assert os.path.exists(marker), "the fault was never injected"
+    h = res.history
+    assert _epochs(h) == [0, 1, 2]
+    # epoch 0 by the first worker group; 1-2 by the restarted one, which resumed from epoch 0's checkpoint
+    assert [r["session"] for r in h] == [0, 1, 1]
+    assert [r["resumed_from"] for r in h] == [None, 0, 0]
+    assert res.metrics["sessions"] == 2
+    assert _epochs(read_json(fs, f"{bucket}/runs/s3run/history.json")) == [0, 1, 2]
+
+
+def test_two_worker_evaluation_equals_single_process_evaluation(s3_run, shards, s3_server):
+    from psamf.evaluate import evaluate_checkpoint
+
+    res, _, _, _ = s3_run
+    local, _ = shards
+    one = evaluate_checkpoint(res.run_dir, num_workers=0, s3_endpoint=s3_server)
+    two = evaluate_checkpoint(res.run_dir, num_workers=2, s3_endpoint=s3_server)
+    for split in ("valid", "test"):
+        expected = _split_ids(local, split)
+        assert one[split].ids == expected and two[split].ids == expected  # none dropped, none twice
+        np.testing.assert_allclose(two[split].pred, one[split].pred, atol=1e-5)
+        np.testing.assert_array_equal(two[split].label, one[split].label)
+        for k in ("mae", "corr", "acc2_has0", "acc7"):
+            assert two[split].metrics[k] == pytest.approx(one[split].metrics[k], abs=1e-5)
+        # and both equal what training recorded for the selected checkpoint
+        assert one[split].metrics["mae"] == pytest.approx(res.metrics[split]["mae"], abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+def test_rerunning_an_interrupted_or_finished_run_name_resumes(ray_cluster, shards, tmp_path, monkeypatch):
+    """keep_checkpoints=1 and a selection order under which the latest checkpoint is not the best one: Ray keeps
+    the best and (always) the latest, and the resume continues from the latest. One worker: the resume logic
+    does not depend on the world size, and a worker group of one starts faster."""
+    local, _ = shards
+    storage = tmp_path / "runs"
+    base = ["run.keep_checkpoints=1", "optim.select_metric=val_mae", "optim.select_mode=max", "run.max_failures=0",
+            "run.num_workers=1"]
+    # 1. interrupted: rank 1 dies at epoch 2 and no restart is allowed
+    monkeypatch.setenv(T.FAULT_ENV, f"rank=0,epoch=2,marker={tmp_path / 'marker'}")
+    with pytest.raises(Exception):
+        T.train(_cfg(local, str(storage), "resume", *base, "optim.epochs=3"))
+    monkeypatch.delenv(T.FAULT_ENV)
+    run_dir = storage / "resume"
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_epoch=*"))
+    hist = json.loads((run_dir / "history.json").read_text())
+    assert _epochs(hist) == [0, 1]
+    best = max(range(2), key=lambda e: (hist[e]["val_mae"], e))
+    assert "checkpoint_epoch=001" in kept and f"checkpoint_epoch={best:03d}" in kept and len(kept) <= 2
+    # 2. re-run the same name: continues at epoch 2 from the latest checkpoint (epoch 1), nothing repeated
+    res = T.train(_cfg(local, str(storage), "resume", *base, "optim.epochs=3"))
+    assert _epochs(res.history) == [0, 1, 2]
+    assert [r["session"] for r in res.history] == [0, 0, 1] and res.history[2]["resumed_from"] == 1
+    assert [r["val_mae"] for r in res.history[:2]] == [r["val_mae"] for r in hist]  # old records kept as they were
+    # 3. the finished run, re-run with more epochs, continues from epoch 3
+    res2 = T.train(_cfg(local, str(storage), "resume", *base, "optim.epochs=4"))
+    assert _epochs(res2.history) == [0, 1, 2, 3]
+    assert [r["session"] for r in res2.history] == [0, 0, 1, 2] and res2.history[3]["resumed_from"] == 2
+    assert res2.metrics["selection"]["selected_epoch"] == max(range(4), key=lambda e: (res2.history[e]["val_mae"], e))
+
+
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override,match", [
+    ("model.vocab_size=64", r"model\.vocab_size=64 is smaller than the text tokenizer's vocabulary"),
+    ("optim.select_metric=val_accuracy", r"optim\.select_metric='val_accuracy' is not a validation metric"),
+    ("data.tokenizer=bert-base-uncased", r"tokenised with 'psamf:tiny'"),
+    ("run.num_workers=4", r"Ray Data read tasks would starve"),
+])
+def test_bad_config_fails_before_any_worker_starts(ray_cluster, shards, tmp_path, monkeypatch, override, match):
+    local, _ = shards
+
+    def no_trainer(*a, **k):
+        raise AssertionError("a TorchTrainer was built for a bad config")
+
+    monkeypatch.setattr(T, "build_trainer", no_trainer)
+    with pytest.raises(ConfigError, match=match):
+        T.train(_cfg(local, str(tmp_path / "runs"), "bad", override))
+    assert not (tmp_path / "runs" / "bad").exists()
