@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("psamf.synth", "write a seeded synthetic MOSI/MOSEI/SIMS-shaped data set (MMSA, MulT + label CSV, or custom manifest)"),
     "prepare": ("psamf.prepare", "turn MMSA / MulT / custom corpora into Parquet shards plus manifest.json"),
     "train": ("psamf.train", "train PSA-MF with Ray Train (embedded local Ray, or the cluster in RAY_ADDRESS)"),
+    "evaluate": ("psamf.evaluate", "evaluate a run's selected checkpoint (or any checkpoint) on valid/test"),
 }
 
 

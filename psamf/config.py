@@ -370,7 +370,12 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is Any:
         return True, value
     if origin is Literal:
-        return (value in typing.get_args(tp)), value
+        choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans
+            for word in (("off", "no", "false") if not value else ("on", "yes", "true")):
+                if word in choices:
+                    return True, word
+        return (value in choices), value
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             ok, v = _type_ok(value, arg)

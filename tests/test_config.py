@@ -91,3 +91,12 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         Config.from_yaml(bad)
+
+
+def test_yaml_boolean_words_map_onto_literal_choices(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("preset: tiny\noptim:\n  amp: off\n")  # YAML 1.1 reads `off` as False
+    assert Config.from_yaml(p).optim.amp == "off"
+    assert Config.from_preset("tiny").override(["optim.amp=off"]).optim.amp == "off"
+    with pytest.raises(ConfigError, match="optim.amp"):
+        Config.from_preset("tiny").override(["optim.amp=on"])
