@@ -69,6 +69,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from psamf import runtime
 from psamf.config import Config, ConfigError, OptimConfig
 from psamf.losses import compute_losses
 from psamf.metrics import compute_metrics
@@ -969,44 +970,11 @@ def _check_resources(cfg: Config) -> None:
         log.warning("%s (unless the autoscaler adds nodes)", msg)
 
 
-_EMBEDDED = {"started": False}
-
-
 def _embedded() -> bool:
-    return _EMBEDDED["started"] or not os.environ.get("RAY_ADDRESS")
+    return runtime.embedded()
 
 
-def init_ray(num_workers: int = 2) -> None:
-    """Start or join Ray, unless already initialised.
-
-    With no `RAY_ADDRESS`: an embedded local Ray with `max(4, workers + 2)` logical CPUs (deliberately
-    oversubscribed, ray-notes §3.3/§10.1: Data read tasks need CPUs the workers do not hold) and token auth pinned
-    off for this private instance unless `RAY_AUTH_MODE` is set (Ray >= 2.59 would otherwise turn it on and write
-    ~/.ray/auth_token). Otherwise: join the cluster at `RAY_ADDRESS` (inside a Ray job it is always set)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        n = max(4, num_workers + 2)
-        log.info("starting an embedded local Ray (%d logical CPUs)", n)
-        ray.init(address="local", num_cpus=n, include_dashboard=False,
-                 object_store_memory=min(2 * 1024**3, max(200 * 1024**2, _mem_bytes() // 10)))
-        _EMBEDDED["started"] = True
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-
-
-def _mem_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 4 * 1024**3
+init_ray = runtime.init_ray  # re-exported: psamf.train.init_ray is public API
 
 
 def _fault_spec() -> dict[str, Any] | None:
