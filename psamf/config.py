@@ -304,9 +304,9 @@ class Config:
             raise ConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)}; "
                               f"allowed: preset, {', '.join(_SECTIONS)}")
         preset = d.get("preset", "custom")
-        base = cls.from_preset(preset).to_dict() if preset in PRESETS else cls().to_dict()
         if preset not in PRESETS and preset != "custom":
             raise ConfigError(f"{source}: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        base = cls.from_preset(preset).to_dict() if preset in PRESETS else cls().to_dict()
         sections = {}
         for name, typ in _SECTIONS.items():
             merged = dict(base[name])
@@ -358,10 +358,13 @@ class Config:
                 d[sec][fld] = yaml.safe_load(raw) if raw != "" else None
             except yaml.YAMLError:
                 d[sec][fld] = raw
-        d["preset"] = "custom" if self.preset not in PRESETS else self.preset
         # rebuild from the explicit values (not re-applying the preset on top of them)
-        return Config(preset=d.pop("preset"),
-                      **{n: _build_section(t, d[n], n, "override") for n, t in _SECTIONS.items()})
+        return _from_sections(self.preset, d, "override")
+
+
+def _from_sections(preset: str, d: Mapping[str, Any], source: str) -> Config:
+    """A Config from a full `to_dict()`-shaped mapping, every section validated."""
+    return Config(preset=preset, **{n: _build_section(t, d[n], n, source) for n, t in _SECTIONS.items()})
 
 
 def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
@@ -519,5 +522,4 @@ def ablate(cfg: Config, name: str) -> Config:
         raise ConfigError(f"unknown ablation {name!r}; choose one of {sorted(ABLATIONS)}")
     d = cfg.to_dict()
     d["model"].update(ABLATIONS[name])
-    return Config(preset=cfg.preset, **{n: _build_section(t, d[n], n, f"ablation {name}")
-                                        for n, t in _SECTIONS.items()})
+    return _from_sections(cfg.preset, d, f"ablation {name}")

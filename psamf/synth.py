@@ -77,6 +77,7 @@ Determinism: every random stream is seeded from ``(seed, kind, stream)``; same a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import math
@@ -483,32 +484,30 @@ def generate(kind: str, seed: int = 0, scale: float = 1.0) -> SynthCorpus:
 # ------------------------------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def _atomic_open(path: Path):
+    """A binary file that appears at `path` only once it is completely written (temp name + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _atomic_open(path) as f:
+        f.write(data)
 
 
 def _atomic_pickle(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:  # streamed: full-scale pickles are large
-            pickle.dump(obj, f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with _atomic_open(path) as f:  # streamed: full-scale pickles are large
+        pickle.dump(obj, f, protocol=4)
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
