@@ -89,7 +89,7 @@ def _eval_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
     amp_dtype = T.resolve_amp(cfg.optim.amp, device)
     T.seed_everything(cfg.optim.seed)
     model = T.build_model(cfg.model).to(device)
-    with loop_config["checkpoint"].as_directory() as d:
+    with T.local_checkpoint(loop_config["checkpoint"]) as d:
         T.load_model_weights(d, model)
     keep = None if world == 1 else T._partition(rank, world)
     out = {}

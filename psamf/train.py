@@ -63,7 +63,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -432,6 +432,30 @@ def save_checkpoint(path: str, *, model: nn.Module, optimizer: torch.optim.Optim
         json.dump(meta, f, indent=2, default=str)
 
 
+@contextlib.contextmanager
+def local_checkpoint(checkpoint: Any) -> Iterator[str]:
+    """A local directory holding a Ray `Checkpoint`'s files, private to this process.
+
+    A checkpoint on the local filesystem is read in place. A remote one (`s3://`, `gs://`) is downloaded into a
+    fresh temporary directory that is removed afterwards. Ray's own `Checkpoint.as_directory()` is not safe here:
+    every process on a node that opens the same checkpoint shares one temporary directory, and a process that
+    arrives after the first download has finished downloads again into that directory while the others are
+    reading it (Ray 2.60 `Checkpoint.to_directory`: the download lock is only held during a download). Two DDP
+    ranks restoring from S3 then read half-rewritten files: "PytorchStreamReader failed reading file".
+    """
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    d = tempfile.mkdtemp(prefix=f"psamf-ckpt-{os.getpid()}-")
+    try:
+        checkpoint.to_directory(d)
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def load_model_weights(path: str, model: nn.Module) -> None:
     """Load a checkpoint directory's model.pt into `model` (unwrapped or DDP), strictly."""
     state = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
@@ -570,7 +594,7 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
     start_epoch, session, resumed_from, restore = 0, 0, None, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
+        with local_checkpoint(ckpt) as d:
             load_model_weights(d, raw)
             restore = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True)
         start_epoch = int(restore["epoch"]) + 1
@@ -728,7 +752,7 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
                                "checkpoints Ray kept")
         ck = selected[-1].checkpoint
         checkpoint_path = ck.path
-        with ck.as_directory() as d:
+        with local_checkpoint(ck) as d:
             load_model_weights(d, raw)
     t_final = time.perf_counter()
     final_val = run_eval("valid")

@@ -401,3 +401,67 @@ def test_seeds_run_one_named_run_each_and_summarise_with_population_std(cfg, tmp
     assert "n" not in res.summary and "population" in res.table
     summary = json.loads((tmp_path / "ms-seeds.json").read_text())
     assert summary["seeds"] == [1, 2, 3] and summary["test"]["mae"]["std"] == pytest.approx(std)
+
+
+def _open_checkpoint_repeatedly(ckpt, n: int, use_ray_as_directory: bool, rank: int) -> list[float]:
+    """Runs in a child process, like one DDP rank restoring: open the checkpoint, do other work for a moment
+    (building the model), then read the tensor file; `n` times, each rank starting a little later."""
+    import time
+
+    time.sleep(0.15 * rank)
+    sums = []
+    for _ in range(n):
+        ctx = ckpt.as_directory() if use_ray_as_directory else T.local_checkpoint(ckpt)
+        with ctx as d:
+            time.sleep(0.2)
+            sums.append(float(torch.load(os.path.join(d, "state.pt"), weights_only=True)["w"].sum()))
+    return sums
+
+
+def _s3_checkpoint(tmp_path, s3_bucket, s3_server, n: int = 1000):
+    from ray.train import Checkpoint
+
+    from psamf.outputs import s3_filesystem
+
+    fs = s3_filesystem(s3_server)
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    w = torch.arange(n, dtype=torch.float32)
+    torch.save({"w": w}, src / "state.pt")
+    (src / "extra.json").write_text("{}")
+    import pyarrow.fs as pafs
+
+    pafs.copy_files(str(src), f"{s3_bucket}/ckpt", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return Checkpoint(f"{s3_bucket}/ckpt", filesystem=fs), float(w.sum())
+
+
+@pytest.mark.integration
+def test_local_checkpoint_reads_local_in_place_and_remote_into_a_private_directory(tmp_path, s3_bucket, s3_server):
+    from ray.train import Checkpoint
+
+    local = tmp_path / "local"
+    local.mkdir()
+    with T.local_checkpoint(Checkpoint.from_directory(str(local))) as d:
+        assert d == str(local)
+    assert local.exists()  # never removed
+
+    ckpt, _ = _s3_checkpoint(tmp_path, s3_bucket, s3_server)
+    with T.local_checkpoint(ckpt) as d1, T.local_checkpoint(ckpt) as d2:
+        assert d1 != d2  # one directory per opening, so no opener can rewrite another's files
+        assert sorted(os.listdir(d1)) == sorted(os.listdir(d2)) == ["extra.json", "state.pt"]
+    assert not os.path.exists(d1) and not os.path.exists(d2)  # cleaned up
+
+
+@pytest.mark.integration
+def test_ranks_restoring_the_same_s3_checkpoint_at_once_all_read_it_whole(tmp_path, s3_bucket, s3_server):
+    """What two DDP ranks on one node do when a run resumes from S3 (the CI failure this guards against:
+    "PytorchStreamReader failed reading file" from Ray's shared as_directory() download). The file is 160 MB,
+    more than one of Ray's 64 MB download chunks; with `use_ray_as_directory=True` this setup failed in 1 of 3
+    trials on a 2-core machine."""
+    import multiprocessing as mp
+
+    ckpt, expected = _s3_checkpoint(tmp_path, s3_bucket, s3_server, n=40_000_000)
+    with mp.get_context("spawn").Pool(3) as pool:
+        results = pool.starmap(_open_checkpoint_repeatedly, [(ckpt, 4, False, rank) for rank in range(3)])
+    assert [len(r) for r in results] == [4, 4, 4]
+    assert all(s == expected for r in results for s in r)
