@@ -37,7 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `section.key=value` overrides may also come after options (`psamf evaluate RUN --out m.json data.uri=...`):
+    # argparse only collects a positional list before the first option once the other positionals are taken.
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides or []) + extra
     if getattr(args, "_missing", False):
         parser.error(f"subcommand {args.command!r} is not available in this build")
     return int(importlib.import_module(args._module).run(args) or 0)

@@ -90,7 +90,9 @@ class ModelConfig:
     clip_logit_scale: float = REFERENCE_LOGIT_SCALE
     clip_learn_scale: bool = False  # learn log-scale as CLIP does (paper reading); reference: fixed
     clip_norm: Literal["reference", "symmetric"] = "reference"  # reference: y normalised *before* projection only
-    sim_mode: Literal["batch_dissimilarity", "per_sample_cosine"] = "batch_dissimilarity"
+    # batch_dissimilarity: reference code; per_sample_dissimilarity: paper preset; per_sample_cosine: the paper's
+    # text read literally, which rewards anti-alignment (see psamf/losses.py)
+    sim_mode: Literal["batch_dissimilarity", "per_sample_dissimilarity", "per_sample_cosine"] = "batch_dissimilarity"
     ps_separate_projection: bool = True  # reference: L_ps uses text_projection2, not T_s
     # --- pre-fusion -------------------------------------------------------------------------
     personality_tokens: bool = True  # reference: a/v tokens = ReLU(W h + CLS_p)
@@ -457,13 +459,17 @@ def _reference_mosei() -> Config:
 
 
 def _paper() -> Config:
-    """The method as the paper states it: bert-base, pretrained upper layers, per-sample similarity, unit
-    weights, masked cross-modal transformer blocks with Add&Norm + FFN, a query per modality."""
+    """The method as the paper states it: bert-base, pretrained upper layers, per-sample (dis)similarity weighting,
+    unit weights, masked cross-modal transformer blocks with Add&Norm + FFN, a query per modality.
+
+    One departure from the literal text: the per-sample weight of L_ccl is the dissimilarity (1 - cos) / 2, the
+    direction the reference code uses, not cos itself; cos * CLIP is minimised by anti-aligning T_s and T_p
+    (`model.sim_mode=per_sample_cosine` keeps the literal form)."""
     return Config(
         model=ModelConfig(
             text_layers=11, multimodal_layers=1, multimodal_init="pretrained", align_layer=11,
             personality_dropout=False, clip_logit_scale=CLIP_LOGIT_SCALE, clip_learn_scale=False,
-            clip_norm="symmetric", sim_mode="per_sample_cosine", ps_separate_projection=False,
+            clip_norm="symmetric", sim_mode="per_sample_dissimilarity", ps_separate_projection=False,
             personality_tokens=False, prefusion_input="cls", cross_key_padding_mask=True,
             cross_pad_to=None, cross_block="transformer", separate_queries=True,
         ),

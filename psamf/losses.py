@@ -10,8 +10,14 @@ clm  cross-modal contrastive loss: CLIP(CLS_s, a_tok) + CLIP(CLS_s, v_tok)
 "sim" (model.sim_mode):
   batch_dissimilarity  reference code: d = (1 - mean_batch cos(T_s, T_p)) / 2, one scalar per batch;
                        ccl = d * CLIP, ps = (1 - d) * mean L1  (psamf-reference.md §4.4)
-  per_sample_cosine    the paper's text: sim_i = cos(T_s^i, T_p^i); ccl = mean_i sim_i * CLIP_i,
-                       ps = mean_i (1 - sim_i) * |W_y T_s^i - y_i|
+  per_sample_dissimilarity   (paper preset) the paper's per-sample weighting in the code's direction:
+                       d_i = (1 - cos(T_s^i, T_p^i)) / 2 in [0, 1]; ccl = mean_i d_i * CLIP_i,
+                       ps = mean_i (1 - d_i) * |W_y T_s^i - y_i|
+  per_sample_cosine    the paper's text read literally: sim_i = cos(T_s^i, T_p^i); ccl = mean_i sim_i * CLIP_i,
+                       ps = mean_i (1 - sim_i) * |W_y T_s^i - y_i|. Degenerate: sim_i * CLIP_i is lowest when
+                       cos -> -1 and CLIP is large, so training anti-aligns T_s and T_p and *raises* the
+                       contrastive loss (on an H200 the paper preset reached val ccl = -3.16 within 4 epochs;
+                       tests/test_losses.py shows it in 200 steps). Kept for ablations, not as a default.
 Without a personality encoder (ablation) there is no ccl and ps is the plain L1 constraint.
 The loss functions hold no parameters: every projection lives in the model, so DDP sees it.
 """
@@ -48,9 +54,10 @@ def compute_losses(out: PSAMFOutput, label: Tensor, loss_cfg: LossConfig, model_
             terms["ccl"] = d * clip_loss(out.ccl_pair)
             ps_weight = 1.0 - d
         else:
-            sim = out.align_cos  # (B,)
-            terms["ccl"] = (sim * clip_loss(out.ccl_pair, reduction="none")).mean()
-            ps_weight = 1.0 - sim
+            cos = out.align_cos  # (B,)
+            w = (1.0 - cos) / 2.0 if model_cfg.sim_mode == "per_sample_dissimilarity" else cos  # (B,)
+            terms["ccl"] = (w * clip_loss(out.ccl_pair, reduction="none")).mean()
+            ps_weight = 1.0 - w
     if out.ps_pred is not None:
         terms["ps"] = (ps_weight * (out.ps_pred - y).abs()).mean()
     if out.clm_pairs:

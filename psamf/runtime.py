@@ -1,7 +1,7 @@
 """Starting or joining Ray, the same way for every psamf entry point (prepare, train, evaluate, demo).
 
-With no `RAY_ADDRESS`: an embedded local Ray with `max(4, workers + 2)` logical CPUs (deliberately
-oversubscribed, ray-notes §3.3/§10.1: Ray Data read tasks need CPUs the training workers do not hold)
+With no `RAY_ADDRESS`: an embedded local Ray with `max(4, workers + 2, os.cpu_count())` logical CPUs (on a
+small machine deliberately oversubscribed, ray-notes §3.3/§10.1: Ray Data read tasks need CPUs the training workers do not hold)
 and token auth pinned off for this private, loopback-only instance unless `RAY_AUTH_MODE` is set
 (Ray >= 2.59 would otherwise turn it on and write ~/.ray/auth_token). With `RAY_ADDRESS` (always set
 inside `ray job submit`): join that cluster.
@@ -43,7 +43,7 @@ def init_ray(num_workers: int = 2) -> None:
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        n = max(4, num_workers + 2)
+        n = max(4, num_workers + 2, os.cpu_count() or 1)
         log.info("starting an embedded local Ray (%d logical CPUs)", n)
         ray.init(address="local", num_cpus=n, include_dashboard=False,
                  object_store_memory=min(2 * 1024**3, max(200 * 1024**2, _mem_bytes() // 10)))

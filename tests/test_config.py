@@ -18,7 +18,7 @@ def test_presets_differ_where_the_reference_and_paper_differ():
     ref, paper = Config.from_preset("reference"), Config.from_preset("paper")
     assert (ref.model.text_layers, ref.model.multimodal_layers, ref.model.align_layer) == (11, 1, 10)
     assert ref.model.multimodal_init == "random" and paper.model.multimodal_init == "pretrained"
-    assert ref.model.sim_mode == "batch_dissimilarity" and paper.model.sim_mode == "per_sample_cosine"
+    assert ref.model.sim_mode == "batch_dissimilarity" and paper.model.sim_mode == "per_sample_dissimilarity"
     assert ref.model.clip_logit_scale == pytest.approx(2.6593, abs=1e-4)
     assert (ref.loss.w_l1, ref.loss.w_ccl, ref.loss.w_ps, ref.loss.w_clm) == (1.0, 1.0, 0.1, 0.09)
     assert (paper.loss.w_ps, paper.loss.w_clm) == (1.0, 1.0)

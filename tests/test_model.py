@@ -132,7 +132,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(variant):
         "tiny": [],
         "tiny-reference-switches": ["model.cross_key_padding_mask=false", "model.cross_pad_to=20",
                                     "model.personality_dropout=true"],
-        "tiny-paper-switches": ["model.multimodal_init=pretrained", "model.sim_mode=per_sample_cosine",
+        "tiny-paper-switches": ["model.multimodal_init=pretrained", "model.sim_mode=per_sample_dissimilarity",
                                 "model.clip_norm=symmetric", "model.clip_learn_scale=true",
                                 "model.ps_separate_projection=false", "model.personality_tokens=false",
                                 "model.prefusion_input=cls", "model.cross_block=transformer",

@@ -72,7 +72,7 @@ def test_every_trainable_parameter_gets_a_gradient(cfg):
     from psamf.config import ABLATIONS, ablate
 
     paper_like = tiny_cfg(cross_block="transformer", separate_queries=True, prefusion_input="cls",
-                          personality_tokens=False, sim_mode="per_sample_cosine")
+                          personality_tokens=False, sim_mode="per_sample_dissimilarity")
     for c in (cfg, paper_like, *(ablate(cfg, name) for name in ABLATIONS)):
         model = _model(c)
         opt = T.build_optimizer(model, c.optim)
@@ -465,3 +465,31 @@ def test_ranks_restoring_the_same_s3_checkpoint_at_once_all_read_it_whole(tmp_pa
         results = pool.starmap(_open_checkpoint_repeatedly, [(ckpt, 4, False, rank) for rank in range(3)])
     assert [len(r) for r in results] == [4, 4, 4]
     assert all(s == expected for r in results for s in r)
+
+
+def test_cli_takes_overrides_before_and_after_options(capsys):
+    from psamf import cli
+
+    parser = cli.build_parser()
+
+    def parse(argv):
+        args, extra = parser.parse_known_args(argv)
+        return args, extra
+
+    # what main() does with the extras: they join the overrides; anything else is an error naming it
+    for argv in (["evaluate", "runs/r", "data.uri=x", "--out", "m.json"],
+                 ["evaluate", "runs/r", "--out", "m.json", "data.uri=x"]):
+        args, extra = parse(argv)
+        assert args.checkpoint == "runs/r" and list(args.overrides or []) + extra == ["data.uri=x"]
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "runs/r", "--out", "m.json", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "runs/r", "--out", "m.json", "notakeyvalue"])
+    assert "unrecognized arguments: notakeyvalue" in capsys.readouterr().err
+    # and the config command resolves overrides given after its options
+    assert cli.main(["config", "--preset", "tiny", "optim.epochs=7"]) == 0
+    assert "epochs: 7" in capsys.readouterr().out
+    assert cli.main(["config", "optim.epochs=5", "--preset", "tiny", "optim.batch_size=9"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 5" in out and "batch_size: 9" in out
