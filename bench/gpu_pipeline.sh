@@ -10,6 +10,7 @@
 set -euo pipefail
 OUTDIR=${1:?usage: bench/gpu_pipeline.sh OUTDIR}
 PRESET=${PRESET:-paper}; SCALE=${SCALE:-1}; EPOCHS=${EPOCHS:-3}; BATCH=${BATCH:-32}; USE_GPU=${USE_GPU:-true}
+RESUME=${RESUME:-1}  # 0: skip the resume step
 PY=${PY:-python3}
 W=$(mktemp -d)
 mkdir -p "$OUTDIR"
@@ -31,8 +32,10 @@ common=(--preset "$PRESET" "data.uri=$W/shards" data.tokenizer=psamf:tiny data.p
         "optim.batch_size=$BATCH" optim.amp=auto)
 stamp "train $EPOCHS epochs"
 $PY -m psamf.cli train "${common[@]}" "optim.epochs=$EPOCHS"
-stamp "resume: same run name, $((EPOCHS + 1)) epochs"
-$PY -m psamf.cli train "${common[@]}" "optim.epochs=$((EPOCHS + 1))"
+if [ "$RESUME" = 1 ]; then
+  stamp "resume: same run name, $((EPOCHS + 1)) epochs"
+  $PY -m psamf.cli train "${common[@]}" "optim.epochs=$((EPOCHS + 1))"
+fi
 cp "$W/runs/gpu/metrics.json" "$W/runs/gpu/history.json" "$OUTDIR/"
 stamp "evaluate the selected checkpoint: in-process, then one Ray Train worker"
 $PY -m psamf.cli evaluate "$W/runs/gpu" --num-workers 0 --out "$OUTDIR/eval_inproc.json"

@@ -461,8 +461,10 @@ class PSAMF(nn.Module):
         else:
             fused = torch.cat([v_t, a_t, m_s], dim=-1)  # (B, 3A)
 
-        # 8. head
-        pred = self.fusion_prj(fused)  # (B,)
+        # 8. head, in float32 even under autocast: a bf16 prediction is quantised in steps of 2^-7 near |y| = 1,
+        # enough to move Acc-7 bins and the correlation of a model whose predictions are still close together
+        with torch.autocast(device_type=fused.device.type, enabled=False):
+            pred = self.fusion_prj(fused.float())  # (B,)
         return PSAMFOutput(prediction=pred, hidden_states=tuple(hidden), cls_personality=cls_p,
                            align_cos=align_cos, ccl_pair=ccl_pair, ps_pred=ps_pred, clm_pairs=clm_pairs,
                            fused=fused)

@@ -107,6 +107,21 @@ def test_train_step_bf16_autocast_on_cpu_runs(cfg):
     assert math.isfinite(stats["total"])
 
 
+def test_predictions_stay_float32_under_bf16_autocast(cfg):
+    """The regression head runs outside autocast: a bf16 prediction would be quantised (steps of 2^-7 near 1)."""
+    model = _model(cfg).eval()
+    batch = T.move_to_device(_batch(cfg), None)
+    from psamf.model import model_inputs
+
+    with torch.no_grad():
+        ref = model(**model_inputs(batch)).prediction
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**model_inputs(batch))
+    assert ref.dtype == out.prediction.dtype == torch.float32
+    assert out.fused.dtype == torch.bfloat16  # the rest of the model did run in bf16
+    assert torch.allclose(out.prediction, ref, atol=0.1)
+
+
 def test_non_finite_loss_raises_before_the_update(cfg):
     model = _model(cfg)
     opt = T.build_optimizer(model, cfg.optim)
