@@ -208,3 +208,39 @@ def test_bad_config_fails_before_any_worker_starts(ray_cluster, shards, tmp_path
     with pytest.raises(ConfigError, match=match):
         T.train(_cfg(local, str(tmp_path / "runs"), "bad", override))
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+@pytest.mark.parametrize("kind, scale", [("sims", 0.15), ("simsv2", 0.08)])
+def test_sims_and_simsv2_train_on_two_workers_with_sims_metrics(ray_cluster, tmp_path, monkeypatch, kind, scale):
+    """CH-SIMS / SIMS v2 end to end: synth (MMSA pickle) -> prepare with the precomputed personality [CLS] ->
+    2 DDP workers -> metrics on the SIMS bins (data-formats.md §8.2), every valid/test sample predicted once."""
+    import pyarrow.parquet as pq
+
+    from psamf.prepare import prepare
+    from psamf.synth import synthesize
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    paths = synthesize(kind, "mmsa", tmp_path / "synth", seed=0, scale=scale)
+    shards = str(tmp_path / "shards")
+    tiny = Config.from_preset("tiny")
+    man = prepare({"format": "mmsa", "input": str(paths["pickle"]), "dataset": kind}, shards,
+                  tokenizer="psamf:tiny", personality_tokenizer="psamf:tiny", max_text_len=32,
+                  personality_model=tiny.model)
+    assert man["personality_cls"]["dim"] == tiny.model.hidden_size
+    res = T.train(_cfg(shards, str(tmp_path / "runs"), kind, f"data.dataset={kind}", "optim.epochs=2"))
+    m = res.metrics
+    for split in ("valid", "test"):
+        assert {"acc2", "acc3", "acc5", "f1", "mae", "corr"} <= set(m[split]), m[split]
+        assert "acc2_has0" not in m[split] and "acc7" not in m[split]  # the MOSI/MOSEI contract does not apply
+        assert m[split]["n"] == man["counts"][split]
+        assert 0.0 <= m[split]["mae"] <= 2.0 and all(0.0 <= m[split][k] <= 1.0 for k in ("acc2", "acc3", "acc5"))
+    pred = pq.read_table(res.paths["predictions"]).to_pandas()
+    for split in ("valid", "test"):
+        part = pred[pred.split == split]
+        assert sorted(part.sample_id) == _split_ids(shards, split)
+        assert part.label.between(-1.0, 1.0).all()  # SIMS labels
+    # the reported test metrics are the SIMS metrics of the saved predictions
+    from psamf.metrics import sims_metrics
+
+    t = pred[pred.split == "test"]
+    assert m["test"]["acc3"] == pytest.approx(sims_metrics(t.prediction.to_numpy(), t.label.to_numpy())["acc3"])
