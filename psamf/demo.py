@@ -12,6 +12,7 @@ Every step is the public API a user would call (`psamf.synth.synthesize`, `psamf
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import time
 from pathlib import Path
@@ -66,7 +67,11 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.storage) / args.run_name
     if not args.resume and run_dir.exists() and "://" not in args.storage:
         shutil.rmtree(run_dir)  # the demo starts afresh; real runs resume by name
-    print(f"[3/4] train: tiny preset, {args.workers} DDP workers, {args.epochs} epochs, embedded local Ray",
+    from psamf.runtime import embedded, quiet
+
+    where = "embedded local Ray" if embedded() else f"the Ray cluster at {os.environ.get('RAY_ADDRESS')}"
+    print(f"[3/4] train: tiny preset, {args.workers} DDP workers, {args.epochs} epochs, {where}"
+          + (" (worker logs: /tmp/ray/session_latest/logs; PSAMF_RAY_LOGS=1 streams them)" if quiet() else ""),
           flush=True)
     result = train(cfg)
 

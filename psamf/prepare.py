@@ -343,7 +343,8 @@ def compute_personality_cls(index: np.ndarray, p_tokens: Mapping[str, np.ndarray
     step = math.ceil(n / n_blocks)
     ds = ray.data.from_arrow([tbl.slice(i, step) for i in range(0, n, step)])
     ds = ds.map_batches(_PersonalityCLS, fn_constructor_args=(model, use_gpu), batch_size=batch_size,
-                        batch_format="pyarrow", concurrency=1, num_gpus=1 if use_gpu else 0)
+                        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1),
+                        num_gpus=1 if use_gpu else 0)
     out: np.ndarray | None = None
     pos = {int(v): i for i, v in enumerate(index)}
     for b in ds.iter_batches(batch_format="numpy", batch_size=None):

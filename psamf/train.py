@@ -818,6 +818,51 @@ class _Progress:
             log.warning("could not write progress files to %s: %s", run_dir, e)
 
 
+class _HistoryPrinter:
+    """The driver's view of a run on a quiet embedded Ray (`runtime.quiet()`): worker logs are not streamed, so
+    a background thread polls the run's history.json (written by rank 0 after each epoch) and prints every new
+    epoch. Epochs already in the file when it starts (a resumed run) are not printed again."""
+
+    def __init__(self, fs: Any, run_dir: str, select: str, interval_s: float = 1.0, out: Any = None):
+        import threading
+
+        self.fs, self.path, self.select, self.interval_s = fs, f"{run_dir}/history.json", select, interval_s
+        self.name = run_dir.rstrip("/").rsplit("/", 1)[-1]
+        self.out = out if out is not None else sys.stdout
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="psamf-history-printer", daemon=True)
+        self.seen = len(self._read())
+
+    def _read(self) -> list[dict[str, Any]]:
+        from psamf.outputs import read_json
+
+        try:
+            hist = read_json(self.fs, self.path)
+        except Exception:  # noqa: BLE001 - not written yet, or being replaced: try again next poll
+            return []
+        return hist if isinstance(hist, list) else []
+
+    def poll(self) -> None:
+        hist = self._read()
+        for rec in hist[self.seen:]:
+            print(f"  [{self.name}] epoch {rec.get('epoch')} ({rec.get('time_train_s', math.nan):.1f} s train): "
+                  f"{_fmt_record(rec, self.select)}", file=self.out, flush=True)
+        self.seen = max(self.seen, len(hist))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+    def __enter__(self) -> "_HistoryPrinter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.poll()
+
+
 # =============================================================================================
 # 3. The driver
 # =============================================================================================
@@ -1184,7 +1229,10 @@ def fit_one(pf: Preflight, *, datasets: Mapping[str, Any] | None = None, max_ste
     t0 = time.perf_counter()
     trainer = build_trainer(pf, datasets=datasets, max_steps=max_steps, fault=fault)
     t1 = time.perf_counter()
-    result = trainer.fit()
+    printer = (_HistoryPrinter(st.fs, st.run_dir(cfg.run.name), cfg.optim.select_metric) if runtime.quiet()
+               else contextlib.nullcontext())
+    with printer:
+        result = trainer.fit()
     t2 = time.perf_counter()
     ret = result.return_value
     if result.error is not None:

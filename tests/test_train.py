@@ -508,3 +508,26 @@ def test_cli_takes_overrides_before_and_after_options(capsys):
     assert cli.main(["config", "optim.epochs=5", "--preset", "tiny", "optim.batch_size=9"]) == 0
     out = capsys.readouterr().out
     assert "epochs: 5" in out and "batch_size: 9" in out
+
+
+def test_history_printer_prints_each_new_epoch_once_and_skips_those_of_a_resumed_run(tmp_path):
+    import io
+    import time
+
+    import pyarrow.fs as pafs
+
+    from psamf.outputs import write_history
+
+    fs, run_dir = pafs.LocalFileSystem(), str(tmp_path / "myrun")
+    os.makedirs(run_dir)
+    rec = lambda e: {"epoch": e, "train_total": 1.0 / (e + 1), "val_loss": 0.5, "time_train_s": 2.0,  # noqa: E731
+                     "is_best": e == 1}
+    write_history(fs, run_dir, [rec(0)])  # a resumed run: epoch 0 is already there
+    out = io.StringIO()
+    with T._HistoryPrinter(fs, run_dir, "val_loss", interval_s=0.05, out=out):
+        write_history(fs, run_dir, [rec(0), rec(1)])
+        time.sleep(0.3)
+        write_history(fs, run_dir, [rec(0), rec(1), rec(2)])  # the last one is caught by the final poll at exit
+    lines = out.getvalue().splitlines()
+    assert [ln.split(" (")[0] for ln in lines] == ["  [myrun] epoch 1", "  [myrun] epoch 2"]
+    assert "val_loss=0.5" in lines[0] and lines[0].endswith("*best*") and not lines[1].endswith("*best*")
