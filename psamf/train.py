@@ -38,8 +38,8 @@ registration is asynchronous, and a worker dying just after `report` returned co
 snapshot one epoch behind the uploaded checkpoint (seen in testing: the restart retrained that epoch). An
 early-stopped or finished run re-run with the same config trains no further epoch and re-evaluates the selected
 checkpoint (same numbers); raise `optim.epochs` (or the patience) to continue it. Ray Train local mode
-(`run.num_workers=0`, in the driver process) keeps checkpoints in memory only: such a run trains and writes its
-outputs, but cannot resume.
+(`run.num_workers=0`, the loop in the driver process, no DDP) neither persists nor restores checkpoints;
+`_LocalModeCheckpoints` writes the same directories with the same retention, so such a run resumes too.
 
 Manifest vs config. `model.audio_dim` / `model.visual_dim` are data facts: they are taken from the shards'
 manifest (a differing config value is replaced, with a log line). The tokenizers named in `data.*tokenizer`
@@ -562,6 +562,58 @@ def _maybe_fault(spec: Mapping[str, Any] | None, rank: int, epoch: int) -> None:
     os._exit(1)
 
 
+class _LocalModeCheckpoints:
+    """Checkpoints for Ray Train local mode (`run.num_workers=0`), which neither persists nor restores them.
+
+    Same layout as Ray's: `<run dir>/checkpoint_epoch=NNN/` with the files of `save_checkpoint`, meta.json
+    copied last (a directory without it is an interrupted copy and is ignored). Keeps the latest and the best
+    `run.keep_checkpoints` by the selection metric, as Ray does, so re-running the run name resumes here too."""
+
+    def __init__(self, storage: Sequence[Any], name: str, keep: int, selector: Selector):
+        from psamf.outputs import storage_target
+
+        st = storage_target(storage[0], storage[1])
+        self.fs, self.run_dir, self.keep, self.selector = st.fs, st.run_dir(name), keep, selector
+
+    def complete(self) -> dict[int, str]:
+        import re
+
+        import pyarrow.fs as pafs
+
+        out = {}
+        for info in self.fs.get_file_info(pafs.FileSelector(self.run_dir, allow_not_found=True)):
+            m = re.fullmatch(r"checkpoint_epoch=(\d+)", info.base_name)
+            if m and info.type == pafs.FileType.Directory and \
+                    self.fs.get_file_info(f"{info.path}/meta.json").type == pafs.FileType.File:
+                out[int(m.group(1))] = info.path
+        return out
+
+    def latest(self) -> Any:
+        """The latest complete checkpoint as a `ray.train.Checkpoint`, or None."""
+        import ray.train
+
+        done = self.complete()
+        return ray.train.Checkpoint(done[max(done)], filesystem=self.fs) if done else None
+
+    def save(self, local_dir: str, epoch: int, history: Sequence[Mapping[str, Any]]) -> None:
+        import pyarrow.fs as pafs
+
+        dest = f"{self.run_dir}/{CHECKPOINT_DIR.format(epoch=epoch)}"
+        self.fs.create_dir(dest)
+        for name in sorted(os.listdir(local_dir), key=lambda n: n == "meta.json"):  # meta.json last
+            pafs.copy_files(os.path.join(local_dir, name), f"{dest}/{name}",
+                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        score = {int(r["epoch"]): r.get(self.selector.metric) for r in history}
+        done = self.complete()
+        ranked = sorted((e for e in done if isinstance(score.get(e), (int, float)) and math.isfinite(score[e])),
+                        key=lambda e: (score[e] if self.selector.mode == "min" else -score[e], -e))
+        for e in set(done) - set(ranked[:self.keep]) - {max(done)}:
+            self.fs.delete_dir(done[e])
+
+    def path(self, epoch: int | None) -> str | None:
+        return self.complete().get(epoch) if epoch is not None else None
+
+
 def _device() -> torch.device:
     import ray.train.torch
 
@@ -592,7 +644,9 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
     selector = Selector(cfg.optim.select_metric, cfg.optim.select_mode, cfg.optim.early_stop_patience)
     history: list[dict[str, Any]] = []
     start_epoch, session, resumed_from, restore = 0, 0, None, None
-    ckpt = ray.train.get_checkpoint()
+    local_ckpts = (_LocalModeCheckpoints(loop_config["storage"], cfg.run.name, cfg.run.keep_checkpoints, selector)
+                   if local_mode and loop_config.get("storage") else None)
+    ckpt = ray.train.get_checkpoint() or (local_ckpts.latest() if local_ckpts is not None else None)
     if ckpt is not None:
         with local_checkpoint(ckpt) as d:
             load_model_weights(d, raw)
@@ -624,7 +678,7 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
     split_eval = _split_eval_across_workers()
     keep = None if (split_eval or world == 1) else _partition(rank, world)
     progress = _Progress(loop_config.get("storage"), cfg.run.name) if rank == 0 else None
-    best_state = None  # local mode only: no persisted checkpoints to go back to
+    best_state = None  # local mode only: the best weights in memory (its checkpoints are written by _LocalModeCheckpoints)
 
     def run_eval(split: str) -> EvalOutput:
         out = gather_eval(evaluate(raw, _iter(eval_shards[split], cfg, cfg.optim.batch_size, epoch=0, train=False),
@@ -718,6 +772,8 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
                                 epoch=epoch, history=history, cfg=cfg, rng_states=rngs, session=session,
                                 metrics=rec)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                if local_ckpts is not None:
+                    local_ckpts.save(tmp, epoch, history)
             ray.train.report(_report_metrics(rec), checkpoint=checkpoint,
                              checkpoint_dir_name=CHECKPOINT_DIR.format(epoch=epoch))
         if not local_mode:
@@ -744,6 +800,11 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
     if local_mode:
         if best_state is not None:
             raw.load_state_dict(best_state)
+        elif local_ckpts is not None and local_ckpts.path(selector.best_epoch):  # best epoch of an earlier session
+            with local_checkpoint(ray.train.Checkpoint(local_ckpts.path(selector.best_epoch),
+                                                       filesystem=local_ckpts.fs)) as d:
+                load_model_weights(d, raw)
+        checkpoint_path = local_ckpts.path(selector.best_epoch) if local_ckpts is not None else None
     else:
         selected = [r for r in ray.train.get_all_reported_checkpoints()
                     if int(r.metrics.get("epoch", -1)) == selector.best_epoch]
@@ -1229,8 +1290,9 @@ def fit_one(pf: Preflight, *, datasets: Mapping[str, Any] | None = None, max_ste
     t0 = time.perf_counter()
     trainer = build_trainer(pf, datasets=datasets, max_steps=max_steps, fault=fault)
     t1 = time.perf_counter()
-    printer = (_HistoryPrinter(st.fs, st.run_dir(cfg.run.name), cfg.optim.select_metric) if runtime.quiet()
-               else contextlib.nullcontext())
+    # local mode runs the loop in this process, so its log lines already reach the console
+    printer = (_HistoryPrinter(st.fs, st.run_dir(cfg.run.name), cfg.optim.select_metric)
+               if runtime.quiet() and cfg.run.num_workers > 0 else contextlib.nullcontext())
     with printer:
         result = trainer.fit()
     t2 = time.perf_counter()

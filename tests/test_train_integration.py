@@ -244,3 +244,38 @@ def test_sims_and_simsv2_train_on_two_workers_with_sims_metrics(ray_cluster, tmp
 
     t = pred[pred.split == "test"]
     assert m["test"]["acc3"] == pytest.approx(sims_metrics(t.prediction.to_numpy(), t.label.to_numpy())["acc3"])
+
+
+def test_local_mode_checkpoints_and_resumes_like_ray_train(ray_cluster, shards, tmp_path, monkeypatch):
+    """run.num_workers=0 (Ray Train local mode: the loop runs in this process) writes the same checkpoint
+    directories, keeps the latest + best k, and a re-run of the name resumes. Re-running a finished run trains
+    nothing and re-evaluates the selected checkpoint read back from disk: the same test metrics exactly."""
+    from psamf.evaluate import evaluate_checkpoint
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    local, _ = shards
+    storage = tmp_path / "runs"
+    base = ["run.num_workers=0", "run.keep_checkpoints=1"]
+    run = storage / "loc"
+
+    def kept() -> list[str]:
+        return sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint_"))
+
+    first = T.train(_cfg(local, str(storage), "loc", *base, "optim.epochs=2"))
+    sel = first.metrics["selection"]["selected_epoch"]
+    assert _epochs(first.history) == [0, 1] and first.metrics["sessions"] == 1
+    assert kept() == sorted({f"checkpoint_epoch={sel:03d}", "checkpoint_epoch=001"})  # best 1 + latest
+    assert first.metrics["checkpoint"] == str(run / f"checkpoint_epoch={sel:03d}")
+
+    second = T.train(_cfg(local, str(storage), "loc", *base, "optim.epochs=3"))
+    sel2 = second.metrics["selection"]["selected_epoch"]
+    assert _epochs(second.history) == [0, 1, 2] and second.metrics["sessions"] == 2
+    assert [r["session"] for r in second.history] == [0, 0, 1] and second.history[2]["resumed_from"] == 1
+    assert kept() == sorted({f"checkpoint_epoch={sel2:03d}", "checkpoint_epoch=002"})
+
+    third = T.train(_cfg(local, str(storage), "loc", *base, "optim.epochs=3"))  # finished: nothing to train
+    assert _epochs(third.history) == [0, 1, 2] and third.metrics["selection"]["selected_epoch"] == sel2
+    for split in ("valid", "test"):
+        assert third.metrics[split]["mae"] == pytest.approx(second.metrics[split]["mae"], abs=1e-6)
+    again = evaluate_checkpoint(str(run), num_workers=0)
+    assert again["test"].metrics["mae"] == pytest.approx(second.metrics["test"]["mae"], abs=1e-5)
