@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from psamf import evaluate  # noqa: E402
+from psamf.cli import parse_args  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return evaluate.run(build_parser().parse_args(argv))
+    return evaluate.run(parse_args(build_parser(), argv))
 
 
 if __name__ == "__main__":

@@ -35,16 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """`parser.parse_args`, except that `section.key=value` overrides may also come after options
+    (`psamf evaluate RUN --out m.json data.uri=...`): argparse fills a positional list only once, before the
+    first option, when the other positionals are already taken. Anything else left over is an error."""
     args, extra = parser.parse_known_args(argv)
-    # `section.key=value` overrides may also come after options (`psamf evaluate RUN --out m.json data.uri=...`):
-    # argparse only collects a positional list before the first option once the other positionals are taken.
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = list(args.overrides or []) + extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_args(parser, argv)
     if getattr(args, "_missing", False):
         parser.error(f"subcommand {args.command!r} is not available in this build")
     return int(importlib.import_module(args._module).run(args) or 0)

@@ -486,16 +486,23 @@ def test_cli_takes_overrides_before_and_after_options(capsys):
     from psamf import cli
 
     parser = cli.build_parser()
-
-    def parse(argv):
-        args, extra = parser.parse_known_args(argv)
-        return args, extra
-
-    # what main() does with the extras: they join the overrides; anything else is an error naming it
     for argv in (["evaluate", "runs/r", "data.uri=x", "--out", "m.json"],
                  ["evaluate", "runs/r", "--out", "m.json", "data.uri=x"]):
-        args, extra = parse(argv)
-        assert args.checkpoint == "runs/r" and list(args.overrides or []) + extra == ["data.uri=x"]
+        args = cli.parse_args(parser, argv)
+        assert args.checkpoint == "runs/r" and args.out == "m.json" and args.overrides == ["data.uri=x"]
+    # the `ray job submit` entry points parse the same way
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("jobs_train", os.path.join(os.path.dirname(__file__), "..",
+                                                                             "jobs", "train.py"))
+    jobs_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jobs_train)
+    args = cli.parse_args(jobs_train.build_parser(),
+                          ["--preset", "tiny", "optim.epochs=3", "--run-name", "r", "optim.batch_size=8"])
+    assert args.overrides == ["optim.epochs=3", "optim.batch_size=8"] and args.run_name == "r"
+    with pytest.raises(SystemExit):  # plain argparse refuses the second group of overrides
+        jobs_train.build_parser().parse_args(["--preset", "tiny", "optim.epochs=3", "--run-name", "r",
+                                              "optim.batch_size=8"])
     with pytest.raises(SystemExit):
         cli.main(["evaluate", "runs/r", "--out", "m.json", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
