@@ -67,14 +67,8 @@ def bench_fn_per_worker(config: dict) -> list[dict] | None:
     n = timed = 0
     first_batch_s = None
     t_start = time.perf_counter()
-    it = iter(T._iter(shard, cfg, cfg.optim.batch_size, epoch=0, train=True))
     step = 0
-    while True:
-        t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
+    for batch, waited in T.timed_batches(T._iter(shard, cfg, cfg.optim.batch_size, epoch=0, train=True)):
         t1 = time.perf_counter()
         if first_batch_s is None:
             first_batch_s = t1 - t_start  # the epoch's pipeline start-up, paid once per epoch
@@ -83,7 +77,7 @@ def bench_fn_per_worker(config: dict) -> list[dict] | None:
         T.train_step(model, batch, opt, cfg, device=device, amp_dtype=amp_dtype)
         t2 = time.perf_counter()
         if step >= config["warmup"]:
-            wait += t1 - t0
+            wait += waited
             comp += t2 - t1
             n += int(batch["label"].shape[0])
             timed += 1

@@ -527,6 +527,18 @@ def _iter(shard: Any, cfg: Config, batch_size: int, *, epoch: int, train: bool) 
     return data.iter_batches(shard, cfg.data, batch_size, epoch=epoch, train=train)
 
 
+def timed_batches(batches: Iterable[Any]) -> Iterator[tuple[Any, float]]:
+    """Yield (batch, seconds spent waiting for it): the data-wait measure of the training loop and the benchmarks."""
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - t0
+
+
 def _split_eval_across_workers() -> bool:
     """Whether psamf.data splits valid/test across workers (else every rank sees the whole split)."""
     from psamf import data
@@ -702,20 +714,14 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
         sums: dict[str, float] = {}
         n_samples = steps = 0
         grad_norms = []
-        it = iter(_iter(train_shard, cfg, cfg.optim.batch_size, epoch=epoch, train=True))
-        while True:
-            t0 = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                break
+        for batch, waited in timed_batches(_iter(train_shard, cfg, cfg.optim.batch_size, epoch=epoch, train=True)):
             t1 = time.perf_counter()
             try:
                 stats = train_step(model, batch, optimizer, cfg, device=device, amp_dtype=amp_dtype)
             except FloatingPointError as e:
                 raise FloatingPointError(f"epoch {epoch}, step {steps}, rank {rank}: {e}") from None
             compute += time.perf_counter() - t1
-            wait += t1 - t0
+            wait += waited
             B = stats.pop("batch_size")
             grad_norms.append(stats.pop("grad_norm"))
             for k, v in stats.items():
@@ -798,13 +804,12 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
     # ---- the selected checkpoint: evaluate valid and test once ----
     checkpoint_path = None
     if local_mode:
+        checkpoint_path = local_ckpts.path(selector.best_epoch) if local_ckpts is not None else None
         if best_state is not None:
             raw.load_state_dict(best_state)
-        elif local_ckpts is not None and local_ckpts.path(selector.best_epoch):  # best epoch of an earlier session
-            with local_checkpoint(ray.train.Checkpoint(local_ckpts.path(selector.best_epoch),
-                                                       filesystem=local_ckpts.fs)) as d:
+        elif checkpoint_path:  # the best epoch is from an earlier session
+            with local_checkpoint(ray.train.Checkpoint(checkpoint_path, filesystem=local_ckpts.fs)) as d:
                 load_model_weights(d, raw)
-        checkpoint_path = local_ckpts.path(selector.best_epoch) if local_ckpts is not None else None
     else:
         selected = [r for r in ray.train.get_all_reported_checkpoints()
                     if int(r.metrics.get("epoch", -1)) == selector.best_epoch]
