@@ -344,24 +344,46 @@ class Config:
 
     def override(self, items: list[str] | tuple[str, ...]) -> "Config":
         """Apply `section.key=value` overrides (values parsed as YAML scalars). Returns a new config."""
-        d = self.to_dict()
+        values: dict[str, Any] = {}
         for item in items:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like section.key=value")
             key, raw = item.split("=", 1)
-            parts = key.strip().split(".")
+            try:
+                values[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+            except yaml.YAMLError:
+                values[key.strip()] = raw
+        return self.replace(values, source="override")
+
+    def replace(self, values: Mapping[str, Any], *, source: str = "replace") -> "Config":
+        """A new config with `values` applied, validated like a YAML file.
+
+        Keys are dotted (`{"optim.lr_main": 1e-4}`) or nested (`{"optim": {"lr_main": 1e-4}}`); both forms may
+        be mixed. Unknown sections or fields, wrong types and impossible combinations raise ConfigError naming
+        the key and `source`. The preset is not re-applied on top of the values."""
+        d = self.to_dict()
+        for key, value in _flatten(values).items():
+            parts = key.split(".")
             if len(parts) != 2 or parts[0] not in _SECTIONS:
-                raise ConfigError(f"override key {key!r} must be <section>.<field> with section in "
+                raise ConfigError(f"{source}: key {key!r} must be <section>.<field> with section in "
                                   f"{list(_SECTIONS)}")
             sec, fld = parts
             if fld not in d[sec]:
-                raise ConfigError(f"override: unknown key '{sec}.{fld}'; allowed: {sorted(d[sec])}")
-            try:
-                d[sec][fld] = yaml.safe_load(raw) if raw != "" else None
-            except yaml.YAMLError:
-                d[sec][fld] = raw
-        # rebuild from the explicit values (not re-applying the preset on top of them)
-        return _from_sections(self.preset, d, "override")
+                raise ConfigError(f"{source}: unknown key '{sec}.{fld}'; allowed: {sorted(d[sec])}")
+            d[sec][fld] = value
+        return _from_sections(self.preset, d, source)
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}, "run.name": "x"} -> {"optim.lr": 1, "run.name": "x"} (one level of sections)."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if not prefix and k in _SECTIONS and isinstance(v, Mapping):
+            out.update(_flatten(v, f"{k}."))
+        else:
+            out[key] = v
+    return out
 
 
 def _from_sections(preset: str, d: Mapping[str, Any], source: str) -> Config:

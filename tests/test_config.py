@@ -100,3 +100,16 @@ def test_yaml_boolean_words_map_onto_literal_choices(tmp_path):
     assert Config.from_preset("tiny").override(["optim.amp=off"]).optim.amp == "off"
     with pytest.raises(ConfigError, match="optim.amp"):
         Config.from_preset("tiny").override(["optim.amp=on"])
+
+
+def test_replace_takes_dotted_and_nested_keys_and_validates_like_yaml():
+    cfg = Config.from_preset("tiny")
+    new = cfg.replace({"optim.lr_main": 2e-4, "model": {"head_dropout": 0.25}, "run": {"name": "x"}})
+    assert (new.optim.lr_main, new.model.head_dropout, new.run.name) == (2e-4, 0.25, "x")
+    assert cfg.optim.lr_main != 2e-4  # a copy
+    with pytest.raises(ConfigError, match="optim.nope"):
+        cfg.replace({"optim.nope": 1}, source="search.yaml")
+    with pytest.raises(ConfigError, match="search.yaml"):
+        cfg.replace({"optim": {"lr_main": "fast"}}, source="search.yaml")
+    with pytest.raises(ConfigError, match="<section>.<field>"):
+        cfg.replace({"lr_main": 1.0})
