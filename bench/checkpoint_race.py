@@ -1,9 +1,9 @@
-"""Reproduce the checkpoint-restore race that failed CI, and show `psamf.train.local_checkpoint` avoids it.
+"""Reproduce the checkpoint-restore race that failed CI, and show `psamf.checkpoint.open_checkpoint` avoids it.
 
 Several processes (like DDP ranks on one node) open the same 160 MB checkpoint in S3 (a moto server on
 127.0.0.1) at once, each several times, and read its tensor file. With Ray's `Checkpoint.as_directory()` they share
 one download directory, and a process that arrives after a download finished downloads into it again while
-another reads ("PytorchStreamReader failed reading file"). `local_checkpoint` gives each opening its own directory.
+another reads ("PytorchStreamReader failed reading file"). `open_checkpoint` gives each opening its own directory.
 A script, not a test: the race is timing-dependent.
 
     .venv/bin/python bench/checkpoint_race.py --trials 3
@@ -51,7 +51,7 @@ def main() -> int:
                 except Exception as e:  # noqa: BLE001 - the failure being counted
                     failed += 1
                     print(f"  {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}")
-            name = "Ray Checkpoint.as_directory()" if use_ray else "psamf.train.local_checkpoint"
+            name = "Ray Checkpoint.as_directory()" if use_ray else "psamf.checkpoint.open_checkpoint"
             print(f"{name}: {failed} of {args.trials} trials failed ({args.procs} processes x {args.openings} "
                   "openings of a 160 MB checkpoint)", flush=True)
     finally:

@@ -8,8 +8,8 @@ threads set to match) inside an embedded local Ray with 4 logical CPUs, as the t
     OMP_NUM_THREADS=1 .venv/bin/python bench/train.py                       # tiny + paper, 1 and 2 workers
     OMP_NUM_THREADS=1 .venv/bin/python bench/train.py --presets tiny --workers 1,2 --steps 30
 
-Each worker runs the real `psamf.train.train_step` on batches from the real pipeline (`psamf.data.iter_batches`
-over its `get_dataset_shard("train")`, splits loaded as in `psamf.train.load_datasets`); the first `--warmup`
+Each worker runs the real `psamf.engine.train_step` on batches from the real pipeline (`psamf.data.iter_batches`
+over its `get_dataset_shard("train")`, splits loaded as in `psamf.data.load_datasets`); the first `--warmup`
 steps are not timed. "data wait" is the time a worker spends in `next(batches)`, over the time of the timed steps.
 
 GPU, one process, no Ray: samples/s and peak GPU memory of `train_step` with bf16 autocast on synthetic batches of
@@ -56,11 +56,11 @@ def bench_fn_per_worker(config: dict) -> list[dict] | None:
     cfg = Config.from_dict(config["config"], source="bench")
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    device = T._device()
-    amp_dtype = T.resolve_amp(cfg.optim.amp, device)
-    T.seed_everything(cfg.optim.seed)
-    model = ray.train.torch.prepare_model(T.build_model(cfg.model))
-    opt = T.build_optimizer(model, cfg.optim)
+    device = worker_device()
+    amp_dtype = engine.resolve_amp(cfg.optim.amp, device)
+    engine.seed_everything(cfg.optim.seed)
+    model = ray.train.torch.prepare_model(build_model(cfg.model))
+    opt = engine.build_optimizer(model, cfg.optim)
     shard = ray.train.get_dataset_shard("train")
     need = config["warmup"] + config["steps"]
     wait = comp = 0.0
@@ -68,13 +68,13 @@ def bench_fn_per_worker(config: dict) -> list[dict] | None:
     first_batch_s = None
     t_start = time.perf_counter()
     step = 0
-    for batch, waited in T.timed_batches(T._iter(shard, cfg, cfg.optim.batch_size, epoch=0, train=True)):
+    for batch, waited in engine.timed_batches(data.iter_batches(shard, cfg.data, cfg.optim.batch_size, epoch=0, train=True)):
         t1 = time.perf_counter()
         if first_batch_s is None:
             first_batch_s = t1 - t_start  # the epoch's pipeline start-up, paid once per epoch
         if step >= need:  # drain: every rank must finish the split's epoch
             continue
-        T.train_step(model, batch, opt, cfg, device=device, amp_dtype=amp_dtype)
+        engine.train_step(model, batch, opt, cfg, device=device, amp_dtype=amp_dtype)
         t2 = time.perf_counter()
         if step >= config["warmup"]:
             wait += waited
@@ -82,7 +82,7 @@ def bench_fn_per_worker(config: dict) -> list[dict] | None:
             n += int(batch["label"].shape[0])
             timed += 1
         step += 1
-    stats = T.all_gather({"rank": rank, "steps": timed, "samples": n, "wait_s": wait, "compute_s": comp,
+    stats = engine.all_gather({"rank": rank, "steps": timed, "samples": n, "wait_s": wait, "compute_s": comp,
                           "first_batch_s": first_batch_s})
     return stats if rank == 0 else None
 
@@ -116,14 +116,14 @@ def run_ray(preset: str, workers: int, batch_size: int, steps: int, warmup: int,
     from ray.train.torch import TorchTrainer
 
     cfg = bench_config(preset, shards, workers, batch_size, storage, stream)
-    pf = T.preflight(cfg, manifest=manifest)
+    pf = preflight(cfg, manifest=manifest)
     cfg = pf.cfg
-    datasets = T.load_datasets(cfg.data, manifest, ("train",))
+    datasets = data.load_datasets(cfg.data, manifest, ("train",))
     trainer = TorchTrainer(
         bench_fn_per_worker,
         train_loop_config={"config": cfg.to_dict(), "steps": steps, "warmup": warmup,
                            "threads": threads or cfg.run.cpus_per_worker},
-        datasets=datasets, dataset_config=T._ray_data_config(),
+        datasets=datasets, dataset_config=data.split_config(),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False,
                                                resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=cfg.run.name, storage_path=pf.storage.storage_path),
@@ -178,10 +178,10 @@ def synthetic_batch(cfg: Config, B: int, seed: int) -> dict:
 def run_inproc(preset: str, device: str, amp: str, batch_size: int, steps: int, warmup: int) -> dict:
     dev = torch.device(device)
     cfg = Config.from_preset(preset).override([f"optim.batch_size={batch_size}", f"optim.amp='{amp}'"])
-    T.seed_everything(0)
-    model = T.build_model(cfg.model).to(dev)
-    opt = T.build_optimizer(model, cfg.optim)
-    amp_dtype = T.resolve_amp(cfg.optim.amp, dev)
+    engine.seed_everything(0)
+    model = build_model(cfg.model).to(dev)
+    opt = engine.build_optimizer(model, cfg.optim)
+    amp_dtype = engine.resolve_amp(cfg.optim.amp, dev)
     batches = [synthetic_batch(cfg, batch_size, s) for s in range(4)]
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -189,7 +189,7 @@ def run_inproc(preset: str, device: str, amp: str, batch_size: int, steps: int, 
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        T.train_step(model, batches[i % len(batches)], opt, cfg, device=dev, amp_dtype=amp_dtype)
+        engine.train_step(model, batches[i % len(batches)], opt, cfg, device=dev, amp_dtype=amp_dtype)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        T.init_ray(2)
+        runtime.init_ray(2)
         import ray
 
         ray.data.DataContext.get_current().enable_progress_bars = False

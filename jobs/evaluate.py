@@ -9,24 +9,16 @@ validation-selected checkpoint), `--splits valid,test`, `--num-workers N` (0 = i
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from psamf import evaluate  # noqa: E402
-from psamf.cli import parse_args  # noqa: E402
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jobs/evaluate.py", description=__doc__.splitlines()[0])
-    evaluate.add_arguments(p)
-    return p
+from psamf.cli import run_command  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    return evaluate.run(parse_args(build_parser(), argv))
+    return run_command("evaluate", argv, prog="jobs/evaluate.py")
 
 
 if __name__ == "__main__":

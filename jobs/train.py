@@ -12,26 +12,17 @@ Exit status: 0 done, 2 bad configuration (nothing started), 1 training failed.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 # the submitted working_dir (repository root) wins over any psamf installed in the image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from psamf import train  # noqa: E402
-from psamf.cli import parse_args  # noqa: E402
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jobs/train.py", description=__doc__.splitlines()[0])
-    train.add_arguments(p)
-    return p
+from psamf.cli import run_command  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(build_parser(), argv)
-    return train.run(args)
+    return run_command("train", argv, prog="jobs/train.py")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""The `psamf` command line. Each subcommand lives in its own module, imported only when used.
+"""psamf: train and tune PSA-MF multimodal sentiment models on Ray (laptop or cluster).
 
-A subcommand module provides `add_arguments(parser)` and `run(args) -> int`.
+Each subcommand lives in `psamf.commands.<name>` with `add_arguments(parser)` and `run(args) -> int`; only the
+chosen subcommand's module is imported (so `psamf config` does not pay for importing Ray and torch), and
+`psamf --help` lists the subcommands from the table below without importing any of them.
 """
 
 from __future__ import annotations
@@ -9,29 +11,36 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("psamf.demo", "run the whole pipeline on the embedded local Ray with synthetic data and the tiny model"),
-    "config": ("psamf.config_cli", "print a preset (or a config file with overrides) as resolved YAML"),
-    "synth": ("psamf.synth", "write a seeded synthetic MOSI/MOSEI/SIMS-shaped data set (MMSA, MulT + label CSV, or custom manifest)"),
-    "prepare": ("psamf.prepare", "turn MMSA / MulT / custom corpora into Parquet shards plus manifest.json"),
-    "train": ("psamf.train", "train PSA-MF with Ray Train (embedded local Ray, or the cluster in RAY_ADDRESS)"),
-    "evaluate": ("psamf.evaluate", "evaluate a run's selected checkpoint (or any checkpoint) on valid/test"),
+# name -> one-line help; the module is psamf.commands.<name>
+COMMANDS: dict[str, str] = {
+    "demo": "run the whole pipeline on the embedded local Ray with synthetic data and the tiny model",
+    "config": "print a preset (or a config file with overrides) as resolved YAML",
+    "synth": "write a seeded synthetic MOSI/MOSEI/SIMS-shaped data set (MMSA, MulT + label CSV, or custom manifest)",
+    "prepare": "turn MMSA / MulT / custom corpora into Parquet shards plus manifest.json",
+    "train": "train PSA-MF with Ray Train (embedded local Ray, or the cluster in RAY_ADDRESS)",
+    "evaluate": "evaluate a run's selected checkpoint (or any checkpoint) on valid/test",
 }
 
+DESCRIPTION = ("Train and tune PSA-MF (Personality-Sentiment Aligned Multi-Level Fusion) multimodal sentiment "
+               "models on Ray: an embedded local Ray on a laptop, any Ray cluster through RAY_ADDRESS or "
+               "`ray job submit`. Start with `psamf demo`.")
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="psamf", description=__doc__.splitlines()[0])
+
+def command_module(name: str):
+    return importlib.import_module(f"psamf.commands.{name}")
+
+
+def build_parser(command: str | None = None, prog: str = "psamf") -> argparse.ArgumentParser:
+    """The parser; with `command`, only that subcommand's arguments are built (and its module imported)."""
+    from psamf import __version__
+
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"psamf {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, help_) in COMMANDS.items():
+    for name, help_ in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(_module=module)
-        try:
-            importlib.import_module(module).add_arguments(p)
-        except ModuleNotFoundError as e:  # a subcommand whose module is not built yet
-            if e.name != module:
-                raise
-            p.set_defaults(_missing=True)
+        if name == command:
+            command_module(name).add_arguments(p)
     return parser
 
 
@@ -48,12 +57,25 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     return args
 
 
+def command_parser(name: str, *, prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of one subcommand on its own (what `jobs/<name>.py` accepts)."""
+    parser = argparse.ArgumentParser(prog=prog or f"psamf {name}", description=COMMANDS.get(name))
+    command_module(name).add_arguments(parser)
+    return parser
+
+
+def run_command(name: str, argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    """Parse `argv` as the arguments of one subcommand and run it (the `jobs/*.py` entry points call this)."""
+    args = parse_args(command_parser(name, prog=prog), argv)
+    return int(command_module(name).run(args) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parse_args(parser, argv)
-    if getattr(args, "_missing", False):
-        parser.error(f"subcommand {args.command!r} is not available in this build")
-    return int(importlib.import_module(args._module).run(args) or 0)
+    return int(command_module(args.command).run(args) or 0)
 
 
 if __name__ == "__main__":

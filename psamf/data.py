@@ -65,6 +65,7 @@ train it depends on which blocks reach a rank first (content per window is seede
 from __future__ import annotations
 
 import functools
+import logging
 import json
 import math
 import os
@@ -439,3 +440,61 @@ def padding_stats(batch: Mapping[str, Any]) -> dict[str, int]:
         out[f"{key}_real"] = real
         out[f"{key}_padded"] = total - real
     return out
+
+
+# MERGE: moved from psamf/train.py; the storage branch has the final version
+DRIVER_LOAD_FRACTION = 0.2  # of the object store: splits up to this size are read by the driver (load_datasets)
+
+
+def load_datasets(data_cfg: Any, manifest: Mapping[str, Any],
+                  splits: Sequence[str] = ("train", "valid", "test")) -> dict[str, Any]:
+    """The Ray datasets of a run: `psamf.data.build_datasets`, with a fast path for small splits.
+
+    With `data.materialize` (read each split into the object store once), a split is materialised by
+    `build_datasets` with one round of Ray Data read tasks, which costs seconds per split even for a few MiB
+    (about 10 s per split on the loaded 2-core test machine: docs/benchmarks.md, "Training throughput"). Splits
+    that together fit in DRIVER_LOAD_FRACTION of the object store are instead read here, in the driver, with
+    pyarrow (same shard list, same pruned columns) and handed over with `ray.data.from_arrow`: the same
+    materialised blocks, no tasks. Train keeps the per-pass randomised block order `build_datasets` gives a
+    materialised train split; evaluation splits keep shard order. Larger splits (or `data.materialize=false`)
+    go through `build_datasets` unchanged."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from psamf.outputs import storage_target
+
+    def size(names: Sequence[str]) -> int:
+        return sum(int(s.get("arrow_bytes", s.get("bytes", 0))) for s in manifest.get("shards", [])
+                   if s.get("split") in names)
+
+    small: tuple[str, ...] = ()
+    if getattr(data_cfg, "materialize", False):
+        store = ray.cluster_resources().get("object_store_memory", 0)
+        budget = DRIVER_LOAD_FRACTION * store
+        if store and 0 < size(splits) <= budget:
+            small = tuple(splits)
+        elif store and 0 < size([s for s in splits if s != "train"]) <= budget:
+            small = tuple(s for s in splits if s != "train")
+    out: dict[str, Any] = {}
+    rest = tuple(s for s in splits if s not in small)
+    if rest:
+        out.update(build_datasets(data_cfg, splits=rest, manifest=manifest))
+    if small:
+        from ray.data import RandomSeedConfig
+
+        st = storage_target(data_cfg.uri, data_cfg.s3_endpoint)
+        cols = train_columns(manifest, data_cfg)
+        for split in small:
+            tables = [pq.read_table(f"{st.root}/{s['path']}", columns=cols, filesystem=st.fs)
+                      for s in manifest["shards"] if s["split"] == split]
+            if not tables:
+                raise ValueError(f"split {split!r} not in {data_cfg.uri} (has {sorted(manifest.get('counts', {}))})")
+            ds = ray.data.from_arrow(tables)
+            if split == "train":
+                ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=data_cfg.shuffle_seed,
+                                                                    reseed_after_execution=True))
+            else:
+                ds.context.execution_options.preserve_order = True
+            out[split] = ds
+        logging.getLogger("psamf.data").info("read %s in the driver into the object store (%.1f MiB)", ", ".join(small), size(small) / 2**20)
+    return {s: out[s] for s in splits}

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from psamf import checkpoint, engine, preflight, results
 from psamf import train as T
+from psamf.commands import train as train_cmd
 from psamf.config import Config, ConfigError
 from psamf.model import build_model
 from tests.helpers import make_batch, tiny_cfg
@@ -44,19 +46,19 @@ def _params(model) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- AMP
 def test_resolve_amp_is_off_on_cpu_unless_forced():
-    assert T.resolve_amp("auto", "cpu") is None
-    assert T.resolve_amp("off", "cpu") is None
-    assert T.resolve_amp("bf16", "cpu") is torch.bfloat16
+    assert engine.resolve_amp("auto", "cpu") is None
+    assert engine.resolve_amp("off", "cpu") is None
+    assert engine.resolve_amp("bf16", "cpu") is torch.bfloat16
     with pytest.raises(ConfigError):
-        T.resolve_amp("fp8", "cpu")
+        engine.resolve_amp("fp8", "cpu")
 
 
 # ----------------------------------------------------------------------------- train_step
 def test_train_step_updates_weights_and_returns_every_term(cfg):
     model = _model(cfg)
-    opt = T.build_optimizer(model, cfg.optim)
+    opt = engine.build_optimizer(model, cfg.optim)
     before = _params(model)
-    stats = T.train_step(model, _batch(cfg), opt, cfg)
+    stats = engine.train_step(model, _batch(cfg), opt, cfg)
     assert {"total", "l1", "ccl", "ps", "clm", "grad_norm", "batch_size"} <= set(stats)
     assert stats["batch_size"] == 6 and all(math.isfinite(stats[k]) for k in ("total", "l1", "grad_norm"))
     after = model.state_dict()
@@ -75,42 +77,42 @@ def test_every_trainable_parameter_gets_a_gradient(cfg):
                           personality_tokens=False, sim_mode="per_sample_dissimilarity")
     for c in (cfg, paper_like, *(ablate(cfg, name) for name in ABLATIONS)):
         model = _model(c)
-        opt = T.build_optimizer(model, c.optim)
-        T.train_step(model, _batch(c), opt, c)
+        opt = engine.build_optimizer(model, c.optim)
+        engine.train_step(model, _batch(c), opt, c)
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert not missing, missing
 
 
 def test_train_step_overfits_a_fixed_batch(cfg):
     model = _model(cfg)
-    opt = T.build_optimizer(model, cfg.optim)
+    opt = engine.build_optimizer(model, cfg.optim)
     batch = _batch(cfg, B=8)
-    first = T.train_step(model, batch, opt, cfg)["l1"]
+    first = engine.train_step(model, batch, opt, cfg)["l1"]
     for _ in range(40):
-        last = T.train_step(model, batch, opt, cfg)["l1"]
+        last = engine.train_step(model, batch, opt, cfg)["l1"]
     assert last < 0.5 * first
 
 
 def test_grad_clipping_bounds_the_update(cfg):
     c = cfg.override(["optim.grad_clip=0.01"])
     model = _model(c)
-    opt = T.build_optimizer(model, c.optim)
-    T.train_step(model, _batch(c), opt, c)
+    opt = engine.build_optimizer(model, c.optim)
+    engine.train_step(model, _batch(c), opt, c)
     norm = torch.norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
     assert norm <= 0.01 * 1.001
 
 
 def test_train_step_bf16_autocast_on_cpu_runs(cfg):
     model = _model(cfg)
-    opt = T.build_optimizer(model, cfg.optim)
-    stats = T.train_step(model, _batch(cfg), opt, cfg, amp_dtype=torch.bfloat16)
+    opt = engine.build_optimizer(model, cfg.optim)
+    stats = engine.train_step(model, _batch(cfg), opt, cfg, amp_dtype=torch.bfloat16)
     assert math.isfinite(stats["total"])
 
 
 def test_predictions_stay_float32_under_bf16_autocast(cfg):
     """The regression head runs outside autocast: a bf16 prediction would be quantised (steps of 2^-7 near 1)."""
     model = _model(cfg).eval()
-    batch = T.move_to_device(_batch(cfg), None)
+    batch = engine.move_to_device(_batch(cfg), None)
     from psamf.model import model_inputs
 
     with torch.no_grad():
@@ -124,12 +126,12 @@ def test_predictions_stay_float32_under_bf16_autocast(cfg):
 
 def test_non_finite_loss_raises_before_the_update(cfg):
     model = _model(cfg)
-    opt = T.build_optimizer(model, cfg.optim)
+    opt = engine.build_optimizer(model, cfg.optim)
     batch = _batch(cfg)
     batch["label"][0] = float("nan")
     before = _params(model)
     with pytest.raises(FloatingPointError, match="non-finite"):
-        T.train_step(model, batch, opt, cfg)
+        engine.train_step(model, batch, opt, cfg)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -137,39 +139,39 @@ def test_non_finite_loss_raises_before_the_update(cfg):
 def test_evaluate_is_deterministic_and_partitions_cover_each_sample_once(cfg):
     model = _model(cfg)
     batches = [_batch(cfg, B=5, seed=s, start=5 * s) for s in range(4)]
-    full = T.EvalOutput.merge([T.evaluate(model, batches, cfg)])
+    full = engine.EvalOutput.merge([engine.evaluate(model, batches, cfg)])
     assert full.n == 20 and len(set(full.ids)) == 20 and model.training  # mode restored
-    again = T.EvalOutput.merge([T.evaluate(model, batches, cfg)])
+    again = engine.EvalOutput.merge([engine.evaluate(model, batches, cfg)])
     np.testing.assert_array_equal(full.pred, again.pred)
     # two "ranks", each keeping its hash partition of the same stream, gathered = the full evaluation
-    parts = [T.evaluate(model, batches, cfg, keep=T._partition(r, 2)) for r in range(2)]
+    parts = [engine.evaluate(model, batches, cfg, keep=engine.eval_partition(r, 2)) for r in range(2)]
     assert 0 < parts[0].n < 20 and parts[0].n + parts[1].n == 20
-    merged = T.EvalOutput.merge(parts)
+    merged = engine.EvalOutput.merge(parts)
     assert merged.ids == full.ids
     np.testing.assert_allclose(merged.pred, full.pred, atol=1e-5)
     np.testing.assert_array_equal(merged.label, full.label)
     # a sample counted twice is an error, not a silently skewed metric
     with pytest.raises(RuntimeError, match="more than once"):
-        T.EvalOutput.merge([parts[0], parts[0]])
+        engine.EvalOutput.merge([parts[0], parts[0]])
 
 
 def test_eval_metrics_val_loss_is_the_per_sample_l1(cfg):
     model = _model(cfg)
-    out = T.EvalOutput.merge([T.evaluate(model, [_batch(cfg, B=4), _batch(cfg, B=3, seed=1, start=4)], cfg)])
-    m = T.eval_metrics(out, "mosi")
+    out = engine.EvalOutput.merge([engine.evaluate(model, [_batch(cfg, B=4), _batch(cfg, B=3, seed=1, start=4)], cfg)])
+    m = engine.eval_metrics(out, "mosi")
     mae = float(np.mean(np.abs(out.pred.astype(np.float64) - out.label)))
     assert m["val_loss"] == pytest.approx(mae) and m["val_mae"] == pytest.approx(mae, rel=1e-6)
     assert m["val_l1"] == pytest.approx(mae, rel=1e-5)  # batch means weighted by batch size = per-sample mean
     assert m["val_n"] == 7 and {"val_total", "val_ccl", "val_ps", "val_clm", "val_corr", "val_acc7"} <= set(m)
-    assert "val_loss" in T.selectable_metrics("mosi") and "val_acc3" in T.selectable_metrics("sims")
-    assert "val_n" not in T.selectable_metrics("mosi")
+    assert "val_loss" in engine.selectable_metrics("mosi") and "val_acc3" in engine.selectable_metrics("sims")
+    assert "val_n" not in engine.selectable_metrics("mosi")
 
 
 # ----------------------------------------------------------------------------- optimiser, schedule
 def test_param_groups_cover_trainable_parameters_once_with_their_lrs(cfg):
     model = _model(cfg)
-    opt = T.build_optimizer(model, cfg.optim)
-    lrs = T.group_lrs(opt)
+    opt = engine.build_optimizer(model, cfg.optim)
+    lrs = engine.group_lrs(opt)
     assert lrs == {"lr_bert": cfg.optim.lr_bert, "lr_main": cfg.optim.lr_main}
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
     trainable = [id(p) for p in model.parameters() if p.requires_grad]
@@ -181,28 +183,28 @@ def test_param_groups_cover_trainable_parameters_once_with_their_lrs(cfg):
 
 def test_plateau_scheduler_halves_both_lrs_after_patience(cfg):
     c = cfg.override(["optim.plateau_patience=1", "optim.plateau_factor=0.5"])
-    opt = T.build_optimizer(_model(c), c.optim)
-    sched = T.build_scheduler(opt, c.optim)
+    opt = engine.build_optimizer(_model(c), c.optim)
+    sched = engine.build_scheduler(opt, c.optim)
     for v in (1.0, 1.0, 1.0):  # no improvement for 2 epochs > patience 1
         sched.step(v)
-    assert T.group_lrs(opt) == {"lr_bert": c.optim.lr_bert / 2, "lr_main": c.optim.lr_main / 2}
+    assert engine.group_lrs(opt) == {"lr_bert": c.optim.lr_bert / 2, "lr_main": c.optim.lr_main / 2}
 
 
 # ----------------------------------------------------------------------------- selection / early stopping
 def test_selector_min_max_ties_nan_and_patience():
-    s = T.Selector("val_loss", "min", patience=2)
+    s = engine.Selector("val_loss", "min", patience=2)
     assert s.update(0, 1.0) and s.update(1, 0.8)
     assert not s.update(2, 0.9) and not s.should_stop
     assert s.update(3, 0.8)  # tie: the later epoch is selected ...
     assert s.best_epoch == 3 and s.bad_epochs == 2 and s.should_stop  # ... but it is not an improvement
-    s2 = T.Selector("val_acc2_non0", "max", patience=None)
+    s2 = engine.Selector("val_acc2_non0", "max", patience=None)
     assert s2.update(0, float("nan")) and s2.update(1, 0.5) and not s2.update(2, float("nan"))
     assert s2.best_epoch == 1 and not s2.should_stop
-    s3 = T.Selector("val_acc2_non0", "max")
+    s3 = engine.Selector("val_acc2_non0", "max")
     s3.load_state_dict(s2.state_dict())
     assert (s3.best, s3.best_epoch, s3.bad_epochs) == (0.5, 1, 1)
     with pytest.raises(ConfigError, match="select_metric"):
-        T.Selector("val_loss", "min").load_state_dict(s2.state_dict())
+        engine.Selector("val_loss", "min").load_state_dict(s2.state_dict())
 
 
 @pytest.mark.parametrize("mode", ["min", "max"])
@@ -217,7 +219,7 @@ def test_selected_epoch_is_always_among_the_checkpoints_ray_keeps(tmp_path, mode
     for trial in range(30):
         mgr = _CheckpointManager(CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_x",
                                                   checkpoint_score_order=mode))
-        sel = T.Selector("val_x", mode)
+        sel = engine.Selector("val_x", mode)
         kept = {}
         for epoch in range(8):
             v = rng.choice([0.1, 0.2, 0.3, float("nan")])
@@ -234,43 +236,43 @@ def test_selected_epoch_is_always_among_the_checkpoints_ray_keeps(tmp_path, mode
 
 # ----------------------------------------------------------------------------- checkpoints, RNG
 def test_rng_state_round_trip():
-    T.seed_everything(3)
-    state = T.rng_state()
+    engine.seed_everything(3)
+    state = engine.rng_state()
     a = (random.random(), np.random.rand(), torch.rand(1).item())
-    T.seed_everything(99)
-    T.set_rng_state(state)
+    engine.seed_everything(99)
+    engine.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
 
 
 def test_checkpoint_round_trip_resumes_identically(cfg, tmp_path):
     model = _model(cfg)
-    opt = T.build_optimizer(model, cfg.optim)
-    sched = T.build_scheduler(opt, cfg.optim)
-    sel = T.Selector(cfg.optim.select_metric, cfg.optim.select_mode, 3)
-    T.train_step(model, _batch(cfg), opt, cfg)
+    opt = engine.build_optimizer(model, cfg.optim)
+    sched = engine.build_scheduler(opt, cfg.optim)
+    sel = engine.Selector(cfg.optim.select_metric, cfg.optim.select_mode, 3)
+    engine.train_step(model, _batch(cfg), opt, cfg)
     sched.step(1.0)
     sel.update(0, 1.0)
     history = [{"epoch": 0, "val_loss": 1.0, "val_corr": float("nan")}]
-    T.seed_everything(5)
-    T.save_checkpoint(str(tmp_path), model=model, optimizer=opt, scheduler=sched, selector=sel, epoch=0,
-                      history=history, cfg=cfg, rng_states=[T.rng_state()], session=2, metrics=history[0])
+    engine.seed_everything(5)
+    checkpoint.save_checkpoint(str(tmp_path), model=model, optimizer=opt, scheduler=sched, selector=sel, epoch=0,
+                      history=history, cfg=cfg, rng_states=[engine.rng_state()], session=2, metrics=history[0])
     assert {"model.pt", "train_state.pt", "config.yaml", "meta.json"} <= set(os.listdir(tmp_path))
-    assert T.checkpoint_config(str(tmp_path)).to_dict() == cfg.to_dict()
+    assert checkpoint.checkpoint_config(str(tmp_path)).to_dict() == cfg.to_dict()
 
     # continue the original for one step
     torch.manual_seed(11)
-    T.train_step(model, _batch(cfg, seed=2), opt, cfg)
+    engine.train_step(model, _batch(cfg, seed=2), opt, cfg)
     # restore into fresh objects and take the same step
     model2 = _model(cfg, seed=123)
-    opt2 = T.build_optimizer(model2, cfg.optim)
-    sched2 = T.build_scheduler(opt2, cfg.optim)
-    sel2 = T.Selector(cfg.optim.select_metric, cfg.optim.select_mode, 3)
-    state = T.load_checkpoint(str(tmp_path), model=model2, optimizer=opt2, scheduler=sched2, selector=sel2)
+    opt2 = engine.build_optimizer(model2, cfg.optim)
+    sched2 = engine.build_scheduler(opt2, cfg.optim)
+    sel2 = engine.Selector(cfg.optim.select_metric, cfg.optim.select_mode, 3)
+    state = checkpoint.load_checkpoint(str(tmp_path), model=model2, optimizer=opt2, scheduler=sched2, selector=sel2)
     assert state["epoch"] == 0 and state["session"] == 2 and sel2.best_epoch == 0
     assert state["history"][0]["epoch"] == 0 and math.isnan(state["history"][0]["val_corr"])
     assert sched2.state_dict() == sched.state_dict()
     torch.manual_seed(11)
-    T.train_step(model2, _batch(cfg, seed=2), opt2, cfg)
+    engine.train_step(model2, _batch(cfg, seed=2), opt2, cfg)
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
     meta = json.loads((tmp_path / "meta.json").read_text())
@@ -290,7 +292,7 @@ def _manifest(**kw) -> dict:
 
 def test_preflight_takes_dims_from_the_manifest(cfg, tmp_path):
     c = cfg.override([f"run.storage_path={tmp_path}"])
-    pf = T.preflight(c, manifest=_manifest())
+    pf = preflight.preflight(c, manifest=_manifest())
     assert (pf.cfg.model.audio_dim, pf.cfg.model.visual_dim) == (7, 9)
     assert pf.storage.root == str(tmp_path) and pf.cfg.preset == "tiny"
 
@@ -307,17 +309,17 @@ def test_preflight_takes_dims_from_the_manifest(cfg, tmp_path):
 def test_preflight_rejects_bad_configs(cfg, tmp_path, override, manifest, match):
     c = cfg.override([f"run.storage_path={tmp_path}", *override])
     with pytest.raises(ConfigError, match=match):
-        T.preflight(c, manifest=_manifest(**manifest))
+        preflight.preflight(c, manifest=_manifest(**manifest))
 
 
 def test_preflight_refuses_to_resume_a_run_with_another_model(cfg, tmp_path):
     c = cfg.override([f"run.storage_path={tmp_path}", "run.name=r1"])
-    pf = T.preflight(c, manifest=_manifest())
+    pf = preflight.preflight(c, manifest=_manifest())
     (tmp_path / "r1").mkdir()
     (tmp_path / "r1" / "config.yaml").write_text(pf.cfg.to_yaml())
-    T.preflight(c.override(["optim.epochs=9"]), manifest=_manifest())  # more epochs: a resume, fine
+    preflight.preflight(c.override(["optim.epochs=9"]), manifest=_manifest())  # more epochs: a resume, fine
     with pytest.raises(ConfigError, match=r"already exists.*model\.hidden_size"):
-        T.preflight(c.override(["model.hidden_size=64", "model.num_attention_heads=2"]), manifest=_manifest())
+        preflight.preflight(c.override(["model.hidden_size=64", "model.num_attention_heads=2"]), manifest=_manifest())
 
 
 # ----------------------------------------------------------------------------- CLI, jobs entrypoint
@@ -325,17 +327,17 @@ def test_cli_config_parsing(tmp_path):
     import argparse
 
     p = argparse.ArgumentParser()
-    T.add_arguments(p)
+    train_cmd.add_arguments(p)
     args = p.parse_args(["--preset", "tiny", "--run-name", "abc", "--seeds", "1,2,3", "optim.epochs=3"])
-    cfg = T.load_config(args)
+    cfg = train_cmd.config_from_args(args)
     assert cfg.run.name == "abc" and cfg.optim.epochs == 3 and cfg.preset == "tiny"
-    assert T.parse_seeds(args.seeds) == [1, 2, 3]
+    assert train_cmd.parse_seeds(args.seeds) == [1, 2, 3]
     with pytest.raises(ConfigError):
-        T.parse_seeds("1,x")
-    assert T._seed_config(cfg, 7).run.name == "abc-seed7" and T._seed_config(cfg, 7).optim.seed == 7
+        train_cmd.parse_seeds("1,x")
+    assert T.seed_config(cfg, 7).run.name == "abc-seed7" and T.seed_config(cfg, 7).optim.seed == 7
     y = tmp_path / "c.yaml"
     y.write_text("preset: tiny\noptim:\n  epochs: 2\n")
-    assert T.load_config(p.parse_args(["--config", str(y)])).optim.epochs == 2
+    assert train_cmd.config_from_args(p.parse_args(["--config", str(y)])).optim.epochs == 2
 
 
 def test_jobs_train_entrypoint_parses_and_fails_cleanly_on_bad_config(monkeypatch, capsys):
@@ -346,7 +348,7 @@ def test_jobs_train_entrypoint_parses_and_fails_cleanly_on_bad_config(monkeypatc
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     called = {}
-    monkeypatch.setattr(T, "train", lambda cfg, seeds=None: called.setdefault("cfg", cfg) and (_ for _ in ()).throw(
+    monkeypatch.setattr(train_cmd, "train", lambda cfg, seeds=None: called.setdefault("cfg", cfg) and (_ for _ in ()).throw(
         ConfigError("stop here")))
     assert mod.main(["--preset", "tiny", "--run-name", "j1", "optim.epochs=2"]) == 2
     assert called["cfg"].run.name == "j1" and called["cfg"].optim.epochs == 2
@@ -389,35 +391,6 @@ def test_storage_target_for_s3_with_custom_endpoint_drops_the_scheme():
     assert st.run_dir("r") == "bucket/runs/r" and st.run_uri("r") == "s3://bucket/runs/r"
 
 
-def test_seeds_run_one_named_run_each_and_summarise_with_population_std(cfg, tmp_path, monkeypatch):
-    from psamf.outputs import storage_target
-
-    seen = []
-
-    def fake_preflight(c, *, check_resources=True, manifest=None):
-        return T.Preflight(cfg=c, manifest=_manifest(), storage=storage_target(str(tmp_path)))
-
-    def fake_fit(pf, **kw):
-        seen.append((pf.cfg.run.name, pf.cfg.optim.seed))
-        mae = {1: 0.5, 2: 0.7, 3: 0.9}[pf.cfg.optim.seed]
-        m = {"mae": mae, "corr": 0.1, "n": 10}
-        return T.TrainResult(run_name=pf.cfg.run.name, run_dir=f"{tmp_path}/{pf.cfg.run.name}",
-                             metrics={"test": m, "valid": m}, paths={})
-
-    monkeypatch.setattr(T, "init_ray", lambda *a, **k: None)
-    monkeypatch.setattr(T, "preflight", fake_preflight)
-    monkeypatch.setattr(T, "fit_one", fake_fit)
-    monkeypatch.setattr(T, "_parallel_runs", lambda c, n: 2)  # the thread-pool path
-    res = T.train(cfg.override(["run.name=ms", f"run.storage_path={tmp_path}"]), seeds=[1, 2, 3, 2])
-    assert sorted(seen) == [("ms-seed1", 1), ("ms-seed2", 2), ("ms-seed3", 3)]
-    assert [r.run_name for r in res.seeds] == ["ms-seed1", "ms-seed2", "ms-seed3"]
-    mean, std = res.summary["mae"]
-    assert mean == pytest.approx(0.7) and std == pytest.approx(np.std([0.5, 0.7, 0.9]))  # ddof=0
-    assert "n" not in res.summary and "population" in res.table
-    summary = json.loads((tmp_path / "ms-seeds.json").read_text())
-    assert summary["seeds"] == [1, 2, 3] and summary["test"]["mae"]["std"] == pytest.approx(std)
-
-
 def _open_checkpoint_repeatedly(ckpt, n: int, use_ray_as_directory: bool, rank: int) -> list[float]:
     """Runs in a child process, like one DDP rank restoring: open the checkpoint, do other work for a moment
     (building the model), then read the tensor file; `n` times, each rank starting a little later."""
@@ -426,7 +399,7 @@ def _open_checkpoint_repeatedly(ckpt, n: int, use_ray_as_directory: bool, rank: 
     time.sleep(0.15 * rank)
     sums = []
     for _ in range(n):
-        ctx = ckpt.as_directory() if use_ray_as_directory else T.local_checkpoint(ckpt)
+        ctx = ckpt.as_directory() if use_ray_as_directory else checkpoint.open_checkpoint(ckpt)
         with ctx as d:
             time.sleep(0.2)
             sums.append(float(torch.load(os.path.join(d, "state.pt"), weights_only=True)["w"].sum()))
@@ -456,12 +429,12 @@ def test_local_checkpoint_reads_local_in_place_and_remote_into_a_private_directo
 
     local = tmp_path / "local"
     local.mkdir()
-    with T.local_checkpoint(Checkpoint.from_directory(str(local))) as d:
+    with checkpoint.open_checkpoint(Checkpoint.from_directory(str(local))) as d:
         assert d == str(local)
     assert local.exists()  # never removed
 
     ckpt, _ = _s3_checkpoint(tmp_path, s3_bucket, s3_server)
-    with T.local_checkpoint(ckpt) as d1, T.local_checkpoint(ckpt) as d2:
+    with checkpoint.open_checkpoint(ckpt) as d1, checkpoint.open_checkpoint(ckpt) as d2:
         assert d1 != d2  # one directory per opening, so no opener can rewrite another's files
         assert sorted(os.listdir(d1)) == sorted(os.listdir(d2)) == ["extra.json", "state.pt"]
     assert not os.path.exists(d1) and not os.path.exists(d2)  # cleaned up
@@ -485,23 +458,17 @@ def test_ranks_restoring_the_same_s3_checkpoint_at_once_all_read_it_whole(tmp_pa
 def test_cli_takes_overrides_before_and_after_options(capsys):
     from psamf import cli
 
-    parser = cli.build_parser()
+    parser = cli.build_parser("evaluate")
     for argv in (["evaluate", "runs/r", "data.uri=x", "--out", "m.json"],
                  ["evaluate", "runs/r", "--out", "m.json", "data.uri=x"]):
         args = cli.parse_args(parser, argv)
         assert args.checkpoint == "runs/r" and args.out == "m.json" and args.overrides == ["data.uri=x"]
     # the `ray job submit` entry points parse the same way
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("jobs_train", os.path.join(os.path.dirname(__file__), "..",
-                                                                             "jobs", "train.py"))
-    jobs_train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(jobs_train)
-    args = cli.parse_args(jobs_train.build_parser(),
+    args = cli.parse_args(cli.command_parser("train", prog="jobs/train.py"),
                           ["--preset", "tiny", "optim.epochs=3", "--run-name", "r", "optim.batch_size=8"])
     assert args.overrides == ["optim.epochs=3", "optim.batch_size=8"] and args.run_name == "r"
     with pytest.raises(SystemExit):  # plain argparse refuses the second group of overrides
-        jobs_train.build_parser().parse_args(["--preset", "tiny", "optim.epochs=3", "--run-name", "r",
+        cli.command_parser("train").parse_args(["--preset", "tiny", "optim.epochs=3", "--run-name", "r",
                                               "optim.batch_size=8"])
     with pytest.raises(SystemExit):
         cli.main(["evaluate", "runs/r", "--out", "m.json", "--bogus"])
@@ -531,7 +498,7 @@ def test_history_printer_prints_each_new_epoch_once_and_skips_those_of_a_resumed
                      "is_best": e == 1}
     write_history(fs, run_dir, [rec(0)])  # a resumed run: epoch 0 is already there
     out = io.StringIO()
-    with T._HistoryPrinter(fs, run_dir, "val_loss", interval_s=0.05, out=out):
+    with results.HistoryPrinter(fs, run_dir, "val_loss", interval_s=0.05, out=out):
         write_history(fs, run_dir, [rec(0), rec(1)])
         time.sleep(0.3)
         write_history(fs, run_dir, [rec(0), rec(1), rec(2)])  # the last one is caught by the final poll at exit

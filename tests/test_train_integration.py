@@ -18,7 +18,9 @@ import os
 import numpy as np
 import pytest
 
+from psamf import checkpoint, engine, preflight, results
 from psamf import train as T
+from psamf.commands import train as train_cmd
 from psamf.config import Config, ConfigError
 
 pytestmark = pytest.mark.integration

@@ -1,0 +1,37 @@
+"""What every `psamf` command that starts from a config shares: the same way to name one and to load it.
+
+    --preset NAME | --config FILE     where to start (default: the `tiny` preset)
+    --ablation NAME [--ablation ...]  rows of the paper's ablation table, composed in the order given
+    section.key=value ...             overrides, validated like the YAML file
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from psamf.config import ABLATIONS, Config, ablate
+
+
+def add_config_arguments(p: argparse.ArgumentParser, *, default_preset: str = "tiny") -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None,
+                     help=f"start from a preset: {', '.join(Config.preset_names())} (default: {default_preset})")
+    src.add_argument("--config", help="YAML config file (for example one written by `psamf config`)")
+    p.add_argument("--ablation", action="append", default=None,
+                   help=f"apply a row of the paper's ablation table ({', '.join(sorted(ABLATIONS))}); repeat to "
+                        "compose several")
+    p.add_argument("overrides", nargs="*", help="section.key=value (e.g. optim.epochs=3 run.num_workers=1)")
+    p.set_defaults(default_preset=default_preset)
+
+
+def load_config(args: argparse.Namespace, extra: dict | None = None) -> Config:
+    """The config the arguments name: preset or file, then the ablations, then the overrides, then `extra`
+    (dotted keys set by the command's own options, such as `--run-name`). Raises ConfigError naming the field."""
+    if getattr(args, "config", None):
+        cfg = Config.from_yaml(args.config)
+    else:
+        cfg = Config.from_preset(getattr(args, "preset", None) or getattr(args, "default_preset", "tiny"))
+    for name in getattr(args, "ablation", None) or []:
+        cfg = ablate(cfg, name)
+    cfg = cfg.override(list(getattr(args, "overrides", None) or []))
+    return cfg.replace(extra, source="command line") if extra else cfg

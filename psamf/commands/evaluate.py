@@ -1,0 +1,51 @@
+"""`psamf evaluate` and `jobs/evaluate.py`: evaluate a run's selected checkpoint (or any checkpoint) on valid/test.
+
+Exit status: 0 done, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from psamf.config import ConfigError
+from psamf.evaluate import evaluate_checkpoint
+from psamf.results import metrics_table
+from psamf.outputs import json_safe  # MERGE storage
+
+HELP = "evaluate a run's selected checkpoint (or any checkpoint) on valid/test"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint directory or run directory (local or s3://); a run directory "
+                                      "means its validation-selected checkpoint")
+    p.add_argument("--splits", default="valid,test", help="comma-separated splits (default: valid,test)")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="0 = in this process; N = N Ray Train workers (predictions gathered from every rank)")
+    p.add_argument("--s3-endpoint", default=None, help="custom S3 endpoint (else AWS_ENDPOINT_URL_S3)")
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: the run's)")
+    p.add_argument("--out", default=None, help="write the metrics as JSON here (local path)")
+    p.add_argument("overrides", nargs="*", help="section.key=value applied to the checkpoint's config "
+                                                "(e.g. data.uri=...)")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        res = evaluate_checkpoint(args.checkpoint, splits=[s for s in args.splits.split(",") if s],
+                                  num_workers=args.num_workers, overrides=args.overrides or [],
+                                  s3_endpoint=args.s3_endpoint, batch_size=args.batch_size)
+    except ConfigError as e:
+        print(f"psamf evaluate: {e}", file=sys.stderr)
+        return 2
+    if set(res) >= {"valid", "test"}:
+        print(metrics_table({"valid": res["valid"].metrics, "test": res["test"].metrics}))
+    else:
+        for s, r in res.items():
+            print(s, json.dumps(json_safe(r.metrics), indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(json_safe({s: r.metrics for s, r in res.items()}), f, indent=2)
+    return 0

@@ -1,0 +1,177 @@
+"""Every check that can fail before a Ray worker starts, with one exception type (`ConfigError`, exit status 2).
+
+    preflight(cfg) -> Preflight(cfg, manifest, storage)
+
+It compares the config with the prepared shards' manifest (data set identity, tokenizers and vocabularies,
+text length, personality CLS width, split sizes against batch size x workers), takes the feature dims from the
+manifest (they are data facts: a differing config value is replaced, with a log line), checks that a re-used
+run name resumes a compatible run, and that the cluster can run the workers without starving Ray Data of CPUs
+(docs/ray-operations.md §2). Nothing is written before it passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from psamf import runtime
+from psamf.config import Config, ConfigError
+from psamf.engine import LOSS_TERMS, selectable_metrics
+
+__all__ = ["Preflight", "preflight", "read_manifest", "check_resume_compatible", "check_cluster_resources"]
+
+log = logging.getLogger("psamf.preflight")
+
+
+@dataclass
+class Preflight:
+    cfg: Config  # with the manifest's feature dims
+    manifest: dict[str, Any]
+    storage: Any  # psamf.outputs.RunStorage
+
+
+def read_manifest(uri: str, endpoint: str | None) -> dict[str, Any]:
+    from psamf import data
+
+    try:
+        return data.read_manifest(uri, s3_endpoint=endpoint)
+    except ConfigError:
+        raise
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.uri={uri!r}: no prepared shards there ({e}); run `psamf prepare` first") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.uri={uri!r}: cannot read the shard manifest: {e}") from None
+
+
+def preflight(cfg: Config, *, check_resources: bool = True, manifest: Mapping[str, Any] | None = None) -> Preflight:
+    """Every check that can fail before any Ray worker starts. Returns the config with the manifest's feature
+    dims. Raises ConfigError with a message naming the field."""
+    from psamf.outputs import exists, read_bytes, storage_target
+
+    o = cfg.optim
+    valid_keys = selectable_metrics(cfg.data.dataset)
+    if o.select_metric not in valid_keys:
+        raise ConfigError(f"optim.select_metric={o.select_metric!r} is not a validation metric of "
+                          f"data.dataset={cfg.data.dataset!r}; choose one of {valid_keys}")
+    lower_better = o.select_metric in ("val_loss", "val_mae") or o.select_metric in (f"val_{t}" for t in LOSS_TERMS)
+    if (o.select_mode == "max") == lower_better:
+        log.warning("optim.select_mode=%s with select_metric=%s: is that intended?", o.select_mode, o.select_metric)
+
+    man = dict(manifest) if manifest is not None else read_manifest(cfg.data.uri, cfg.data.s3_endpoint)
+    # --- data set identity ---
+    mds = man.get("dataset")
+    if mds and cfg.data.dataset != "custom" and mds != cfg.data.dataset:
+        raise ConfigError(f"data.dataset={cfg.data.dataset!r} but the shards at {cfg.data.uri} hold {mds!r}: "
+                          "the metrics (and the preset's dims) would be the wrong ones")
+    # --- feature dims: the manifest is authoritative ---
+    dims = man.get("feature_dims") or {}
+    d = cfg.to_dict()
+    for key, name in (("audio", "audio_dim"), ("visual", "visual_dim")):
+        if key in dims and int(dims[key]) != d["model"][name]:
+            log.info("model.%s: %d -> %d (from the shards' manifest)", name, d["model"][name], int(dims[key]))
+            d["model"][name] = int(dims[key])
+    # --- tokenizers ---
+    toks = man.get("tokenizers") or {}
+    for key, field_name, vocab_field in (("text", "tokenizer", "vocab_size"),
+                                         ("personality", "personality_tokenizer", "personality_vocab_size")):
+        t = toks.get(key)
+        if not t:
+            continue
+        want = getattr(cfg.data, field_name)
+        if t.get("name") and t["name"] != want:
+            raise ConfigError(f"data.{field_name}={want!r} but the shards were tokenised with {t['name']!r}; set "
+                              f"data.{field_name}={t['name']} or re-run `psamf prepare`")
+        if key == "personality" and not cfg.model.use_personality:
+            continue
+        vs = t.get("vocab_size")
+        model_vs = d["model"][vocab_field]
+        if vs is not None and int(vs) > model_vs and not (key == "text" and cfg.model.text_model) \
+                and not (key == "personality" and cfg.model.personality_model):
+            raise ConfigError(f"model.{vocab_field}={model_vs} is smaller than the {key} tokenizer's vocabulary "
+                              f"({vs} tokens, {t.get('name')}): token ids would index past the embedding table; "
+                              f"set model.{vocab_field}={vs}")
+        L = t.get("max_len")
+        if L is not None and int(L) > cfg.model.max_position_embeddings and key == "text":
+            raise ConfigError(f"the shards' text length ({L}) exceeds model.max_position_embeddings "
+                              f"({cfg.model.max_position_embeddings})")
+    # --- precomputed personality CLS width ---
+    pc = man.get("personality_cls")
+    if pc and cfg.data.use_precomputed_personality and cfg.model.use_personality and not cfg.model.personality_model:
+        width = int(pc.get("dim", cfg.model.hidden_size))
+        if width != cfg.model.hidden_size and cfg.model.personality_tokens:
+            raise ConfigError(f"the shards' precomputed personality_cls has width {width} but "
+                              f"model.personality_tokens needs model.hidden_size ({cfg.model.hidden_size}); set "
+                              "data.use_precomputed_personality=false or re-run prepare with this model")
+    # --- split sizes ---
+    counts = man.get("counts") or {}
+    for s in ("train", "valid", "test"):
+        if int(counts.get(s, 0)) <= 0:
+            raise ConfigError(f"the shards at {cfg.data.uri} have no {s!r} split ({counts})")
+    workers = max(1, cfg.run.num_workers)
+    if int(counts["train"]) < o.batch_size * workers:
+        raise ConfigError(f"train split has {counts['train']} samples: fewer than optim.batch_size "
+                          f"({o.batch_size}) x run.num_workers ({workers}); no full batch per worker")
+    try:
+        new = Config.from_dict(d, source="config (with manifest dims)")
+    except ConfigError:
+        raise
+    new.preset = cfg.preset
+    # --- storage and resume compatibility ---
+    storage = storage_target(new.run.storage_path, new.run.s3_endpoint or new.data.s3_endpoint)
+    run_dir = storage.run_dir(new.run.name)
+    try:
+        old_cfg_path = f"{run_dir}/config.yaml"
+        if exists(storage.fs, old_cfg_path):
+            import yaml
+
+            old = Config.from_dict(yaml.safe_load(read_bytes(storage.fs, old_cfg_path)) or {}, source=old_cfg_path)
+            check_resume_compatible(old, new)
+    except ConfigError:
+        raise
+    except OSError as e:
+        raise ConfigError(f"run.storage_path={new.run.storage_path!r}: cannot access {storage.run_uri(new.run.name)}"
+                          f": {e}") from None
+    if check_resources:
+        check_cluster_resources(new)
+    return Preflight(cfg=new, manifest=man, storage=storage)
+
+
+def check_resume_compatible(old: Config, new: Config) -> None:
+    """A re-used run name resumes: the model, loss and data must be those of the checkpoints."""
+    diffs = []
+    od, nd = old.to_dict(), new.to_dict()
+    for sec in ("model", "loss"):
+        diffs += [f"{sec}.{k}: {od[sec][k]!r} -> {nd[sec][k]!r}" for k in nd[sec] if od[sec].get(k) != nd[sec][k]]
+    for k in ("uri", "dataset", "tokenizer", "personality_tokenizer", "max_text_len"):
+        if od["data"].get(k) != nd["data"][k]:
+            diffs.append(f"data.{k}: {od['data'].get(k)!r} -> {nd['data'][k]!r}")
+    for k in ("select_metric", "select_mode", "seed"):
+        if od["optim"].get(k) != nd["optim"][k]:
+            diffs.append(f"optim.{k}: {od['optim'].get(k)!r} -> {nd['optim'][k]!r}")
+    if diffs:
+        raise ConfigError(f"run.name={new.run.name!r} already exists under {new.run.storage_path} with a different "
+                          f"configuration; re-using a name resumes that run. Differences: {'; '.join(diffs)}. "
+                          "Choose a new run.name (or delete the old run directory).")
+
+
+def check_cluster_resources(cfg: Config) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        return
+    res = ray.cluster_resources()
+    need_cpu = max(1, cfg.run.num_workers) * cfg.run.cpus_per_worker
+    if cfg.run.use_gpu and res.get("GPU", 0) < max(1, cfg.run.num_workers) * cfg.run.gpus_per_worker:
+        msg = (f"run.use_gpu=true with {cfg.run.num_workers} worker(s) x {cfg.run.gpus_per_worker} GPU, but the "
+               f"cluster has {res.get('GPU', 0)} GPU(s)")
+        if runtime.embedded():
+            raise ConfigError(msg + " (embedded local Ray: set run.use_gpu=false)")
+        log.warning("%s: waiting for the autoscaler", msg)
+    if res.get("CPU", 0) < need_cpu + 1:
+        msg = (f"the workers reserve {need_cpu:g} CPU(s) and the cluster has {res.get('CPU', 0):g}: Ray Data read "
+               "tasks would starve (docs/ray-operations.md §2); lower run.cpus_per_worker or run.num_workers")
+        if runtime.embedded():
+            raise ConfigError(msg)
+        log.warning("%s (unless the autoscaler adds nodes)", msg)
+

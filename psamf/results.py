@@ -1,0 +1,218 @@
+"""What a run leaves behind and shows: its output files, its result object, and its progress on the console.
+
+    write_run_outputs(pf, ret) -> TrainResult   metrics.json (last), predictions.parquet, curves.png, tensorboard/,
+                                                history.json, config.yaml, written by the driver after fit
+    ProgressFiles                               rank 0's history.json + TensorBoard events after every epoch
+    HistoryPrinter                              the driver's one line per epoch on a quiet embedded Ray
+    metrics_table / format_record               the text a user reads
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from psamf.preflight import Preflight
+
+__all__ = ["TrainResult", "write_run_outputs", "metrics_table", "format_record", "ProgressFiles", "HistoryPrinter",
+           "git_sha", "checkpoint_uri"]
+
+log = logging.getLogger("psamf.results")
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns.
+
+    One run: `run_dir` (URI), `metrics` (the content of metrics.json), `paths` (metrics, predictions, curves,
+    tensorboard, history, config, checkpoint), `history` (one record per epoch), `table` (valid and test metrics
+    side by side). Several seeds: `seeds` holds one such result per seed, `summary` the mean and population std
+    of each test metric, `table` the `format_table` text, `paths["summary"]` the JSON summary."""
+
+    run_name: str
+    run_dir: str  # URI of the run directory
+    metrics: dict[str, Any]  # metrics.json
+    paths: dict[str, str]  # metrics, predictions, config, curves, tensorboard, history, checkpoint
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seeds: list["TrainResult"] = field(default_factory=list)
+    summary: dict[str, tuple[float, float]] | None = None
+    table: str | None = None
+
+
+def format_record(rec: Mapping[str, Any], select: str) -> str:
+    keys = ["train_total", "val_loss", "val_mae", "val_corr", "val_acc2_non0", select, "lr_bert", "lr_main",
+            "samples_per_s_per_worker", "data_wait_frac"]
+    seen, parts = set(), []
+    for k in keys:
+        if k in rec and k not in seen and isinstance(rec[k], (int, float)):
+            seen.add(k)
+            parts.append(f"{k}={rec[k]:.4g}")
+    return " ".join(parts) + (" *best*" if rec.get("is_best") else "")
+
+
+
+def metrics_table(metrics: Mapping[str, Any]) -> str:
+    """Valid and test metrics of one run side by side (accuracies/F1 in %, MAE/Corr/losses raw)."""
+    keys = [k for k in metrics["test"] if k not in ("n", "n_non0")]
+    lines = [f"{'metric':<10} {'valid':>9} {'test':>9}"]
+    for k in keys:
+        row = []
+        for split in ("valid", "test"):
+            v = metrics[split].get(k)
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                row.append(f"{'nan':>9}")
+            elif k.startswith(("acc", "f1")):
+                row.append(f"{100 * v:>8.2f}%")
+            else:
+                row.append(f"{v:>9.4f}")
+        lines.append(f"{k:<10} " + " ".join(row))
+    lines.append(f"{'n':<10} {metrics['valid'].get('n', 0):>9} {metrics['test'].get('n', 0):>9}")
+    return "\n".join(lines)
+
+
+
+class ProgressFiles:
+    """Rank 0's live files in the run directory: history.json and TensorBoard events (best effort)."""
+
+    def __init__(self, storage: Sequence[Any] | None, name: str):
+        self.target = None
+        if storage:
+            from psamf.outputs import storage_target
+
+            st = storage_target(storage[0], storage[1])
+            self.target = (st.fs, st.run_dir(name))
+
+    def write(self, history: Sequence[Mapping[str, Any]]) -> None:
+        if self.target is None:
+            return
+        from psamf.outputs import write_history, write_tensorboard
+
+        fs, run_dir = self.target
+        try:
+            write_history(fs, run_dir, history)
+            write_tensorboard(fs, run_dir, history)
+        except Exception as e:  # noqa: BLE001 - progress files must never kill training
+            log.warning("could not write progress files to %s: %s", run_dir, e)
+
+
+class HistoryPrinter:
+    """The driver's view of a run on a quiet embedded Ray (`runtime.quiet()`): worker logs are not streamed, so
+    a background thread polls the run's history.json (written by rank 0 after each epoch) and prints every new
+    epoch. Epochs already in the file when it starts (a resumed run) are not printed again."""
+
+    def __init__(self, fs: Any, run_dir: str, select: str, interval_s: float = 1.0, out: Any = None):
+        import threading
+
+        self.fs, self.path, self.select, self.interval_s = fs, f"{run_dir}/history.json", select, interval_s
+        self.name = run_dir.rstrip("/").rsplit("/", 1)[-1]
+        self.out = out if out is not None else sys.stdout
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="psamf-history-printer", daemon=True)
+        self.seen = len(self._read())
+
+    def _read(self) -> list[dict[str, Any]]:
+        from psamf.outputs import read_json
+
+        try:
+            hist = read_json(self.fs, self.path)
+        except Exception:  # noqa: BLE001 - not written yet, or being replaced: try again next poll
+            return []
+        return hist if isinstance(hist, list) else []
+
+    def poll(self) -> None:
+        hist = self._read()
+        for rec in hist[self.seen:]:
+            print(f"  [{self.name}] epoch {rec.get('epoch')} ({rec.get('time_train_s', math.nan):.1f} s train): "
+                  f"{format_record(rec, self.select)}", file=self.out, flush=True)
+        self.seen = max(self.seen, len(hist))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+    def __enter__(self) -> "HistoryPrinter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.poll()
+
+
+def git_sha() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_run_outputs(pf: "Preflight", ret: Mapping[str, Any]) -> TrainResult:
+    """metrics.json, predictions.parquet, curves.png, tensorboard/, history.json, config.yaml (driver)."""
+    from psamf import __version__
+    from psamf.metrics import trivial_baselines
+    from psamf.outputs import plot_curves, write_bytes, write_history, write_json, write_predictions, \
+        write_tensorboard
+
+    cfg, st = pf.cfg, pf.storage
+    fs, run_dir = st.fs, st.run_dir(cfg.run.name)
+    o = cfg.optim
+    sel = ret["selected_epoch"]
+    history = list(ret["history"])
+    metrics = {
+        "run_name": cfg.run.name,
+        "seed": o.seed,
+        "dataset": cfg.data.dataset,
+        "selection": {
+            "rule": "one checkpoint selected on the validation split only (best optim.select_metric, later epoch "
+                    "on ties); the test split evaluated once, on that checkpoint, after training",
+            "metric": o.select_metric, "mode": o.select_mode, "selected_epoch": sel,
+            "early_stopped": bool(ret.get("early_stopped")), "early_stop_patience": o.early_stop_patience,
+            "epochs_trained": len(history), "epochs_max": o.epochs,
+        },
+        "valid": ret["valid"]["metrics"],
+        "test": ret["test"]["metrics"],
+        "baselines": {s: trivial_baselines(np.asarray(ret[s]["label"]), cfg.data.dataset) for s in ("valid", "test")},
+        "selected_epoch_record": next((r for r in history if r["epoch"] == sel), None),
+        "checkpoint": checkpoint_uri(st, ret.get("checkpoint_path")),
+        "world_size": ret.get("world_size"), "amp": ret.get("amp"), "device": ret.get("device"),
+        "sessions": 1 + max((int(r.get("session", 0)) for r in history), default=0),
+        "psamf_version": __version__, "git_sha": git_sha(), "preset": cfg.preset,
+    }
+    paths = {k: f"{st.run_uri(cfg.run.name)}/{v}" for k, v in {
+        "metrics": "metrics.json", "predictions": "predictions.parquet", "curves": "curves.png",
+        "tensorboard": "tensorboard", "history": "history.json", "config": "config.yaml"}.items()}
+    write_predictions(fs, f"{run_dir}/predictions.parquet",
+                      [(s, ret[s]["ids"], ret[s]["label"], ret[s]["pred"]) for s in ("valid", "test")])
+    write_history(fs, run_dir, history)
+    write_tensorboard(fs, run_dir, history, final={"selected_epoch": sel, "test": ret["test"]["metrics"]})
+    write_bytes(fs, f"{run_dir}/curves.png", plot_curves(history, sel, title=f"{cfg.run.name} (seed {o.seed})"))
+    write_bytes(fs, f"{run_dir}/config.yaml", cfg.to_yaml().encode())
+    write_json(fs, f"{run_dir}/metrics.json", metrics)  # last: its presence means the run's outputs are complete
+    if metrics["checkpoint"]:
+        paths["checkpoint"] = metrics["checkpoint"]
+    from psamf.outputs import json_safe
+
+    safe = json_safe(metrics)
+    return TrainResult(run_name=cfg.run.name, run_dir=st.run_uri(cfg.run.name), metrics=safe, paths=paths,
+                       history=history, table=metrics_table(safe))
+
+
+def checkpoint_uri(st: Any, fs_path: str | None) -> str | None:
+    """A checkpoint's filesystem path as a URI the user can paste (s3://... when the storage is S3)."""
+    if not fs_path:
+        return None
+    if st.uri.startswith("s3://") and not fs_path.startswith("s3://"):
+        return "s3://" + fs_path.lstrip("/")
+    return fs_path
