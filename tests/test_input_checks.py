@@ -50,7 +50,8 @@ class HostSyncRecorder(TorchDispatchMode):
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         host_only = bool(inputs) and all(self._is_host(t) for t in inputs)
         if name in SYNC_OPS and not host_only:
-            caller = [f for f in traceback.extract_stack() if "torch/utils" not in f.filename][-3:]
+            caller = [f for f in traceback.extract_stack()[:-1]  # without this frame, dynamo or dispatch glue
+                      if not any(p in f.filename for p in ("torch/utils", "torch/_dynamo", "torch/_compile"))][-3:]
             self.syncs.append(f"{name} at " + " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno}"
                                                          for f in reversed(caller)))
         out = func(*args, **kwargs)
