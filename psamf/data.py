@@ -301,6 +301,8 @@ class PadCollate(ArrowBatchCollateFn):
     def __call__(self, batch: pa.Table) -> dict[str, Any]:
         import torch
 
+        from psamf.model import check_inputs  # here, like torch: importing psamf.data stays torch-free
+
         out: dict[str, Any] = {}
         for names in (TOKEN_COLUMNS, P_TOKEN_COLUMNS):
             cols = {c: _fsl_2d(_column(batch, c)) for c in names}
@@ -324,6 +326,7 @@ class PadCollate(ArrowBatchCollateFn):
         out["index"] = torch.from_numpy(_column(batch, "index").to_numpy(zero_copy_only=False).astype(np.int64))
         if self.sample_ids:
             out["sample_id"] = _column(batch, "sample_id").to_pylist()
+        check_inputs(out)  # on the host, once per batch: forward no longer checks values (a sync per step on a GPU)
         return out
 
 

@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -48,6 +49,100 @@ PERSONALITY_INIT_SEED = 0  # a randomly initialised personality BERT is seeded, 
 def model_inputs(batch: Mapping[str, object]) -> dict[str, Tensor]:
     """The subset of a batch dict that PSAMF.forward takes."""
     return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch and batch[k] is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks: shapes in forward (free), values at the data boundary (host, once per batch)
+# ---------------------------------------------------------------------------------------------
+
+# The shape checks read only `.shape`/`.ndim`, which torch tensors and numpy arrays both have.
+ArrayLike = Tensor | np.ndarray
+
+
+def check_input_shapes(input_ids: ArrayLike, attention_mask: ArrayLike, audio: ArrayLike, audio_lengths: ArrayLike,
+                       visual: ArrayLike, visual_lengths: ArrayLike, personality_cls: ArrayLike | None,
+                       cfg: ModelConfig | None = None, personality_dim: int | None = None) -> None:
+    """Shape and width checks that read no data, so `forward` runs them every step at no cost.
+
+    Feature widths are checked only when `cfg` is given and the CLS_p width only with `personality_dim`
+    (the collate knows neither; the model knows both).
+    """
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids: expected (B, L), got shape {tuple(input_ids.shape)}")
+    B = input_ids.shape[0]
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} differs from input_ids "
+                         f"{tuple(input_ids.shape)}")
+    for name, x, lens in (("audio", audio, audio_lengths), ("visual", visual, visual_lengths)):
+        dim = getattr(cfg, f"{name}_dim") if cfg is not None else None
+        if x.ndim != 3 or x.shape[0] != B or (dim is not None and x.shape[2] != dim):
+            where = f" (model.{name}_dim={dim})" if dim is not None else ""
+            raise ValueError(f"{name}: expected (B={B}, T, {dim or 'D'}) features, got shape {tuple(x.shape)}"
+                             f"{where}")
+        if tuple(lens.shape) != (B,):
+            raise ValueError(f"{name}_lengths: expected shape ({B},), got {tuple(lens.shape)}")
+    if personality_cls is not None and (personality_cls.ndim != 2 or personality_cls.shape[0] != B or (
+            personality_dim is not None and personality_cls.shape[1] != personality_dim)):
+        raise ValueError(f"personality_cls: expected (B={B}, {personality_dim or 'H_p'}) (the personality "
+                         f"encoder's width), got shape {tuple(personality_cls.shape)}")
+
+
+def _host(x: ArrayLike) -> np.ndarray:
+    """A numpy view of a host tensor; a device tensor is copied once (the one transfer a user entry pays)."""
+    if isinstance(x, Tensor):
+        x = x.detach()
+        return (x.float() if x.dtype == torch.bfloat16 else x).cpu().numpy()  # numpy has no bfloat16
+    return np.asarray(x)
+
+
+def _nonfinite_count(x: np.ndarray) -> int:
+    """How many NaN/inf entries: one elementwise pass and one reduction (about 0.2 ms for a batch of 32 MOSI
+    visual sequences; a float64 sum that lets NaN/inf propagate measured several times slower)."""
+    finite = np.isfinite(x)
+    return 0 if finite.all() else int(x.size - np.count_nonzero(finite))
+
+
+def _empty_rows(mask: np.ndarray) -> list[int]:
+    """Rows whose mask has at most [CLS] [SEP] (no token of the transcript), first ten."""
+    return np.flatnonzero(mask.sum(axis=1) <= 2)[:10].tolist()
+
+
+def check_inputs(batch: Mapping[str, object], cfg: ModelConfig | None = None, *,
+                 personality_dim: int | None = None) -> None:
+    """Every check on model inputs, vectorised, on host tensors or numpy arrays: a clear ValueError naming
+    the field.
+
+    Runs where the batch is still on the host (`PadCollate`, `PSAMF.predict`), because each data-dependent
+    check in `forward` would be a device-to-host sync per step on a GPU. One reduction per field; the slower
+    diagnostics (counts, rows, min/max) run only on the error path. `cfg` adds the feature widths and the
+    personality switch; `personality_dim` the CLS_p width. The personality transcript is checked only when
+    it will be encoded: no precomputed `personality_cls`, and personality enabled (or unknown, cfg=None).
+    """
+    for k in ("input_ids", "attention_mask", "audio", "audio_lengths", "visual", "visual_lengths"):
+        if batch.get(k) is None:
+            raise ValueError(f"{k}: missing from the batch (keys: {sorted(batch)})")
+    cls_p = batch.get("personality_cls")
+    check_input_shapes(batch["input_ids"], batch["attention_mask"], batch["audio"], batch["audio_lengths"],
+                       batch["visual"], batch["visual_lengths"], cls_p, cfg, personality_dim)
+    empty = _empty_rows(_host(batch["attention_mask"]))
+    if empty:
+        raise ValueError(f"input_ids: empty transcript (no tokens between [CLS] and [SEP]) in batch row(s) {empty}")
+    for name in ("audio", "visual"):
+        x, lens = _host(batch[name]), _host(batch[f"{name}_lengths"])
+        bad = _nonfinite_count(x)
+        if bad:
+            raise ValueError(f"{name}: {bad} NaN/inf value(s) in the features; zero or drop them upstream")
+        T = x.shape[1]
+        if ((lens < 1) | (lens > T)).any():
+            raise ValueError(f"{name}_lengths: every length must be in [1, {T}] (the padded length); "
+                             f"got min {lens.min()}, max {lens.max()}")
+    if cls_p is not None and _nonfinite_count(_host(cls_p)):
+        raise ValueError("personality_cls: contains NaN/inf")
+    p_mask = batch.get("p_attention_mask")
+    if cls_p is None and p_mask is not None and (cfg is None or cfg.use_personality):
+        empty = _empty_rows(_host(p_mask))
+        if empty:
+            raise ValueError(f"p_input_ids: empty transcript in batch row(s) {empty}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,38 +400,21 @@ class PSAMF(nn.Module):
         return self
 
     # ------------------------------------------------------------------ input checks
-    def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor, audio: Tensor, audio_lengths: Tensor,
-                      visual: Tensor, visual_lengths: Tensor, personality_cls: Tensor | None) -> None:
-        cfg = self.cfg
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected (B, L), got shape {tuple(input_ids.shape)}")
-        B = input_ids.shape[0]
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} differs from input_ids "
-                             f"{tuple(input_ids.shape)}")
-        empty = (attention_mask.sum(dim=1) <= 2).nonzero().flatten()  # [CLS] [SEP] only
-        if empty.numel():
-            raise ValueError(f"input_ids: empty transcript (no tokens between [CLS] and [SEP]) in batch "
-                             f"row(s) {empty.tolist()[:10]}")
-        for name, x, lens, dim in (("audio", audio, audio_lengths, cfg.audio_dim),
-                                   ("visual", visual, visual_lengths, cfg.visual_dim)):
-            if x.dim() != 3 or x.shape[0] != B or x.shape[2] != dim:
-                raise ValueError(f"{name}: expected (B={B}, T, {dim}) features, got shape {tuple(x.shape)} "
-                                 f"(model.{name}_dim={dim})")
-            if not torch.isfinite(x).all():
-                bad = (~torch.isfinite(x)).sum().item()
-                raise ValueError(f"{name}: {bad} NaN/inf value(s) in the features; zero or drop them upstream")
-            if lens.shape != (B,):
-                raise ValueError(f"{name}_lengths: expected shape ({B},), got {tuple(lens.shape)}")
-            if (lens < 1).any() or (lens > x.shape[1]).any():
-                raise ValueError(f"{name}_lengths: every length must be in [1, {x.shape[1]}] (the padded "
-                                 f"length); got min {lens.min().item()}, max {lens.max().item()}")
-        if personality_cls is not None and (personality_cls.dim() != 2 or personality_cls.shape[0] != B
-                                            or personality_cls.shape[1] != self.personality_dim):
-            raise ValueError(f"personality_cls: expected (B={B}, {self.personality_dim}) (the personality "
-                             f"encoder's width), got shape {tuple(personality_cls.shape)}")
-        if personality_cls is not None and not torch.isfinite(personality_cls).all():
-            raise ValueError("personality_cls: contains NaN/inf")
+    def predict(self, **inputs: Tensor | None) -> PSAMFOutput:
+        """The entry for tensors from a user: validate on the host, move to the model's device, run forward.
+
+        A separate method rather than `forward(..., validate=True)`: `forward` is what the training loop,
+        DDP and torch.compile call every step, so it keeps one code path free of data-dependent checks
+        (each would be a device-to-host sync on a GPU), and a flag there would make either the unchecked
+        path the quiet default for users or the syncing path the default for training. `predict` pays the
+        checks once per call, on the host copies, before anything reaches the device. Runs without
+        gradients in whatever train/eval mode the module is in (call `.eval()` first, as for any module).
+        """
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        check_inputs(inputs, self.cfg, personality_dim=self.personality_dim)
+        device = next(self.parameters()).device
+        with torch.no_grad():
+            return self(**{k: v.to(device) for k, v in inputs.items()})
 
     # ------------------------------------------------------------------ pieces of the forward pass
     def personality_cls(self, p_input_ids: Tensor | None, p_attention_mask: Tensor | None,
@@ -348,12 +426,11 @@ class PSAMF(nn.Module):
         if p_input_ids is None or p_attention_mask is None:
             raise ValueError("p_input_ids / p_attention_mask: required to run the personality encoder "
                              "(or pass precomputed personality_cls)")
-        if (p_attention_mask.sum(dim=1) <= 2).any():
-            rows = (p_attention_mask.sum(dim=1) <= 2).nonzero().flatten().tolist()[:10]
-            raise ValueError(f"p_input_ids: empty transcript in batch row(s) {rows}")
+        # A 4-D additive mask, as for the sentiment layers: given the 2-D mask, HF's mask builder asks
+        # `padding_mask.all()` on every call to pick an SDPA fast path, a host sync per step on a GPU.
+        mask4 = additive_mask(p_attention_mask, next(self.personality_enc.parameters()).dtype)  # (B, 1, 1, L_p)
         with torch.no_grad():
-            out = self.personality_enc(input_ids=p_input_ids, attention_mask=p_attention_mask,
-                                       token_type_ids=p_token_type_ids)
+            out = self.personality_enc(input_ids=p_input_ids, attention_mask=mask4, token_type_ids=p_token_type_ids)
         return out.last_hidden_state[:, 0]  # (B, H_p)
 
     def _cross(self, query: Tensor, seq: Tensor, lengths: Tensor, attn: nn.MultiheadAttention,
@@ -387,7 +464,10 @@ class PSAMF(nn.Module):
         personality_cls: Tensor | None = None,  # (B, H_p) precomputed CLS_p: skips the personality BERT
     ) -> PSAMFOutput:
         cfg = self.cfg
-        self._check_inputs(input_ids, attention_mask, audio, audio_lengths, visual, visual_lengths, personality_cls)
+        # shapes only: free (no data is read). Values are checked at the data boundary (`check_inputs`, called
+        # by PadCollate and PSAMF.predict), never here, where each check would stall a GPU step on a host sync.
+        check_input_shapes(input_ids, attention_mask, audio, audio_lengths, visual, visual_lengths,
+                           personality_cls, cfg, self.personality_dim)
 
         # 1. audio / visual encoders
         h_v, seq_v = self.visual_enc(visual, visual_lengths)  # (B, A), (B, T_v, hidden)

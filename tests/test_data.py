@@ -21,8 +21,8 @@ def fsl(rows, width, typ=pa.int32()):
     return pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(rows).reshape(-1), typ), width)
 
 
-def hand_table(layout="ragged", *, with_cls=False, a_lens=(3, 1, 5), v_lens=(2, 4, 1), t_lens=(4, 2, 6),
-               p_lens=(3, 5, 2), D_a=2, D_v=3, T_max=(6, 5)):
+def hand_table(layout="ragged", *, with_cls=False, a_lens=(3, 1, 5), v_lens=(2, 4, 1), t_lens=(4, 3, 6),
+               p_lens=(3, 5, 3), D_a=2, D_v=3, T_max=(6, 5)):
     """Three shard rows built by hand: frame values encode (row, frame, feature) so padding errors show."""
     B = len(a_lens)
     cols = {"index": pa.array(np.arange(10, 10 + B), pa.int64()),
@@ -71,8 +71,8 @@ def test_collate_pads_to_batch_max_and_trims_tokens(layout):
         assert b[k].dtype == torch.int64, k
     for k in ("audio", "visual", "label"):
         assert b[k].dtype == torch.float32, k
-    assert b["input_ids"][1].tolist() == [200, 201, 0, 0, 0, 0]
-    assert b["attention_mask"].sum(1).tolist() == [4, 2, 6]
+    assert b["input_ids"][1].tolist() == [200, 201, 202, 0, 0, 0]
+    assert b["attention_mask"].sum(1).tolist() == [4, 3, 6]
     assert b["audio"].shape == (3, 5, 2) and b["visual"].shape == (3, 4, 3)  # batch max, not data-set max (6, 5)
     assert b["audio_lengths"].tolist() == [3, 1, 5] and b["visual_lengths"].tolist() == [2, 4, 1]
     for i, n in enumerate([3, 1, 5]):
@@ -97,7 +97,7 @@ def test_collate_on_sliced_and_chunked_tables(layout):
     for k in full:
         torch.testing.assert_close(got[k], full[k])
     one = PadCollate()(tbl.slice(1, 1))  # a one-row batch: its own lengths
-    assert one["audio"].shape == (1, 1, 2) and one["input_ids"].shape == (1, 2) and one["visual"].shape == (1, 4, 3)
+    assert one["audio"].shape == (1, 1, 2) and one["input_ids"].shape == (1, 3) and one["visual"].shape == (1, 4, 3)
 
 
 def test_collate_personality_cls_and_sample_ids():

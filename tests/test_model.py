@@ -8,7 +8,7 @@ from transformers import BertModel
 
 from psamf.config import ABLATIONS, Config, ablate
 from psamf.losses import compute_losses
-from psamf.model import (PSAMF, AddNormFFN, CLIPHead, RNNEncoder, SubNet, build_model, build_text_bert,
+from psamf.model import (PSAMF, AddNormFFN, CLIPHead, RNNEncoder, SubNet, build_model, build_text_bert, check_inputs,
                          load_personality_encoder, model_inputs, param_groups)
 from tests.helpers import make_batch, tiny_cfg
 
@@ -279,8 +279,13 @@ def test_batch_of_one_works(cfg):
     (lambda b: b.update(attention_mask=b["attention_mask"][:, :-1]), "attention_mask"),
 ])
 def test_bad_input_is_a_clear_value_error(cfg, mutate, field):
+    """The user entry (predict) and the host validator on numpy arrays both name the field; forward checks
+    only shapes (tests/test_input_checks.py)."""
     m = _model(cfg).eval()
     b = make_batch(cfg.model, B=4)
     mutate(b)
     with pytest.raises(ValueError, match=field):
-        m(**model_inputs(b))
+        m.predict(**model_inputs(b))
+    host = {k: v.numpy() for k, v in model_inputs(b).items()}
+    with pytest.raises(ValueError, match=field):
+        check_inputs(host, cfg.model, personality_dim=m.personality_dim)
