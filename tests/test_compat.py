@@ -90,7 +90,7 @@ def _bert(sd, prefix, layers):
 
 
 def reference_forward(sd, batch):
-    """What the reference code computes (psamf-reference.md §3), from its own state-dict keys."""
+    """What the reference code computes (docs/paper-vs-code.md §3), from its own state-dict keys."""
     B = batch["input_ids"].shape[0]
 
     def lin(name, x):
