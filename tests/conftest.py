@@ -1,6 +1,6 @@
 """Shared fixtures: one local Ray for the whole test run, one moto S3 server on 127.0.0.1.
 
-Environment set here, before anything can start Ray (see shared/docs/ray-notes.md §10):
+Environment set here, before anything can start Ray (see docs/ray-operations.md §3, §10):
 token auth pinned off for the embedded test cluster, usage stats off, AWS credentials and
 endpoint for the moto server so Ray workers see them too.
 """

@@ -1,7 +1,7 @@
 """Reference-checkpoint conversion: keys, reasons, shape errors, and identical predictions.
 
 `reference_forward` below is an independent transcription of what the reference code computes
-(shared/docs/psamf-reference.md §3) working directly on a reference-keyed state dict with stock
+(docs/paper-vs-code.md §3) working directly on a reference-keyed state dict with stock
 Hugging Face / PyTorch modules; psamf must reproduce its predictions after conversion.
 """
 
@@ -19,8 +19,8 @@ from psamf.model import build_model, model_inputs
 from tests.helpers import make_batch
 
 torch.set_num_threads(1)
-KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "docs" / "reference-checkpoint-keys.tsv"
-KEYS_TSV = KEYS_TSV if KEYS_TSV.exists() else Path("/work/shared/docs/reference-checkpoint-keys.tsv")
+# every state-dict key of a full-size reference checkpoint with its shape (data, not prose)
+KEYS_TSV = Path(__file__).resolve().parent / "fixtures" / "reference-checkpoint-keys.tsv"
 
 
 def _tsv():
@@ -90,7 +90,7 @@ def _bert(sd, prefix, layers):
 
 
 def reference_forward(sd, batch):
-    """What the reference code computes (psamf-reference.md §3), from its own state-dict keys."""
+    """What the reference code computes (docs/paper-vs-code.md §3), from its own state-dict keys."""
     B = batch["input_ids"].shape[0]
 
     def lin(name, x):
