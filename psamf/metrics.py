@@ -27,10 +27,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from psamf.datasets import names_in_family
+
 __all__ = [
     "REGRESSION_KEYS",
     "SIMS_KEYS",
-    "MMSA_NAMES",
     "regression_metrics",
     "sims_metrics",
     "compute_metrics",
@@ -42,20 +43,13 @@ __all__ = [
 REGRESSION_KEYS = ("mae", "corr", "acc7", "acc5", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0")
 SIMS_KEYS = ("acc2", "acc3", "acc5", "f1", "mae", "corr")
 
-# Our key -> MMSA's key, for reading MMSA result tables side by side (data-formats.md §8).
-MMSA_NAMES: dict[str, str] = {
-    "acc2_has0": "Has0_acc_2", "f1_has0": "Has0_F1_score", "acc2_non0": "Non0_acc_2", "f1_non0": "Non0_F1_score",
-    "acc5": "Mult_acc_5", "acc7": "Mult_acc_7", "mae": "MAE", "corr": "Corr",
-    "acc2": "Mult_acc_2", "acc3": "Mult_acc_3", "f1": "F1_score",
-}
-
 # SIMS bin edges (§8.2): lower-exclusive, upper-inclusive. Stored as float32 values (see module docstring).
 _SIMS_EDGES_2 = np.asarray([-1.01, 0.0, 1.01], dtype=np.float32).astype(np.float64)
 _SIMS_EDGES_3 = np.asarray([-1.01, -0.1, 0.1, 1.01], dtype=np.float32).astype(np.float64)
 _SIMS_EDGES_5 = np.asarray([-1.01, -0.7, -0.1, 0.1, 0.7, 1.01], dtype=np.float32).astype(np.float64)
 
-_REGRESSION_DATASETS = ("mosi", "mosei", "custom")
-_SIMS_DATASETS = ("sims", "simsv2")
+_REGRESSION_DATASETS = names_in_family("regression")  # psamf.datasets: mosi, mosei, custom
+_SIMS_DATASETS = names_in_family("sims")  # sims, simsv2
 
 
 # --------------------------------------------------------------------------------------------

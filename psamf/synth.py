@@ -77,7 +77,6 @@ Determinism: every random stream is seeded from ``(seed, kind, stream)``; same a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import math
@@ -88,6 +87,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from psamf.datasets import CORPORA
+from psamf.storage import atomic_open
 
 __all__ = [
     "KINDS",
@@ -183,29 +185,45 @@ class KindSpec:
         return (-float(self.label_max), float(self.label_max))
 
 
+def _sizes(kind: str) -> tuple[int, int, int]:
+    sizes = CORPORA[kind].split_sizes
+    assert sizes is not None
+    return sizes
+
+
+def _dims(kind: str) -> tuple[int, int]:
+    dims = CORPORA[kind].feature_dims
+    assert dims is not None
+    return dims
+
+
+# split sizes and feature widths come from the corpus registry (psamf.datasets); the rest is synth's own
 KINDS: dict[str, KindSpec] = {
     "mosi": KindSpec(
-        name="mosi", split_sizes=(1284, 229, 686), split_videos=(52, 10, 31), audio_dim=5, visual_dim=20,
+        name="mosi", split_sizes=_sizes("mosi"), split_videos=(52, 10, 31),
+        audio_dim=_dims("mosi")[0], visual_dim=_dims("mosi")[1],
         audio_frames=375, vision_frames=500, text_len=50, label_max=3, annotators=5, annot_noise=0.6,
         label_scale=0.85, label_shift=0.05, mmsa_file="unaligned_50.pkl", mult_file="mosi_data_noalign.pkl",
         unimodal_labels=False, bytes_ids=True, video_style="youtube",
     ),
     "mosei": KindSpec(
-        name="mosei", split_sizes=(16326, 1871, 4659), split_videos=(2249, 300, 678), audio_dim=74,
-        visual_dim=35, audio_frames=500, vision_frames=500, text_len=50, label_max=3, annotators=3,
+        name="mosei", split_sizes=_sizes("mosei"), split_videos=(2249, 300, 678), audio_dim=_dims("mosei")[0],
+        visual_dim=_dims("mosei")[1], audio_frames=500, vision_frames=500, text_len=50, label_max=3, annotators=3,
         annot_noise=0.5, label_scale=0.55, label_shift=0.35, mmsa_file="unaligned_50.pkl",
         mult_file="mosei_senti_data_noalign.pkl", unimodal_labels=False, bytes_ids=False,
         video_style="youtube",
     ),
     "sims": KindSpec(
-        name="sims", split_sizes=(1368, 456, 457), split_videos=(36, 12, 12), audio_dim=33, visual_dim=709,
+        name="sims", split_sizes=_sizes("sims"), split_videos=(36, 12, 12),
+        audio_dim=_dims("sims")[0], visual_dim=_dims("sims")[1],
         audio_frames=400, vision_frames=55, text_len=39, label_max=1, annotators=5, annot_noise=0.45,
         label_scale=0.35, label_shift=-0.1, mmsa_file="unaligned_39.pkl", mult_file="sims_data_noalign.pkl",
         unimodal_labels=True, bytes_ids=False, video_style="sims",
     ),
     # SIMS v2 dims/lengths as in MMSA's config ([768, 25, 177], seq_lens [50, 925, 232]); video count invented
     "simsv2": KindSpec(
-        name="simsv2", split_sizes=(2722, 647, 1034), split_videos=(90, 22, 34), audio_dim=25, visual_dim=177,
+        name="simsv2", split_sizes=_sizes("simsv2"), split_videos=(90, 22, 34),
+        audio_dim=_dims("simsv2")[0], visual_dim=_dims("simsv2")[1],
         audio_frames=925, vision_frames=232, text_len=50, label_max=1, annotators=5, annot_noise=0.45,
         label_scale=0.35, label_shift=0.0, mmsa_file="sims_unaligned.pkl", mult_file="simsv2_data_noalign.pkl",
         unimodal_labels=True, bytes_ids=False, video_style="sims",
@@ -484,29 +502,13 @@ def generate(kind: str, seed: int = 0, scale: float = 1.0) -> SynthCorpus:
 # ------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _atomic_open(path: Path):
-    """A binary file that appears at `path` only once it is completely written (temp name + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    with _atomic_open(path) as f:
+    with atomic_open(path) as f:
         f.write(data)
 
 
 def _atomic_pickle(path: Path, obj: object) -> None:
-    with _atomic_open(path) as f:  # streamed: full-scale pickles are large
+    with atomic_open(path) as f:  # streamed: full-scale pickles are large
         pickle.dump(obj, f, protocol=4)
 
 
