@@ -1,4 +1,4 @@
-"""Evaluation metrics: the contract of `shared/docs/data-formats.md` §8, plus seed summaries and trivial floors.
+"""Evaluation metrics: the contract of `docs/data-formats.md` (metrics), plus seed summaries and trivial floors.
 
 Public functions
 ----------------
@@ -126,7 +126,7 @@ def _bins(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def regression_metrics(pred: Any, label: Any) -> dict[str, float]:
-    """MOSI / MOSEI metrics (data-formats.md §8.1). Accuracies and F1 in [0, 1].
+    """MOSI / MOSEI metrics (docs/data-formats.md). Accuracies and F1 in [0, 1].
 
     Keys: `mae` (unclipped), `corr` (Pearson, unclipped; NaN for constant inputs), `acc7` (clip ±3),
     `acc5` (clip ±2), `acc2_has0` / `f1_has0` ((p >= 0) vs (t >= 0) over all samples), `acc2_non0` / `f1_non0`
@@ -155,7 +155,7 @@ def regression_metrics(pred: Any, label: Any) -> dict[str, float]:
 
 
 def sims_metrics(pred: Any, label: Any) -> dict[str, float]:
-    """CH-SIMS / SIMS v2 metrics (data-formats.md §8.2). Accuracies and F1 in [0, 1].
+    """CH-SIMS / SIMS v2 metrics (docs/data-formats.md). Accuracies and F1 in [0, 1].
 
     Both inputs are clipped to [-1, 1] first; MAE and Corr are computed on the clipped values. Bins are
     lower-exclusive / upper-inclusive: Acc-2 {[-1, 0], (0, 1]} (0 is negative, unlike Has0), Acc-3
@@ -269,7 +269,7 @@ def format_table(
 
 
 # --------------------------------------------------------------------------------------------
-# Trivial baselines (data-formats.md §7: sanity floors)
+# Trivial baselines (docs/data-formats.md: sanity floors)
 # --------------------------------------------------------------------------------------------
 
 

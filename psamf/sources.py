@@ -1,6 +1,6 @@
 """Readers that turn the supported corpora into one canonical in-memory form, `RawDataset`.
 
-Formats (see shared/docs/data-formats.md): MMSA pickles, MulT "noalign" pickles + label CSV
+Formats (see docs/data-formats.md): MMSA pickles, MulT "noalign" pickles + label CSV
 (joined by id), and custom manifests pointing at per-sample .npy/.npz features.
 
 Contract with `psamf.prepare` (which tokenises and writes shards):
@@ -79,6 +79,7 @@ __all__ = [
     "read_mult",
     "read_custom",
     "read_source",
+    "SOURCE_FORMATS",
 ]
 
 
@@ -112,7 +113,7 @@ class RawDataset:
 # Checksums
 # ------------------------------------------------------------------------------------------------
 
-#: MMSA README (data-formats.md §3)
+#: MMSA README (docs/data-formats.md)
 PUBLISHED_SHA256: dict[str, str] = {
     "MOSI/Processed/unaligned_50.pkl": "78e0f8b5ef8ff71558e7307848fc1fa929ecb078203f565ab22b9daab2e02524",
     "MOSI/Processed/aligned_50.pkl": "d3994fd25681f9c7ad6e9c6596a6fe9b4beb85ff7d478ba978b124139002e5f9",
@@ -843,6 +844,9 @@ def read_custom(
 # ------------------------------------------------------------------------------------------------
 
 
+SOURCE_FORMATS = ("mmsa", "mult", "custom")
+
+
 def read_source(
     fmt: Literal["mmsa", "mult", "custom"],
     path: str | os.PathLike,
@@ -861,4 +865,4 @@ def read_source(
         return read_mult(path, label_csv, name, padding=padding, label_range=label_range)
     if fmt == "custom":
         return read_custom(path, name or "custom", label_range=label_range)
-    raise ValueError(f"unknown source format {fmt!r}; choose one of ['mmsa', 'mult', 'custom']")
+    raise ValueError(f"unknown source format {fmt!r}; choose one of {list(SOURCE_FORMATS)}")

@@ -106,6 +106,7 @@ class Location:
     storage_filesystem:  a pyarrow filesystem for `RunConfig(storage_filesystem=...)` / `read_parquet(
                          filesystem=...)`, or None (Ray / pyarrow infer it from the scheme)
     fs, root:            the pyarrow filesystem and scheme-less path psamf itself reads and writes with
+                         (fs is None for a scheme only fsspec knows; `fsspec()` still works there)
     uri:                 the URI as the user wrote it (for messages), absolute when local
     endpoint:            the custom S3 endpoint in use, or None
     """
@@ -174,8 +175,20 @@ def resolve(uri: str, s3_endpoint: str | None = None) -> Location:
             return Location(storage_path=root, storage_filesystem=fs, fs=fs, root=root, uri=uri, endpoint=endpoint)
         return Location(storage_path=f"s3://{root}", storage_filesystem=None, fs=pafs.S3FileSystem(), root=root,
                         uri=uri)
-    fs, root = pafs.FileSystem.from_uri(uri)
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+    except (ValueError, NotImplementedError) as e:  # a scheme only fsspec knows (memory://, az://, ...)
+        fs, root = None, uri.split("://", 1)[1]
+        reason = str(e)
+        if not _fsspec_knows(uri):
+            raise ValueError(f"{uri}: neither pyarrow nor fsspec can open this URI ({reason})") from None
     return Location(storage_path=uri, storage_filesystem=None, fs=fs, root=root.rstrip("/"), uri=uri)
+
+
+def _fsspec_knows(uri: str) -> bool:
+    import fsspec
+
+    return uri.split("://", 1)[0] in fsspec.available_protocols()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """`psamf synth`: seeded synthetic MOSI-, MOSEI-, SIMS- and SIMS v2-shaped corpora.
 
-The corpora have the real releases' shapes (shared/docs/data-formats.md §2, §3, §5) and carry a learnable,
+The corpora have the real releases' shapes (docs/data-formats.md) and carry a learnable,
 documented signal, so that the whole pipeline (readers, prepare, training, ablations) can be exercised without
 the public data sets, which cannot be downloaded here.
 
@@ -26,7 +26,7 @@ shape ``(N, L, 1)`` by default to keep files small; ``--full-text-features`` wri
 ``text_bert`` holds real ``[CLS] … [SEP]`` ids of the packaged ``psamf:tiny`` vocabulary, mask and segment ids.
 All numeric arrays are float32.
 
-Sizes: each split has ``max(2, round(n · scale))`` clips (n from data-formats.md §2) spread over
+Sizes: each split has ``max(2, round(n · scale))`` clips (n from docs/data-formats.md) spread over
 ``max(1, round(videos · scale))`` videos (MOSI 52/10/31 and MOSEI 2249/300/678 as in the CMU folds; SIMS 36/12/12
 and SIMS v2 90/22/34 invented). All transcripts, SIMS included, use the same English synthetic lexicon.
 
@@ -159,7 +159,7 @@ LEXICON: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class KindSpec:
-    """Shape and label conventions of one real release (data-formats.md §2, §3, §5)."""
+    """Shape and label conventions of one real release (docs/data-formats.md)."""
 
     name: str
     split_sizes: tuple[int, int, int]  # train, valid, test clips at scale 1
@@ -689,7 +689,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed => identical bytes)")
     parser.add_argument("--scale", type=float, default=1.0,
-                        help="split sizes relative to the canonical ones (data-formats.md §2); default 1.0")
+                        help="split sizes relative to the canonical ones (docs/data-formats.md); default 1.0")
     parser.add_argument("--full-text-features", action="store_true",
                         help="write the unused text-feature arrays at their real width (768 BERT / 300 GloVe) "
                              "instead of width 1")
