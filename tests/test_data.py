@@ -326,16 +326,6 @@ def test_two_train_workers_stream_disjoint_covering_shards(tmp_path, ray_cluster
 # ---------------------------------------------------------------------------------------------
 
 
-def test_read_manifest_checks_schema_version(tmp_path):
-    from psamf.data import IncompleteDatasetError, read_manifest
-
-    with pytest.raises(IncompleteDatasetError, match="no manifest.json"):
-        read_manifest(str(tmp_path / "missing"))
-    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 999}))
-    with pytest.raises(ValueError, match="schema_version 999"):
-        read_manifest(str(tmp_path))
-
-
 def test_split_config_splits_only_train():
     from psamf.data import split_config
 
