@@ -144,9 +144,9 @@ def resolve_checkpoint(uri: str, *, s3_endpoint: str | None = None) -> tuple[Any
     """(pyarrow filesystem, checkpoint path) for a checkpoint directory, or for a finished run directory (its
     validation-selected checkpoint, found by name **inside the directory the caller named**, so that a copied or
     moved run directory evaluates its own checkpoint, never the original's)."""
-    from psamf.outputs import exists, read_json, storage_target
+    from psamf.storage import exists, read_json, resolve
 
-    st = storage_target(uri, s3_endpoint)
+    st = resolve(uri, s3_endpoint)
     fs, path = st.fs, st.root
     if exists(fs, f"{path}/model.pt"):
         return fs, path
@@ -183,9 +183,9 @@ class LocalCheckpoints:
     `run.keep_checkpoints` by the selection metric, as Ray does, so re-running the run name resumes here too."""
 
     def __init__(self, storage: Sequence[Any], name: str, keep: int, selector: Selector):
-        from psamf.outputs import storage_target
+        from psamf.storage import resolve
 
-        st = storage_target(storage[0], storage[1])
+        st = resolve(storage[0], storage[1])
         self.fs, self.run_dir, self.keep, self.selector = st.fs, st.run_dir(name), keep, selector
 
     def complete(self) -> dict[int, str]:

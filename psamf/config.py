@@ -27,6 +27,9 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from psamf.datasets import DatasetName
+from psamf.storage import atomic_open
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -210,7 +213,7 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     uri: str = "data/shards/mosi"  # shard directory: local path, s3://, gs://
-    dataset: Literal["mosi", "mosei", "sims", "simsv2", "custom"] = "mosi"
+    dataset: DatasetName = "mosi"  # a corpus of psamf.datasets (validated against the registry)
     max_text_len: int = 50  # tokens, both tokenizers
     tokenizer: str = "bert-base-uncased"  # sentiment tokenizer; "psamf:tiny" = the packaged synthetic vocab
     personality_tokenizer: str = "bert-base-uncased"
@@ -325,10 +328,8 @@ class Config:
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            p = Path(path)
-            tmp = p.with_name(p.name + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(p)
+            with atomic_open(Path(path), "w") as f:
+                f.write(text)
         return text
 
     @classmethod

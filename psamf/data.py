@@ -1,12 +1,13 @@
 """The Ray Data pipeline: prepared shards (psamf.prepare) -> named, padded torch batches.
 
-    read_manifest(uri)                   manifest.json; a directory without one is an incomplete data set
+    read_manifest(uri)                   manifest.json (psamf.shards); a directory without one is incomplete
     build_datasets(data_cfg)             {"train", "valid", "test"} -> ray.data.Dataset (pruned columns)
+    load_datasets(data_cfg, manifest)    the same, with small splits read in the driver (no read tasks)
     split_config()                       ray.train.DataConfig(datasets_to_split=["train"]) for the TorchTrainer
     iter_batches(shard, data_cfg, B, epoch=, train=)   the batches a training / evaluation loop consumes
     PadCollate                           ArrowBatchCollateFn: one Arrow batch -> dict of padded tensors
 
-Where each step runs (ray-notes §3.2, style §7): tokenisation (both tokenizers), id checks and the
+Where each step runs (docs/ray-operations.md): tokenisation (both tokenizers), id checks and the
 optional personality CLS happen offline in `psamf prepare`; no per-row transform is left for Ray Data.
 `build_datasets` reads the manifest's shard list with `read_parquet(...).select_columns(...)` (text,
 speaker, split stay on disk) and, with `data_cfg.materialize` (default), `materialize()`s each split
@@ -22,7 +23,7 @@ Per-epoch randomness happens after that boundary, where the epoch number is know
     seeded random order by prepare;
   * `iter_batches(train=True)` permutes every window of `group_window * batch_size` rows with a
     generator seeded by `(data_cfg.shuffle_seed, epoch, first row index of the window)` — the
-    "row permutation" tier of ray-notes §3.3, run on Ray's collate threads;
+    "row permutation" tier of docs/ray-operations.md, run on Ray's collate threads;
   * with `data_cfg.length_grouping` the window is instead sorted by transcript length (random
     tie-break), cut into batches, and the batch order shuffled.
 A row meets only rows of its own block (~1,600 MOSEI rows at the default 128 MiB shard size) in a
@@ -66,9 +67,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import json
 import math
-import os
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -76,8 +75,10 @@ import pyarrow as pa
 
 from ray.data.collate_fn import ArrowBatchCollateFn
 
-from psamf.config import DataConfig
-from psamf.prepare import MANIFEST_NAME, SCHEMA_VERSION, fsspec_filesystem, s3_endpoint_from_env
+from psamf.config import ConfigError, DataConfig
+from psamf.shards import (BASE_COLUMNS, P_TOKEN_COLUMNS, TOKEN_COLUMNS, IncompleteDatasetError, check_manifest,
+                          read_manifest)
+from psamf.storage import resolve
 
 if TYPE_CHECKING:
     import ray.data
@@ -89,6 +90,8 @@ __all__ = [
     "IncompleteDatasetError",
     "read_manifest",
     "build_datasets",
+    "load_datasets",
+    "DRIVER_LOAD_FRACTION",
     "split_config",
     "PadCollate",
     "iter_batches",
@@ -97,68 +100,19 @@ __all__ = [
 ]
 
 EVAL_SPLIT_ACROSS_WORKERS = False  # valid/test: every rank streams the whole split (module docstring)
+DRIVER_LOAD_FRACTION = 0.2  # of the object store: splits up to this size are read by the driver (load_datasets)
 
-TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
-P_TOKEN_COLUMNS = ("p_input_ids", "p_attention_mask", "p_token_type_ids")
-# what a training / evaluation loop needs; text, speaker, split, p_text_len stay on disk
-BASE_COLUMNS = ("index", "sample_id", "label", *TOKEN_COLUMNS, *P_TOKEN_COLUMNS, "text_len",
-                "audio", "audio_len", "visual", "visual_len")
-
-
-class IncompleteDatasetError(FileNotFoundError):
-    """The shard directory has no manifest.json: prepare never finished (or is running) there."""
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
-# Manifest and datasets
+# Manifest and datasets (the manifest contract itself lives in psamf.shards)
 # ---------------------------------------------------------------------------------------------
-
-
-def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None, *,
-                  s3_endpoint: str | None = None) -> dict:
-    """The `manifest.json` of a prepared shard directory (local, `s3://`, `gs://`).
-
-    Raises `IncompleteDatasetError` when it is missing: shards without a manifest are an interrupted or
-    running `psamf prepare` and must not be read.
-    """
-    fs, root = fsspec_filesystem(uri, storage_options, s3_endpoint)
-    path = f"{root}/{MANIFEST_NAME}"
-    fs.invalidate_cache()
-    try:
-        with fs.open(path, "rb") as f:
-            man = json.load(f)
-    except FileNotFoundError:
-        raise IncompleteDatasetError(
-            f"{uri}: no {MANIFEST_NAME} — not a complete prepared data set (psamf prepare was interrupted, is "
-            f"still running, or never ran here). Re-run `psamf prepare --out {uri} ...`.") from None
-    if man.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{uri}/{MANIFEST_NAME}: schema_version {man.get('schema_version')!r}, this psamf reads "
-                         f"{SCHEMA_VERSION}; re-run psamf prepare")
-    return man
 
 
 @functools.lru_cache(maxsize=8)
 def _cached_manifest(uri: str, s3_endpoint: str | None) -> dict:
     return read_manifest(uri, s3_endpoint=s3_endpoint)
-
-
-def _arrow_filesystem(uri: str, s3_endpoint: str | None):
-    """(pyarrow filesystem or None, base path) for `ray.data.read_parquet` (ray-notes §3.1)."""
-    if uri.startswith(("s3://", "s3a://")):
-        ep = s3_endpoint or s3_endpoint_from_env()
-        if not ep:
-            return None, uri.rstrip("/")  # AWS itself: pyarrow + the default credential chain
-        from urllib.parse import urlparse
-
-        import pyarrow.fs as pafs
-
-        u = urlparse(ep)
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        fs = pafs.S3FileSystem(endpoint_override=u.netloc, scheme=u.scheme or "https", region=region)
-        return fs, uri.split("://", 1)[1].rstrip("/")
-    if "://" in uri:
-        return None, uri.rstrip("/")  # gs://, hdfs://, ...: pyarrow resolves the scheme
-    return None, os.path.abspath(uri).rstrip("/")
 
 
 def train_columns(manifest: Mapping[str, Any], data_cfg: DataConfig) -> list[str]:
@@ -181,11 +135,12 @@ def build_datasets(data_cfg: DataConfig, splits: Sequence[str] = ("train", "vali
     chain, which Ray workers must see too (export before Ray starts, or put them in the runtime_env).
     """
     import ray.data
-    from ray.data import FileShuffleConfig, RandomSeedConfig
+    from ray.data import FileShuffleConfig
 
     man = dict(manifest) if manifest is not None else read_manifest(data_cfg.uri, s3_endpoint=data_cfg.s3_endpoint)
-    _check_compatible(man, data_cfg)
-    fs, base = _arrow_filesystem(data_cfg.uri, data_cfg.s3_endpoint)
+    check_manifest(man, data_cfg)
+    loc = resolve(data_cfg.uri, data_cfg.s3_endpoint)
+    fs, base = loc.storage_filesystem, loc.storage_path.rstrip("/")
     cols = train_columns(man, data_cfg)
     out = {}
     for split in splits:
@@ -202,22 +157,65 @@ def build_datasets(data_cfg: DataConfig, splits: Sequence[str] = ("train", "vali
         if data_cfg.materialize:
             ds = ds.materialize()  # the read runs once, here; epochs iterate object-store blocks
             if train:  # per-pass block order instead of the per-pass file order
-                ds = ds.randomize_block_order(
-                    seed=RandomSeedConfig(seed=data_cfg.shuffle_seed, reseed_after_execution=True))
+                ds = shuffle_block_order(ds, data_cfg.shuffle_seed)
         out[split] = ds
     return out
 
 
-def _check_compatible(man: Mapping[str, Any], data_cfg: DataConfig) -> None:
-    """The config must describe the shards it reads (tokenizers, text length)."""
-    toks = man["tokenizers"]
-    for field, key in (("tokenizer", "text"), ("personality_tokenizer", "personality")):
-        if getattr(data_cfg, field) != toks[key]["name"]:
-            raise ValueError(f"data.{field}={getattr(data_cfg, field)!r} but {data_cfg.uri} was tokenised with "
-                             f"{toks[key]['name']!r}; re-run psamf prepare or fix the config")
-    if data_cfg.max_text_len != toks["text"]["max_len"]:
-        raise ValueError(f"data.max_text_len={data_cfg.max_text_len} but the shards hold {toks['text']['max_len']} "
-                         "tokens per transcript")
+def shuffle_block_order(ds: "ray.data.Dataset", seed: int) -> "ray.data.Dataset":
+    """A materialised train split's blocks in a new seeded order on every pass (module docstring)."""
+    from ray.data import RandomSeedConfig
+
+    return ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+
+def load_datasets(data_cfg: DataConfig, manifest: Mapping[str, Any],
+                  splits: Sequence[str] = ("train", "valid", "test")) -> dict[str, "ray.data.Dataset"]:
+    """The Ray datasets of a run: `build_datasets`, with a fast path for small splits.
+
+    With `data.materialize` (read each split into the object store once), a split is materialised by
+    `build_datasets` with one round of Ray Data read tasks, which costs seconds per split even for a few MiB
+    (about 10 s per split on the loaded 2-core test machine: docs/benchmarks.md, "Training throughput"). Splits
+    that together fit in DRIVER_LOAD_FRACTION of the object store are instead read here, in the driver, with
+    pyarrow (same shard list, same pruned columns) and handed over with `ray.data.from_arrow`: the same
+    materialised blocks, no tasks. Train keeps the per-pass randomised block order `build_datasets` gives a
+    materialised train split; evaluation splits keep shard order. Larger splits (or `data.materialize=false`)
+    go through `build_datasets` unchanged."""
+    import pyarrow.parquet as pq
+    import ray
+
+    def size(names: Sequence[str]) -> int:
+        return sum(int(s.get("arrow_bytes", s.get("bytes", 0))) for s in manifest.get("shards", [])
+                   if s.get("split") in names)
+
+    small: tuple[str, ...] = ()
+    if data_cfg.materialize:
+        store = ray.cluster_resources().get("object_store_memory", 0)
+        budget = DRIVER_LOAD_FRACTION * store
+        if store and 0 < size(splits) <= budget:
+            small = tuple(splits)
+        elif store and 0 < size([s for s in splits if s != "train"]) <= budget:
+            small = tuple(s for s in splits if s != "train")
+    out: dict[str, Any] = {}
+    rest = tuple(s for s in splits if s not in small)
+    if rest:
+        out.update(build_datasets(data_cfg, splits=rest, manifest=manifest))
+    if small:
+        loc = resolve(data_cfg.uri, data_cfg.s3_endpoint)
+        cols = train_columns(manifest, data_cfg)
+        for split in small:
+            tables = [pq.read_table(loc.join(s["path"]), columns=cols, filesystem=loc.fs)
+                      for s in manifest["shards"] if s["split"] == split]
+            if not tables:
+                raise ConfigError(f"split {split!r} not in {data_cfg.uri} (has {sorted(manifest.get('counts', {}))})")
+            ds = ray.data.from_arrow(tables)
+            if split == "train":
+                ds = shuffle_block_order(ds, data_cfg.shuffle_seed)
+            else:
+                ds.context.execution_options.preserve_order = True
+            out[split] = ds
+        log.info("read %s in the driver into the object store (%.1f MiB)", ", ".join(small), size(small) / 2**20)
+    return {s: out[s] for s in splits}
 
 
 def split_config(eval_splits: Sequence[str] = ("valid", "test"), **kwargs: Any) -> "ray.train.DataConfig":
@@ -443,61 +441,3 @@ def padding_stats(batch: Mapping[str, Any]) -> dict[str, int]:
         out[f"{key}_real"] = real
         out[f"{key}_padded"] = total - real
     return out
-
-
-# MERGE: moved from psamf/train.py; the storage branch has the final version
-DRIVER_LOAD_FRACTION = 0.2  # of the object store: splits up to this size are read by the driver (load_datasets)
-
-
-def load_datasets(data_cfg: Any, manifest: Mapping[str, Any],
-                  splits: Sequence[str] = ("train", "valid", "test")) -> dict[str, Any]:
-    """The Ray datasets of a run: `psamf.data.build_datasets`, with a fast path for small splits.
-
-    With `data.materialize` (read each split into the object store once), a split is materialised by
-    `build_datasets` with one round of Ray Data read tasks, which costs seconds per split even for a few MiB
-    (about 10 s per split on the loaded 2-core test machine: docs/benchmarks.md, "Training throughput"). Splits
-    that together fit in DRIVER_LOAD_FRACTION of the object store are instead read here, in the driver, with
-    pyarrow (same shard list, same pruned columns) and handed over with `ray.data.from_arrow`: the same
-    materialised blocks, no tasks. Train keeps the per-pass randomised block order `build_datasets` gives a
-    materialised train split; evaluation splits keep shard order. Larger splits (or `data.materialize=false`)
-    go through `build_datasets` unchanged."""
-    import pyarrow.parquet as pq
-    import ray
-
-    from psamf.outputs import storage_target
-
-    def size(names: Sequence[str]) -> int:
-        return sum(int(s.get("arrow_bytes", s.get("bytes", 0))) for s in manifest.get("shards", [])
-                   if s.get("split") in names)
-
-    small: tuple[str, ...] = ()
-    if getattr(data_cfg, "materialize", False):
-        store = ray.cluster_resources().get("object_store_memory", 0)
-        budget = DRIVER_LOAD_FRACTION * store
-        if store and 0 < size(splits) <= budget:
-            small = tuple(splits)
-        elif store and 0 < size([s for s in splits if s != "train"]) <= budget:
-            small = tuple(s for s in splits if s != "train")
-    out: dict[str, Any] = {}
-    rest = tuple(s for s in splits if s not in small)
-    if rest:
-        out.update(build_datasets(data_cfg, splits=rest, manifest=manifest))
-    if small:
-        from ray.data import RandomSeedConfig
-
-        st = storage_target(data_cfg.uri, data_cfg.s3_endpoint)
-        cols = train_columns(manifest, data_cfg)
-        for split in small:
-            tables = [pq.read_table(f"{st.root}/{s['path']}", columns=cols, filesystem=st.fs)
-                      for s in manifest["shards"] if s["split"] == split]
-            if not tables:
-                raise ValueError(f"split {split!r} not in {data_cfg.uri} (has {sorted(manifest.get('counts', {}))})")
-            ds = ray.data.from_arrow(tables)
-            if split == "train":
-                ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=data_cfg.shuffle_seed,
-                                                                    reseed_after_execution=True))
-            else:
-                ds.context.execution_options.preserve_order = True
-            out[split] = ds
-        logging.getLogger("psamf.data").info("read %s in the driver into the object store (%.1f MiB)", ", ".join(small), size(small) / 2**20)
-    return {s: out[s] for s in splits}

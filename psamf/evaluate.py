@@ -82,7 +82,7 @@ def _evaluate_on_workers(cfg: Config, ck: Any, datasets: Mapping[str, Any], spli
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from psamf.outputs import storage_target as resolve  # MERGE storage
+    from psamf.storage import resolve
 
     st = resolve(cfg.run.storage_path, cfg.run.s3_endpoint or cfg.data.s3_endpoint)
     name = f"{cfg.run.name}.eval-{uuid.uuid4().hex[:8]}"

@@ -1,4 +1,4 @@
-"""Evaluation metrics: the contract of `shared/docs/data-formats.md` §8, plus seed summaries and trivial floors.
+"""Evaluation metrics: the contract of `docs/data-formats.md` (metrics), plus seed summaries and trivial floors.
 
 Public functions
 ----------------
@@ -27,10 +27,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from psamf.datasets import names_in_family
+
 __all__ = [
     "REGRESSION_KEYS",
     "SIMS_KEYS",
-    "MMSA_NAMES",
     "regression_metrics",
     "sims_metrics",
     "compute_metrics",
@@ -42,20 +43,13 @@ __all__ = [
 REGRESSION_KEYS = ("mae", "corr", "acc7", "acc5", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0")
 SIMS_KEYS = ("acc2", "acc3", "acc5", "f1", "mae", "corr")
 
-# Our key -> MMSA's key, for reading MMSA result tables side by side (data-formats.md §8).
-MMSA_NAMES: dict[str, str] = {
-    "acc2_has0": "Has0_acc_2", "f1_has0": "Has0_F1_score", "acc2_non0": "Non0_acc_2", "f1_non0": "Non0_F1_score",
-    "acc5": "Mult_acc_5", "acc7": "Mult_acc_7", "mae": "MAE", "corr": "Corr",
-    "acc2": "Mult_acc_2", "acc3": "Mult_acc_3", "f1": "F1_score",
-}
-
 # SIMS bin edges (§8.2): lower-exclusive, upper-inclusive. Stored as float32 values (see module docstring).
 _SIMS_EDGES_2 = np.asarray([-1.01, 0.0, 1.01], dtype=np.float32).astype(np.float64)
 _SIMS_EDGES_3 = np.asarray([-1.01, -0.1, 0.1, 1.01], dtype=np.float32).astype(np.float64)
 _SIMS_EDGES_5 = np.asarray([-1.01, -0.7, -0.1, 0.1, 0.7, 1.01], dtype=np.float32).astype(np.float64)
 
-_REGRESSION_DATASETS = ("mosi", "mosei", "custom")
-_SIMS_DATASETS = ("sims", "simsv2")
+_REGRESSION_DATASETS = names_in_family("regression")  # psamf.datasets: mosi, mosei, custom
+_SIMS_DATASETS = names_in_family("sims")  # sims, simsv2
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +126,7 @@ def _bins(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def regression_metrics(pred: Any, label: Any) -> dict[str, float]:
-    """MOSI / MOSEI metrics (data-formats.md §8.1). Accuracies and F1 in [0, 1].
+    """MOSI / MOSEI metrics (docs/data-formats.md). Accuracies and F1 in [0, 1].
 
     Keys: `mae` (unclipped), `corr` (Pearson, unclipped; NaN for constant inputs), `acc7` (clip ±3),
     `acc5` (clip ±2), `acc2_has0` / `f1_has0` ((p >= 0) vs (t >= 0) over all samples), `acc2_non0` / `f1_non0`
@@ -161,7 +155,7 @@ def regression_metrics(pred: Any, label: Any) -> dict[str, float]:
 
 
 def sims_metrics(pred: Any, label: Any) -> dict[str, float]:
-    """CH-SIMS / SIMS v2 metrics (data-formats.md §8.2). Accuracies and F1 in [0, 1].
+    """CH-SIMS / SIMS v2 metrics (docs/data-formats.md). Accuracies and F1 in [0, 1].
 
     Both inputs are clipped to [-1, 1] first; MAE and Corr are computed on the clipped values. Bins are
     lower-exclusive / upper-inclusive: Acc-2 {[-1, 0], (0, 1]} (0 is negative, unlike Has0), Acc-3
@@ -275,7 +269,7 @@ def format_table(
 
 
 # --------------------------------------------------------------------------------------------
-# Trivial baselines (data-formats.md §7: sanity floors)
+# Trivial baselines (docs/data-formats.md: sanity floors)
 # --------------------------------------------------------------------------------------------
 
 

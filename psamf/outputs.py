@@ -1,10 +1,7 @@
-"""Run storage and run outputs: where a run lives, and the files written into its directory.
+"""Run outputs: the files psamf writes into a run's directory, on top of `psamf.storage`.
 
-Storage. `run.storage_path` is a local directory (made absolute on the driver: Ray workers run in other working
-directories), `s3://bucket/prefix`, or any URI pyarrow understands. For S3 with a custom endpoint (MinIO, moto),
-`storage_target` builds a pyarrow `S3FileSystem(endpoint_override=...)` and drops the scheme, as Ray Train wants
-for `RunConfig(storage_filesystem=...)` (shared/docs/ray-notes.md §3.1, §5.2). The endpoint is `run.s3_endpoint`,
-else `data.s3_endpoint`, else `AWS_ENDPOINT_URL_S3`; credentials come from the usual AWS chain in every process.
+Where a run lives is `psamf.storage.resolve(run.storage_path, run.s3_endpoint or data.s3_endpoint)`;
+every write below goes through `psamf.storage.write_bytes` (atomic per file).
 
 Outputs (all under `<storage_path>/<run.name>/`, next to Ray's `checkpoint_epoch=NNN/` folders and snapshot):
 
@@ -15,33 +12,22 @@ Outputs (all under `<storage_path>/<run.name>/`, next to Ray's `checkpoint_epoch
     predictions.parquet  sample_id, split, label, prediction for valid and test (driver, end)
     curves.png           training curves (driver, end)
 
-Writes are atomic per file: local files go through a temporary name and a rename; object stores publish an
-object only when its upload completes. The TensorBoard file is replaced by writing the new file first, then
-deleting the old one, so a reader never sees an empty directory (it may briefly see two files).
+The TensorBoard file is replaced by writing the new file first, then deleting the old one, so a reader
+never sees an empty directory (it may briefly see two files).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import tempfile
 import threading
-import uuid
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
-from urllib.parse import urlparse
+
+from psamf.storage import write_bytes, write_json
 
 __all__ = [
-    "RunStorage",
-    "storage_target",
-    "write_bytes",
-    "read_bytes",
-    "exists",
-    "write_json",
-    "read_json",
-    "json_safe",
     "write_history",
     "write_tensorboard",
     "plot_curves",
@@ -50,133 +36,6 @@ __all__ = [
 
 
 _PLOT_LOCK = threading.Lock()
-
-# --------------------------------------------------------------------------------------------
-# Where a run lives
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunStorage:
-    """How Ray Train and psamf reach a run's storage.
-
-    storage_path:        what to pass as `RunConfig(storage_path=...)` (scheme dropped when `filesystem` is set)
-    storage_filesystem:  a pyarrow filesystem for `RunConfig(storage_filesystem=...)`, or None (Ray infers it)
-    fs, root:            the filesystem and scheme-less path that psamf itself uses to read/write
-    uri:                 the storage path as the user wrote it (for messages), absolute when local
-    """
-
-    storage_path: str
-    storage_filesystem: Any
-    fs: Any
-    root: str
-    uri: str
-
-    def run_dir(self, name: str) -> str:
-        """The scheme-less path of a run's directory on `self.fs`."""
-        return f"{self.root.rstrip('/')}/{name}"
-
-    def run_uri(self, name: str) -> str:
-        return f"{self.uri.rstrip('/')}/{name}"
-
-
-def _endpoint(endpoint: str) -> tuple[str, str]:
-    """'http://127.0.0.1:9000' -> ('127.0.0.1:9000', 'http'); a bare host:port means https."""
-    if "://" in endpoint:
-        u = urlparse(endpoint)
-        return u.netloc, u.scheme
-    return endpoint, "https"
-
-
-def s3_filesystem(endpoint: str | None):
-    """A pyarrow S3FileSystem; with `endpoint`, pointed at it (path-style, explicit region: no lookups)."""
-    import pyarrow.fs as pafs
-
-    if not endpoint:
-        return pafs.S3FileSystem()
-    host, scheme = _endpoint(endpoint)
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return pafs.S3FileSystem(endpoint_override=host, scheme=scheme, region=region, force_virtual_addressing=False)
-
-
-def storage_target(storage_path: str, s3_endpoint: str | None = None) -> RunStorage:
-    """Resolve `run.storage_path` (+ an optional custom S3 endpoint) for Ray Train and for our own writes."""
-    import pyarrow.fs as pafs
-
-    if "://" not in storage_path:
-        root = os.path.abspath(os.path.expanduser(storage_path))
-        return RunStorage(storage_path=root, storage_filesystem=None, fs=pafs.LocalFileSystem(), root=root, uri=root)
-    if storage_path.startswith("s3://") and "?" not in storage_path:
-        endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        root = storage_path[len("s3://"):].rstrip("/")
-        if endpoint:
-            fs = s3_filesystem(endpoint)
-            return RunStorage(storage_path=root, storage_filesystem=fs, fs=fs, root=root, uri=storage_path)
-        fs = pafs.S3FileSystem()
-        return RunStorage(storage_path=storage_path, storage_filesystem=None, fs=fs, root=root, uri=storage_path)
-    fs, root = pafs.FileSystem.from_uri(storage_path)
-    return RunStorage(storage_path=storage_path, storage_filesystem=None, fs=fs, root=root.rstrip("/"),
-                      uri=storage_path)
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic file primitives on a pyarrow filesystem
-# --------------------------------------------------------------------------------------------
-
-
-def _is_local(fs) -> bool:
-    import pyarrow.fs as pafs
-
-    return isinstance(fs, pafs.LocalFileSystem)
-
-
-def write_bytes(fs, path: str, data: bytes) -> None:
-    """Write `data` to `path` atomically (rename on local disks; one PUT on object stores)."""
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    if _is_local(fs):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, path)
-    else:
-        with fs.open_output_stream(path) as f:
-            f.write(data)
-
-
-def read_bytes(fs, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def exists(fs, path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def json_safe(obj: Any) -> Any:
-    """NaN/inf -> None, numpy scalars -> Python, tuples -> lists: standard JSON."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        try:
-            obj = obj.item()
-        except (TypeError, ValueError):
-            pass
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def write_json(fs, path: str, obj: Any) -> None:
-    write_bytes(fs, path, (json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n").encode())
-
-
-def read_json(fs, path: str) -> Any:
-    return json.loads(read_bytes(fs, path))
 
 
 # --------------------------------------------------------------------------------------------

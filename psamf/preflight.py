@@ -15,9 +15,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from psamf import runtime
+import yaml
+
+from psamf import runtime, shards
 from psamf.config import Config, ConfigError
 from psamf.engine import LOSS_TERMS, selectable_metrics
+from psamf.storage import exists, read_bytes, resolve
 
 __all__ = ["Preflight", "preflight", "read_manifest", "check_resume_compatible", "check_cluster_resources"]
 
@@ -28,27 +31,16 @@ log = logging.getLogger("psamf.preflight")
 class Preflight:
     cfg: Config  # with the manifest's feature dims
     manifest: dict[str, Any]
-    storage: Any  # psamf.outputs.RunStorage
+    storage: Any  # psamf.storage.Location of run.storage_path
 
 
 def read_manifest(uri: str, endpoint: str | None) -> dict[str, Any]:
-    from psamf import data
-
-    try:
-        return data.read_manifest(uri, s3_endpoint=endpoint)
-    except ConfigError:
-        raise
-    except FileNotFoundError as e:
-        raise ConfigError(f"data.uri={uri!r}: no prepared shards there ({e}); run `psamf prepare` first") from None
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"data.uri={uri!r}: cannot read the shard manifest: {e}") from None
+    """The shards' manifest (`psamf.shards.read_manifest`); every failure is a `ShardError` (a ConfigError) that
+    names the file."""
+    return shards.read_manifest(uri, endpoint)
 
 
-def preflight(cfg: Config, *, check_resources: bool = True, manifest: Mapping[str, Any] | None = None) -> Preflight:
-    """Every check that can fail before any Ray worker starts. Returns the config with the manifest's feature
-    dims. Raises ConfigError with a message naming the field."""
-    from psamf.outputs import exists, read_bytes, storage_target
-
+def _check_selection(cfg: Config) -> None:
     o = cfg.optim
     valid_keys = selectable_metrics(cfg.data.dataset)
     if o.select_metric not in valid_keys:
@@ -58,80 +50,81 @@ def preflight(cfg: Config, *, check_resources: bool = True, manifest: Mapping[st
     if (o.select_mode == "max") == lower_better:
         log.warning("optim.select_mode=%s with select_metric=%s: is that intended?", o.select_mode, o.select_metric)
 
-    man = dict(manifest) if manifest is not None else read_manifest(cfg.data.uri, cfg.data.s3_endpoint)
-    # --- data set identity ---
-    mds = man.get("dataset")
-    if mds and cfg.data.dataset != "custom" and mds != cfg.data.dataset:
-        raise ConfigError(f"data.dataset={cfg.data.dataset!r} but the shards at {cfg.data.uri} hold {mds!r}: "
-                          "the metrics (and the preset's dims) would be the wrong ones")
-    # --- feature dims: the manifest is authoritative ---
-    dims = man.get("feature_dims") or {}
+
+def _model_from_manifest(cfg: Config, man: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as a dict with the manifest's feature dims (data facts: the manifest is authoritative)."""
     d = cfg.to_dict()
+    dims = man.get("feature_dims") or {}
     for key, name in (("audio", "audio_dim"), ("visual", "visual_dim")):
         if key in dims and int(dims[key]) != d["model"][name]:
             log.info("model.%s: %d -> %d (from the shards' manifest)", name, d["model"][name], int(dims[key]))
             d["model"][name] = int(dims[key])
-    # --- tokenizers ---
+    return d
+
+
+def _check_model_fits_shards(cfg: Config, man: Mapping[str, Any]) -> None:
+    """Vocabularies, text length and the precomputed personality CLS width against the model."""
+    m = cfg.model
     toks = man.get("tokenizers") or {}
-    for key, field_name, vocab_field in (("text", "tokenizer", "vocab_size"),
-                                         ("personality", "personality_tokenizer", "personality_vocab_size")):
+    for key, vocab_field, pretrained in (("text", "vocab_size", m.text_model),
+                                         ("personality", "personality_vocab_size", m.personality_model)):
         t = toks.get(key)
-        if not t:
+        if not t or (key == "personality" and not m.use_personality):
             continue
-        want = getattr(cfg.data, field_name)
-        if t.get("name") and t["name"] != want:
-            raise ConfigError(f"data.{field_name}={want!r} but the shards were tokenised with {t['name']!r}; set "
-                              f"data.{field_name}={t['name']} or re-run `psamf prepare`")
-        if key == "personality" and not cfg.model.use_personality:
-            continue
-        vs = t.get("vocab_size")
-        model_vs = d["model"][vocab_field]
-        if vs is not None and int(vs) > model_vs and not (key == "text" and cfg.model.text_model) \
-                and not (key == "personality" and cfg.model.personality_model):
+        vs, model_vs = t.get("vocab_size"), getattr(m, vocab_field)
+        if vs is not None and int(vs) > model_vs and not pretrained:
             raise ConfigError(f"model.{vocab_field}={model_vs} is smaller than the {key} tokenizer's vocabulary "
                               f"({vs} tokens, {t.get('name')}): token ids would index past the embedding table; "
                               f"set model.{vocab_field}={vs}")
         L = t.get("max_len")
-        if L is not None and int(L) > cfg.model.max_position_embeddings and key == "text":
+        if L is not None and int(L) > m.max_position_embeddings and key == "text":
             raise ConfigError(f"the shards' text length ({L}) exceeds model.max_position_embeddings "
-                              f"({cfg.model.max_position_embeddings})")
-    # --- precomputed personality CLS width ---
+                              f"({m.max_position_embeddings})")
     pc = man.get("personality_cls")
-    if pc and cfg.data.use_precomputed_personality and cfg.model.use_personality and not cfg.model.personality_model:
-        width = int(pc.get("dim", cfg.model.hidden_size))
-        if width != cfg.model.hidden_size and cfg.model.personality_tokens:
+    if pc and cfg.data.use_precomputed_personality and m.use_personality and not m.personality_model:
+        width = int(pc.get("dim", m.hidden_size))
+        if width != m.hidden_size and m.personality_tokens:
             raise ConfigError(f"the shards' precomputed personality_cls has width {width} but "
-                              f"model.personality_tokens needs model.hidden_size ({cfg.model.hidden_size}); set "
+                              f"model.personality_tokens needs model.hidden_size ({m.hidden_size}); set "
                               "data.use_precomputed_personality=false or re-run prepare with this model")
-    # --- split sizes ---
+
+
+def _check_splits(cfg: Config, man: Mapping[str, Any]) -> None:
     counts = man.get("counts") or {}
     for s in ("train", "valid", "test"):
         if int(counts.get(s, 0)) <= 0:
             raise ConfigError(f"the shards at {cfg.data.uri} have no {s!r} split ({counts})")
     workers = max(1, cfg.run.num_workers)
-    if int(counts["train"]) < o.batch_size * workers:
+    if int(counts["train"]) < cfg.optim.batch_size * workers:
         raise ConfigError(f"train split has {counts['train']} samples: fewer than optim.batch_size "
-                          f"({o.batch_size}) x run.num_workers ({workers}); no full batch per worker")
-    try:
-        new = Config.from_dict(d, source="config (with manifest dims)")
-    except ConfigError:
-        raise
-    new.preset = cfg.preset
-    # --- storage and resume compatibility ---
-    storage = storage_target(new.run.storage_path, new.run.s3_endpoint or new.data.s3_endpoint)
-    run_dir = storage.run_dir(new.run.name)
-    try:
-        old_cfg_path = f"{run_dir}/config.yaml"
-        if exists(storage.fs, old_cfg_path):
-            import yaml
+                          f"({cfg.optim.batch_size}) x run.num_workers ({workers}); no full batch per worker")
 
+
+def _check_run_name(cfg: Config) -> Any:
+    """The resolved storage; a re-used run name must resume a compatible run."""
+    storage = resolve(cfg.run.storage_path, cfg.run.s3_endpoint or cfg.data.s3_endpoint)
+    old_cfg_path = f"{storage.run_dir(cfg.run.name)}/config.yaml"
+    try:
+        if exists(storage.fs, old_cfg_path):
             old = Config.from_dict(yaml.safe_load(read_bytes(storage.fs, old_cfg_path)) or {}, source=old_cfg_path)
-            check_resume_compatible(old, new)
-    except ConfigError:
-        raise
+            check_resume_compatible(old, cfg)
     except OSError as e:
-        raise ConfigError(f"run.storage_path={new.run.storage_path!r}: cannot access {storage.run_uri(new.run.name)}"
+        raise ConfigError(f"run.storage_path={cfg.run.storage_path!r}: cannot access {storage.run_uri(cfg.run.name)}"
                           f": {e}") from None
+    return storage
+
+
+def preflight(cfg: Config, *, check_resources: bool = True, manifest: Mapping[str, Any] | None = None) -> Preflight:
+    """Every check that can fail before any Ray worker starts. Returns the config with the manifest's feature
+    dims. Raises ConfigError with a message naming the field."""
+    _check_selection(cfg)
+    man = dict(manifest) if manifest is not None else read_manifest(cfg.data.uri, cfg.data.s3_endpoint)
+    shards.check_manifest(man, cfg.data)
+    new = Config.from_dict(_model_from_manifest(cfg, man), source="config (with manifest dims)")
+    new.preset = cfg.preset
+    _check_model_fits_shards(new, man)
+    _check_splits(new, man)
+    storage = _check_run_name(new)
     if check_resources:
         check_cluster_resources(new)
     return Preflight(cfg=new, manifest=man, storage=storage)

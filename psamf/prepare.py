@@ -14,7 +14,7 @@ What happens, in order (nothing is written before step 3):
    new shards to `<out>/`, write `manifest.json` **last** (local: write + rename; object stores: one
    PUT), remove the temporary prefix. A crash before the commit leaves an older complete data set
    untouched; a crash during it leaves a directory without `manifest.json`, which
-   `psamf.data.read_manifest` refuses. Re-running overwrites cleanly. Concurrent prepares into the
+   `psamf.shards.read_manifest` refuses. Re-running overwrites cleanly. Concurrent prepares into the
    same `<out>` are not supported.
 
 Shards: `<out>/<split>-00000.parquet`, `<split>-00001.parquet`, ... (flat; the manifest lists them and
@@ -56,13 +56,10 @@ The output directory belongs to prepare: the commit deletes files named like sha
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import logging
 import math
-import os
-import sys
 import time
 import uuid
 from typing import Any, Mapping, Sequence
@@ -71,79 +68,33 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from psamf import sources
+from psamf.datasets import NAMES as DATASETS
+from psamf.shards import MANIFEST_NAME, SCHEMA_VERSION, SHARD_PATTERN, TMP_PREFIX, looks_like_shard
+from psamf.sources import SOURCE_FORMATS as FORMATS
 from psamf.sources import SPLITS, RawDataset, RawSplit
+from psamf.storage import resolve, write_bytes
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 LAYOUTS = ("ragged", "fixed")
 DEFAULT_LAYOUT = "ragged"  # measured: docs/benchmarks.md, "Data: prepare and streaming"
-DEFAULT_TARGET_SHARD_MB = 128.0  # in-memory (uncompressed) Arrow size per shard; ray-notes §4: 64–512 MiB
+DEFAULT_TARGET_SHARD_MB = 128.0  # in-memory (uncompressed) Arrow size per shard; 64–512 MiB suit Ray Data
 DEFAULT_ROW_GROUP_MB = 32.0  # Ray 2.60 bin-packs row groups into ~128 MiB read units; smaller groups let it balance
-TMP_PREFIX = "_tmp-"
-SHARD_PATTERN = "{split}-{n:05d}.parquet"
-FORMATS = ("mmsa", "mult", "custom")
-DATASETS = ("mosi", "mosei", "sims", "simsv2", "custom")
 
 __all__ = [
-    "SCHEMA_VERSION",
-    "MANIFEST_NAME",
     "LAYOUTS",
     "DEFAULT_LAYOUT",
     "prepare",
-    "read_source",
     "validate",
-    "fsspec_filesystem",
     "add_arguments",
     "run",
 ]
 
 
 # ---------------------------------------------------------------------------------------------
-# Filesystems (fsspec for writing and for the manifest; psamf.data uses pyarrow's for Ray reads)
-# ---------------------------------------------------------------------------------------------
-
-
-def s3_endpoint_from_env() -> str | None:
-    """The S3 endpoint in the standard AWS variables (MinIO, moto, ...), or None for AWS itself."""
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def fsspec_filesystem(uri: str, storage_options: Mapping[str, Any] | None = None,
-                      s3_endpoint: str | None = None):
-    """(fsspec filesystem, path without scheme) for a local path, `s3://`, `gs://`, ... URI.
-
-    For `s3://` the endpoint comes from `storage_options` (`endpoint_url` or
-    `client_kwargs.endpoint_url`), else `s3_endpoint`, else `AWS_ENDPOINT_URL_S3`/`AWS_ENDPOINT_URL`;
-    credentials from the usual AWS chain (env, profile, instance role / IRSA).
-    """
-    import fsspec
-
-    opts = dict(storage_options or {})
-    if uri.startswith(("s3://", "s3a://")):
-        has_ep = "endpoint_url" in opts or "endpoint_url" in (opts.get("client_kwargs") or {})
-        ep = s3_endpoint or s3_endpoint_from_env()
-        if not has_ep and ep:
-            opts["endpoint_url"] = ep
-    fs, path = fsspec.core.url_to_fs(uri, **opts)
-    return fs, path.rstrip("/")
-
-
-# ---------------------------------------------------------------------------------------------
 # Sources
 # ---------------------------------------------------------------------------------------------
-
-
-def read_source(format: str, input: str, *, dataset: str, labels: str | None = None) -> RawDataset:
-    """Read a corpus with the matching `psamf.sources` reader (CLI argument names)."""
-    from psamf import sources
-
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if format == "mult" and not labels:
-        raise ValueError("--labels: the MulT format needs the label CSV (video_id, clip_id, text, ...)")
-    return sources.read_source(format, input, label_csv=labels, name=dataset)
 
 
 def _source_desc(raw: RawDataset) -> str:
@@ -433,10 +384,6 @@ def _join(root: str, name: str) -> str:
     return f"{root}/{name}" if root else name
 
 
-def _is_local(fs) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
-
-
 def _commit(fs, root: str, tmp: str, shards: list[dict], manifest: dict) -> None:
     man_path = _join(root, MANIFEST_NAME)
     fs.invalidate_cache()
@@ -454,27 +401,17 @@ def _commit(fs, root: str, tmp: str, shards: list[dict], manifest: dict) -> None
         full = entry["name"].rstrip("/")
         if name.startswith(TMP_PREFIX) and full != tmp:
             fs.rm(full, recursive=True)  # stale prefix from an interrupted run
-        elif name in old_shards or (name.endswith(".parquet") and _looks_like_shard(name)):
+        elif name in old_shards or looks_like_shard(name):
             fs.rm(full)
     for s in shards:
         fs.mv(_join(tmp, s["path"]), _join(root, s["path"]))
-    data = json.dumps(manifest, indent=1, sort_keys=False).encode()
-    if _is_local(fs):
-        fs.pipe_file(_join(tmp, MANIFEST_NAME), data)
-        fs.mv(_join(tmp, MANIFEST_NAME), man_path)  # rename: atomic on POSIX
-    else:
-        fs.pipe_file(man_path, data)  # one PUT: atomic on S3 / GCS
+    # last, atomically: local rename / one PUT on object stores (psamf.storage.write_bytes)
+    write_bytes(fs, man_path, json.dumps(manifest, indent=1, sort_keys=False).encode())
     try:
         fs.rm(tmp, recursive=True)
     except FileNotFoundError:
         pass
     fs.invalidate_cache()
-
-
-def _looks_like_shard(name: str) -> bool:
-    stem = name[: -len(".parquet")]
-    split, _, num = stem.rpartition("-")
-    return bool(split) and len(num) == 5 and num.isdigit()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,7 +469,7 @@ def prepare(
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     if target_shard_mb <= 0 or row_group_mb <= 0:
         raise ValueError(f"target_shard_mb and row_group_mb must be > 0, got {target_shard_mb}, {row_group_mb}")
-    raw = source if isinstance(source, RawDataset) else read_source(**dict(source))
+    raw = source if isinstance(source, RawDataset) else _read_source_args(dict(source))
     timings: dict[str, float] = {}
     lap = [t0]
 
@@ -606,7 +543,7 @@ def prepare(
         rows_per_shard = max(1, int(target_shard_mb * 2**20 // row_bytes))
     row_group_rows = max(1, min(rows_per_shard, int(row_group_mb * 2**20 // row_bytes)))
 
-    fs, root = fsspec_filesystem(out_uri, storage_options, s3_endpoint)
+    fs, root = resolve(out_uri, s3_endpoint).fsspec(storage_options)
     tmp = _join(root, f"{TMP_PREFIX}{uuid.uuid4().hex}")
     rng = np.random.default_rng(shuffle_seed)
     shards: list[dict] = []
@@ -673,6 +610,12 @@ def prepare(
     return manifest
 
 
+def _read_source_args(args: dict[str, Any]) -> RawDataset:
+    """`prepare(source={"format", "input", "dataset", "labels"})`: the CLI's names for `sources.read_source`."""
+    return sources.read_source(args["format"], args["input"], label_csv=args.get("labels"),
+                               name=args.get("dataset"))
+
+
 def _tok_meta(name: str, tok, sha_fn, toks: Mapping[str, Mapping[str, np.ndarray]], splits: list[str],
               L: int) -> dict:
     full = np.concatenate([toks[s]["full_len"] for s in splits])
@@ -684,52 +627,3 @@ def _tok_meta(name: str, tok, sha_fn, toks: Mapping[str, Mapping[str, np.ndarray
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", required=True, choices=FORMATS, help="input format")
-    p.add_argument("--input", required=True, help="MMSA/MulT pickle, or the custom manifest")
-    p.add_argument("--labels", default=None, help="label CSV (MulT format only)")
-    p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--out", required=True, help="output directory or URI (local, s3://, gs://)")
-    p.add_argument("--tokenizer", default="bert-base-uncased", help="sentiment tokenizer (HF name/path, psamf:tiny)")
-    p.add_argument("--personality-tokenizer", default=None, help="default: --tokenizer")
-    p.add_argument("--max-text-len", type=int, default=50)
-    p.add_argument("--layout", choices=LAYOUTS, default=DEFAULT_LAYOUT)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--rows-per-shard", type=int, default=None)
-    g.add_argument("--target-shard-mb", type=float, default=DEFAULT_TARGET_SHARD_MB)
-    p.add_argument("--row-group-mb", type=float, default=DEFAULT_ROW_GROUP_MB)
-    p.add_argument("--personality-cls", action="store_true",
-                   help="precompute the frozen personality encoder's CLS (a Ray Data pass)")
-    p.add_argument("--preset", default="paper", help="config preset giving the personality encoder geometry")
-    p.add_argument("--personality-model", default=None,
-                   help="HF name/path of the personality BERT (implies --personality-cls)")
-    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL_S3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train row order")
-
-
-def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    personality_model = None
-    if args.personality_cls or args.personality_model:
-        from psamf.config import Config
-
-        mc = Config.from_preset(args.preset).model
-        if args.personality_model:
-            mc.personality_model = args.personality_model
-        personality_model = mc
-    try:
-        raw = read_source(args.format, args.input, dataset=args.dataset, labels=args.labels)
-        man = prepare(raw, args.out, tokenizer=args.tokenizer,
-                      personality_tokenizer=args.personality_tokenizer or args.tokenizer,
-                      max_text_len=args.max_text_len, personality_model=personality_model, layout=args.layout,
-                      rows_per_shard=args.rows_per_shard, target_shard_mb=args.target_shard_mb,
-                      row_group_mb=args.row_group_mb,
-                      s3_endpoint=args.s3_endpoint, shuffle_seed=args.seed)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"psamf prepare: error: {e}", file=sys.stderr)
-        return 2
-    counts = ", ".join(f"{k} {v}" for k, v in man["counts"].items())
-    print(f"wrote {len(man['shards'])} shards ({counts}; layout {man['layout']}) and {MANIFEST_NAME} to {args.out}")
-    return 0

@@ -84,9 +84,9 @@ class ProgressFiles:
     def __init__(self, storage: Sequence[Any] | None, name: str):
         self.target = None
         if storage:
-            from psamf.outputs import storage_target
+            from psamf.storage import resolve
 
-            st = storage_target(storage[0], storage[1])
+            st = resolve(storage[0], storage[1])
             self.target = (st.fs, st.run_dir(name))
 
     def write(self, history: Sequence[Mapping[str, Any]]) -> None:
@@ -118,7 +118,7 @@ class HistoryPrinter:
         self.seen = len(self._read())
 
     def _read(self) -> list[dict[str, Any]]:
-        from psamf.outputs import read_json
+        from psamf.storage import read_json
 
         try:
             hist = read_json(self.fs, self.path)
@@ -162,8 +162,8 @@ def write_run_outputs(pf: "Preflight", ret: Mapping[str, Any]) -> TrainResult:
     """metrics.json, predictions.parquet, curves.png, tensorboard/, history.json, config.yaml (driver)."""
     from psamf import __version__
     from psamf.metrics import trivial_baselines
-    from psamf.outputs import plot_curves, write_bytes, write_history, write_json, write_predictions, \
-        write_tensorboard
+    from psamf.outputs import plot_curves, write_history, write_predictions, write_tensorboard
+    from psamf.storage import json_safe, write_bytes, write_json
 
     cfg, st = pf.cfg, pf.storage
     fs, run_dir = st.fs, st.run_dir(cfg.run.name)
@@ -202,8 +202,6 @@ def write_run_outputs(pf: "Preflight", ret: Mapping[str, Any]) -> TrainResult:
     write_json(fs, f"{run_dir}/metrics.json", metrics)  # last: its presence means the run's outputs are complete
     if metrics["checkpoint"]:
         paths["checkpoint"] = metrics["checkpoint"]
-    from psamf.outputs import json_safe
-
     safe = json_safe(metrics)
     return TrainResult(run_name=cfg.run.name, run_dir=st.run_uri(cfg.run.name), metrics=safe, paths=paths,
                        history=history, table=metrics_table(safe))

@@ -1,6 +1,6 @@
 """Readers that turn the supported corpora into one canonical in-memory form, `RawDataset`.
 
-Formats (see shared/docs/data-formats.md): MMSA pickles, MulT "noalign" pickles + label CSV
+Formats (see docs/data-formats.md): MMSA pickles, MulT "noalign" pickles + label CSV
 (joined by id), and custom manifests pointing at per-sample .npy/.npz features.
 
 Contract with `psamf.prepare` (which tokenises and writes shards):
@@ -59,6 +59,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from psamf import datasets
+
 SPLITS = ("train", "valid", "test")
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ __all__ = [
     "read_mult",
     "read_custom",
     "read_source",
+    "SOURCE_FORMATS",
 ]
 
 
@@ -110,7 +113,7 @@ class RawDataset:
 # Checksums
 # ------------------------------------------------------------------------------------------------
 
-#: MMSA README (data-formats.md §3)
+#: MMSA README (docs/data-formats.md)
 PUBLISHED_SHA256: dict[str, str] = {
     "MOSI/Processed/unaligned_50.pkl": "78e0f8b5ef8ff71558e7307848fc1fa929ecb078203f565ab22b9daab2e02524",
     "MOSI/Processed/aligned_50.pkl": "d3994fd25681f9c7ad6e9c6596a6fe9b4beb85ff7d478ba978b124139002e5f9",
@@ -119,9 +122,6 @@ PUBLISHED_SHA256: dict[str, str] = {
     "SIMS/Processed/unaligned_39.pkl": "c9e20c13ec0454d98bb9c1e520e490c75146bfa2dfeeea78d84de047dbdd442f",
 }
 
-_DATASET_DIRS = {"mosi": "MOSI", "mosei": "MOSEI", "sims": "SIMS", "simsv2": "SIMSv2"}
-_LABEL_RANGES = {"mosi": (-3.0, 3.0), "mosei": (-3.0, 3.0), "sims": (-1.0, 1.0), "simsv2": (-1.0, 1.0)}
-_DIMS_TO_NAME = {(5, 20): "mosi", (74, 35): "mosei", (33, 709): "sims", (25, 177): "simsv2"}
 
 
 class ChecksumMismatchWarning(UserWarning):
@@ -143,8 +143,9 @@ def _published_key(path: Path, name: str | None) -> str | None:
     tail = "/".join(path.parts[-3:]).lower()
     if tail in by_lower:
         return by_lower[tail]
-    if name in _DATASET_DIRS:
-        key = f"{_DATASET_DIRS[name]}/Processed/{path.name}".lower()
+    mmsa_dir = datasets.CORPORA[name].mmsa_dir if name in datasets.CORPORA else None
+    if mmsa_dir:
+        key = f"{mmsa_dir}/Processed/{path.name}".lower()
         return by_lower.get(key)
     return None
 
@@ -435,8 +436,9 @@ def _infer_name(name: str | None, path: Path, dims: tuple[int, int]) -> str:
         key = part.lower().replace("-", "").replace("_", "")
         if key in dirs:
             return dirs[key]
-    if dims in _DIMS_TO_NAME:
-        return _DIMS_TO_NAME[dims]
+    by_dims = datasets.name_for_feature_dims(dims)
+    if by_dims is not None:
+        return by_dims
     stem = path.name.lower()
     for prefix in ("mosei", "mosi", "simsv2", "sims"):
         if stem.startswith(prefix):
@@ -450,7 +452,8 @@ def _range_for(name: str, label_range: tuple[float, float] | None) -> tuple[floa
         if not lo < hi:
             raise ValueError(f"label_range must be (low, high) with low < high, got {label_range}")
         return (lo, hi)
-    return _LABEL_RANGES.get(name, (-3.0, 3.0))
+    corpus = datasets.CORPORA.get(name)
+    return corpus.label_range if corpus is not None else datasets.DEFAULT_LABEL_RANGE
 
 
 # ------------------------------------------------------------------------------------------------
@@ -841,6 +844,9 @@ def read_custom(
 # ------------------------------------------------------------------------------------------------
 
 
+SOURCE_FORMATS = ("mmsa", "mult", "custom")
+
+
 def read_source(
     fmt: Literal["mmsa", "mult", "custom"],
     path: str | os.PathLike,
@@ -859,4 +865,4 @@ def read_source(
         return read_mult(path, label_csv, name, padding=padding, label_range=label_range)
     if fmt == "custom":
         return read_custom(path, name or "custom", label_range=label_range)
-    raise ValueError(f"unknown source format {fmt!r}; choose one of ['mmsa', 'mult', 'custom']")
+    raise ValueError(f"unknown source format {fmt!r}; choose one of {list(SOURCE_FORMATS)}")

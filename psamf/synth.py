@@ -1,6 +1,6 @@
 """`psamf synth`: seeded synthetic MOSI-, MOSEI-, SIMS- and SIMS v2-shaped corpora.
 
-The corpora have the real releases' shapes (shared/docs/data-formats.md §2, §3, §5) and carry a learnable,
+The corpora have the real releases' shapes (docs/data-formats.md) and carry a learnable,
 documented signal, so that the whole pipeline (readers, prepare, training, ablations) can be exercised without
 the public data sets, which cannot be downloaded here.
 
@@ -26,7 +26,7 @@ shape ``(N, L, 1)`` by default to keep files small; ``--full-text-features`` wri
 ``text_bert`` holds real ``[CLS] … [SEP]`` ids of the packaged ``psamf:tiny`` vocabulary, mask and segment ids.
 All numeric arrays are float32.
 
-Sizes: each split has ``max(2, round(n · scale))`` clips (n from data-formats.md §2) spread over
+Sizes: each split has ``max(2, round(n · scale))`` clips (n from docs/data-formats.md) spread over
 ``max(1, round(videos · scale))`` videos (MOSI 52/10/31 and MOSEI 2249/300/678 as in the CMU folds; SIMS 36/12/12
 and SIMS v2 90/22/34 invented). All transcripts, SIMS included, use the same English synthetic lexicon.
 
@@ -76,8 +76,6 @@ Determinism: every random stream is seeded from ``(seed, kind, stream)``; same a
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import csv
 import io
 import math
@@ -88,6 +86,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from psamf.datasets import CORPORA
+from psamf.storage import atomic_open
 
 __all__ = [
     "KINDS",
@@ -157,7 +158,7 @@ LEXICON: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class KindSpec:
-    """Shape and label conventions of one real release (data-formats.md §2, §3, §5)."""
+    """Shape and label conventions of one real release (docs/data-formats.md)."""
 
     name: str
     split_sizes: tuple[int, int, int]  # train, valid, test clips at scale 1
@@ -183,29 +184,45 @@ class KindSpec:
         return (-float(self.label_max), float(self.label_max))
 
 
+def _sizes(kind: str) -> tuple[int, int, int]:
+    sizes = CORPORA[kind].split_sizes
+    assert sizes is not None
+    return sizes
+
+
+def _dims(kind: str) -> tuple[int, int]:
+    dims = CORPORA[kind].feature_dims
+    assert dims is not None
+    return dims
+
+
+# split sizes and feature widths come from the corpus registry (psamf.datasets); the rest is synth's own
 KINDS: dict[str, KindSpec] = {
     "mosi": KindSpec(
-        name="mosi", split_sizes=(1284, 229, 686), split_videos=(52, 10, 31), audio_dim=5, visual_dim=20,
+        name="mosi", split_sizes=_sizes("mosi"), split_videos=(52, 10, 31),
+        audio_dim=_dims("mosi")[0], visual_dim=_dims("mosi")[1],
         audio_frames=375, vision_frames=500, text_len=50, label_max=3, annotators=5, annot_noise=0.6,
         label_scale=0.85, label_shift=0.05, mmsa_file="unaligned_50.pkl", mult_file="mosi_data_noalign.pkl",
         unimodal_labels=False, bytes_ids=True, video_style="youtube",
     ),
     "mosei": KindSpec(
-        name="mosei", split_sizes=(16326, 1871, 4659), split_videos=(2249, 300, 678), audio_dim=74,
-        visual_dim=35, audio_frames=500, vision_frames=500, text_len=50, label_max=3, annotators=3,
+        name="mosei", split_sizes=_sizes("mosei"), split_videos=(2249, 300, 678), audio_dim=_dims("mosei")[0],
+        visual_dim=_dims("mosei")[1], audio_frames=500, vision_frames=500, text_len=50, label_max=3, annotators=3,
         annot_noise=0.5, label_scale=0.55, label_shift=0.35, mmsa_file="unaligned_50.pkl",
         mult_file="mosei_senti_data_noalign.pkl", unimodal_labels=False, bytes_ids=False,
         video_style="youtube",
     ),
     "sims": KindSpec(
-        name="sims", split_sizes=(1368, 456, 457), split_videos=(36, 12, 12), audio_dim=33, visual_dim=709,
+        name="sims", split_sizes=_sizes("sims"), split_videos=(36, 12, 12),
+        audio_dim=_dims("sims")[0], visual_dim=_dims("sims")[1],
         audio_frames=400, vision_frames=55, text_len=39, label_max=1, annotators=5, annot_noise=0.45,
         label_scale=0.35, label_shift=-0.1, mmsa_file="unaligned_39.pkl", mult_file="sims_data_noalign.pkl",
         unimodal_labels=True, bytes_ids=False, video_style="sims",
     ),
     # SIMS v2 dims/lengths as in MMSA's config ([768, 25, 177], seq_lens [50, 925, 232]); video count invented
     "simsv2": KindSpec(
-        name="simsv2", split_sizes=(2722, 647, 1034), split_videos=(90, 22, 34), audio_dim=25, visual_dim=177,
+        name="simsv2", split_sizes=_sizes("simsv2"), split_videos=(90, 22, 34),
+        audio_dim=_dims("simsv2")[0], visual_dim=_dims("simsv2")[1],
         audio_frames=925, vision_frames=232, text_len=50, label_max=1, annotators=5, annot_noise=0.45,
         label_scale=0.35, label_shift=0.0, mmsa_file="sims_unaligned.pkl", mult_file="simsv2_data_noalign.pkl",
         unimodal_labels=True, bytes_ids=False, video_style="sims",
@@ -280,7 +297,7 @@ class SynthCorpus:
     splits: dict[str, SynthSplit]
 
 
-def _scaled(n: int, scale: float, minimum: int) -> int:
+def scaled_size(n: int, scale: float, minimum: int) -> int:
     return max(minimum, int(round(n * scale)))
 
 
@@ -407,14 +424,14 @@ def generate(kind: str, seed: int = 0, scale: float = 1.0) -> SynthCorpus:
         raise ValueError(f"synth: scale must be a finite number > 0, got {scale}")
     spec = KINDS[kind]
     id_rng = _rng(seed, kind, "ids")
-    n_videos_all = [_scaled(v, scale, 1) for v in spec.split_videos]
+    n_videos_all = [scaled_size(v, scale, 1) for v in spec.split_videos]
     all_videos = _video_ids(spec, sum(n_videos_all), id_rng)
     a_affine = _affine(spec.audio_dim, _rng(seed, kind, "audio"))
     v_affine = _affine(spec.visual_dim, _rng(seed, kind, "vision"))
     splits: dict[str, SynthSplit] = {}
     v_lo = 0
     for s_idx, split in enumerate(SPLITS):
-        n = _scaled(spec.split_sizes[s_idx], scale, 2)
+        n = scaled_size(spec.split_sizes[s_idx], scale, 2)
         vids = all_videos[v_lo : v_lo + n_videos_all[s_idx]]
         v_lo += n_videos_all[s_idx]
         r_spk = _rng(seed, kind, "speakers", split)
@@ -484,29 +501,13 @@ def generate(kind: str, seed: int = 0, scale: float = 1.0) -> SynthCorpus:
 # ------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _atomic_open(path: Path):
-    """A binary file that appears at `path` only once it is completely written (temp name + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    with _atomic_open(path) as f:
+    with atomic_open(path) as f:
         f.write(data)
 
 
 def _atomic_pickle(path: Path, obj: object) -> None:
-    with _atomic_open(path) as f:  # streamed: full-scale pickles are large
+    with atomic_open(path) as f:  # streamed: full-scale pickles are large
         pickle.dump(obj, f, protocol=4)
 
 
@@ -679,25 +680,3 @@ def synthesize(
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kind", choices=sorted(KINDS), default="mosi", help="which release to imitate")
-    parser.add_argument("--format", dest="fmt", choices=FORMATS, default="mmsa", help="output format")
-    parser.add_argument("--out", required=True, help="output directory (created if missing)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed => identical bytes)")
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="split sizes relative to the canonical ones (data-formats.md §2); default 1.0")
-    parser.add_argument("--full-text-features", action="store_true",
-                        help="write the unused text-feature arrays at their real width (768 BERT / 300 GloVe) "
-                             "instead of width 1")
-
-
-def run(args: argparse.Namespace) -> int:
-    paths = synthesize(args.kind, args.fmt, args.out, seed=args.seed, scale=args.scale,
-                       full_text_features=args.full_text_features)
-    corpus_sizes = {s: _scaled(n, args.scale, 2) for s, n in zip(SPLITS, KINDS[args.kind].split_sizes)}
-    print(f"psamf synth: {args.kind} ({args.fmt}, seed {args.seed}, scale {args.scale}) sizes {corpus_sizes}")
-    for key, path in paths.items():
-        print(f"  {key}: {path}")
-    return 0

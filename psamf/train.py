@@ -327,7 +327,7 @@ def build_trainer(cfg: Config, datasets: Mapping[str, Any], storage: Any, *,
 def fit(pf: Preflight, *, datasets: Mapping[str, Any] | None = None, callbacks: Sequence[Any] = ()) -> TrainResult:
     """Fit one run (one seed) and write its outputs. `pf` comes from `preflight`; `datasets` default to the
     manifest's splits (`psamf.data.load_datasets`)."""
-    from psamf.outputs import write_bytes  # MERGE storage
+    from psamf.storage import write_bytes
 
     cfg, st = pf.cfg, pf.storage
     # the resolved config goes into the run directory before any worker starts (it is also the resume guard)

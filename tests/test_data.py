@@ -326,16 +326,6 @@ def test_two_train_workers_stream_disjoint_covering_shards(tmp_path, ray_cluster
 # ---------------------------------------------------------------------------------------------
 
 
-def test_read_manifest_checks_schema_version(tmp_path):
-    from psamf.data import IncompleteDatasetError, read_manifest
-
-    with pytest.raises(IncompleteDatasetError, match="no manifest.json"):
-        read_manifest(str(tmp_path / "missing"))
-    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 999}))
-    with pytest.raises(ValueError, match="schema_version 999"):
-        read_manifest(str(tmp_path))
-
-
 def test_split_config_splits_only_train():
     from psamf.data import split_config
 
@@ -360,3 +350,18 @@ def test_eval_splits_are_not_split_across_workers():
 
     assert data.EVAL_SPLIT_ACROSS_WORKERS is False
     assert data.split_config(eval_splits=("valid",))._datasets_to_split == ["train"]
+
+
+@pytest.mark.integration
+def test_load_datasets_reads_small_splits_in_the_driver(tmp_path, ray_cluster):
+    """The driver fast path (psamf.data.load_datasets) gives the same rows as build_datasets, eval in shard order."""
+    from psamf.data import load_datasets
+
+    raw, cfg, man = _prepared(tmp_path, rows_per_shard=5)
+    ds = load_datasets(cfg, man)  # a few KiB: every split is read by the driver
+    assert list(ds) == ["train", "valid", "test"]
+    assert sorted(ds["train"].to_pandas()["sample_id"]) == sorted(raw.splits["train"].ids)
+    assert list(ds["valid"].to_pandas()["sample_id"]) == raw.splits["valid"].ids
+    assert "text" not in ds["test"].schema().names
+    with pytest.raises(ValueError, match="split 'extra'"):
+        load_datasets(cfg, man, splits=("extra",))

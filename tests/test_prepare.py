@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from psamf import prepare as prep
+from psamf.shards import SCHEMA_VERSION
 from psamf.sources import RawDataset, RawSplit
 from psamf.tokenizers import TINY, load_tokenizer, vocab_sha256
 
@@ -127,7 +128,7 @@ def test_manifest_contents(tmp_path):
                 "personality_cls", "source_files", "repairs", "padding_side", "layout", "normalization", "shards",
                 "psamf_version"):
         assert key in man, key
-    assert man["schema_version"] == prep.SCHEMA_VERSION and man["dataset"] == "mosi"
+    assert man["schema_version"] == SCHEMA_VERSION and man["dataset"] == "mosi"
     assert man["counts"] == {"train": 12, "valid": 4, "test": 4}
     assert man["feature_dims"] == {"audio": 3, "visual": 4}
     all_a = [a for s in raw.splits.values() for a in s.audio]
@@ -191,7 +192,7 @@ def _crash_after(monkeypatch, n_ok: int):
 
 
 def test_crash_mid_write_leaves_nothing_complete(tmp_path, monkeypatch):
-    from psamf.data import IncompleteDatasetError, read_manifest
+    from psamf.shards import IncompleteDatasetError, read_manifest
 
     raw = make_raw()
     out = tmp_path / "s"
@@ -210,7 +211,7 @@ def test_crash_mid_write_leaves_nothing_complete(tmp_path, monkeypatch):
 
 
 def test_crash_during_rerun_keeps_previous_complete_dataset(tmp_path, monkeypatch):
-    from psamf.data import read_manifest
+    from psamf.shards import read_manifest
 
     out = tmp_path / "s"
     man1 = run_prepare(make_raw(seed=1), out, rows_per_shard=3)
@@ -233,7 +234,7 @@ def test_crash_during_rerun_keeps_previous_complete_dataset(tmp_path, monkeypatc
 
 
 def test_crash_during_commit_reads_as_incomplete(tmp_path, monkeypatch):
-    from psamf.data import IncompleteDatasetError, read_manifest
+    from psamf.shards import IncompleteDatasetError, read_manifest
 
     out = tmp_path / "s"
     run_prepare(make_raw(), out)
@@ -331,11 +332,13 @@ def test_cli_prepare(tmp_path, monkeypatch, capsys):
 
     seen = {}
 
-    def fake_read_source(format, input, *, dataset, labels=None):
-        seen.update(format=format, input=input, dataset=dataset, labels=labels)
+    def fake_read_source(fmt, path, *, label_csv=None, name=None):
+        seen.update(format=fmt, input=path, dataset=name, labels=label_csv)
         return make_raw()
 
-    monkeypatch.setattr(prep, "read_source", fake_read_source)
+    from psamf import sources
+
+    monkeypatch.setattr(sources, "read_source", fake_read_source)  # the one read_source the CLI calls
     out = tmp_path / "cli"
     rc = cli.main(["prepare", "--format", "mult", "--input", "x.pkl", "--labels", "l.csv", "--dataset", "mosi",
                    "--out", str(out), "--tokenizer", TINY, "--max-text-len", "12", "--rows-per-shard", "6"])
@@ -345,7 +348,7 @@ def test_cli_prepare(tmp_path, monkeypatch, capsys):
     assert man["tokenizers"]["personality"]["name"] == TINY and man["max_lengths"]["text"] == 12
     assert len(man["shards"]) == 4 and "wrote 4 shards" in capsys.readouterr().out
 
-    monkeypatch.setattr(prep, "read_source", lambda *a, **k: _mutate("empty_text")[0])
+    monkeypatch.setattr(sources, "read_source", lambda *a, **k: _mutate("empty_text")[0])
     rc = cli.main(["prepare", "--format", "mmsa", "--input", "x.pkl", "--dataset", "mosi", "--out",
                    str(tmp_path / "bad"), "--tokenizer", TINY])
     assert rc == 2 and "empty transcript" in capsys.readouterr().err
@@ -411,7 +414,8 @@ def test_personality_cls_from_model_config(tmp_path, ray_cluster):
 def test_s3_roundtrip(s3_bucket, ray_cluster):
     """prepare to s3:// (moto) through fsspec, read back with build_datasets + iter_batches on Ray."""
     from psamf.config import DataConfig
-    from psamf.data import build_datasets, iter_batches, read_manifest
+    from psamf.data import build_datasets, iter_batches
+    from psamf.shards import read_manifest
 
     raw = make_raw()
     uri = f"s3://{s3_bucket}/mosi/shards"
@@ -434,7 +438,9 @@ def test_s3_roundtrip(s3_bucket, ray_cluster):
     import s3fs
 
     man2 = run_prepare(raw, uri, rows_per_shard=20)
-    fs = s3fs.S3FileSystem(endpoint_url=prep.s3_endpoint_from_env())
+    from psamf.storage import s3_endpoint
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint())
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/mosi/shards", refresh=True))
     assert names == sorted(["manifest.json"] + [s["path"] for s in man2["shards"]])
 
@@ -444,11 +450,12 @@ def test_s3_roundtrip(s3_bucket, ray_cluster):
 def test_synth_reader_prepare_roundtrip(tmp_path, fmt):
     """End to end: psamf.synth -> psamf.sources reader -> prepare -> read back == the synthetic source
     (transforms: the readers zero NaN/inf and keep only valid frames; prepare changes no value)."""
+    from psamf.sources import read_source
     from psamf.synth import generate, synthesize
 
     paths = synthesize("mosi", fmt, tmp_path / "src", seed=3, scale=0.02)
     src = paths.get("pickle") or paths["manifest"]
-    raw = prep.read_source(fmt, str(src), dataset="mosi", labels=str(paths.get("label_csv") or "") or None)
+    raw = read_source(fmt, str(src), name="mosi", label_csv=str(paths.get("label_csv") or "") or None)
     out = tmp_path / "shards"
     man = run_prepare(raw, out, max_text_len=50)
     corpus = generate("mosi", seed=3, scale=0.02)
@@ -472,7 +479,7 @@ def test_synth_reader_prepare_roundtrip(tmp_path, fmt):
 def test_cli_end_to_end_on_synthetic_files(tmp_path):
     """`psamf synth` files -> `psamf prepare` (real reader, no mocks) -> a readable manifest."""
     from psamf import cli
-    from psamf.data import read_manifest
+    from psamf.shards import read_manifest
     from psamf.synth import synthesize
 
     paths = synthesize("sims", "mult", tmp_path / "src", seed=1, scale=0.02)

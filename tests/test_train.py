@@ -361,8 +361,9 @@ def test_outputs_are_written_atomically_and_readably(tmp_path):
     import pyarrow.parquet as pq
 
     from psamf import outputs as O
+    from psamf import storage as S
 
-    st = O.storage_target(str(tmp_path / "runs"))
+    st = S.resolve(str(tmp_path / "runs"))
     run_dir = st.run_dir("r")
     hist = [{"epoch": e, "train_total": 2.0 - e / 10, "train_l1": 1.0, "val_loss": 1.0 - e / 10, "val_mae": 1.0,
              "val_corr": float("nan") if e == 0 else 0.5, "val_acc2_non0": 0.6, "lr_bert": 1e-3, "lr_main": 3e-3}
@@ -378,15 +379,15 @@ def test_outputs_are_written_atomically_and_readably(tmp_path):
                                                          ("test", ["c"], [1.0], [0.7])])
     t = pq.read_table(f"{run_dir}/p.parquet").to_pydict()
     assert t["sample_id"] == ["a", "b", "c"] and t["split"] == ["valid", "valid", "test"]
-    O.write_json(st.fs, f"{run_dir}/m.json", {"x": float("nan"), "y": np.float32(1.5)})
+    S.write_json(st.fs, f"{run_dir}/m.json", {"x": float("nan"), "y": np.float32(1.5)})
     assert json.loads(open(f"{run_dir}/m.json").read()) == {"x": None, "y": 1.5}
     assert not [f for f in os.listdir(run_dir) if ".tmp-" in f]
 
 
 def test_storage_target_for_s3_with_custom_endpoint_drops_the_scheme():
-    from psamf.outputs import storage_target
+    from psamf.storage import resolve
 
-    st = storage_target("s3://bucket/runs", "http://127.0.0.1:9")
+    st = resolve("s3://bucket/runs", "http://127.0.0.1:9")
     assert st.storage_path == "bucket/runs" and st.storage_filesystem is not None
     assert st.run_dir("r") == "bucket/runs/r" and st.run_uri("r") == "s3://bucket/runs/r"
 
@@ -409,7 +410,7 @@ def _open_checkpoint_repeatedly(ckpt, n: int, use_ray_as_directory: bool, rank: 
 def _s3_checkpoint(tmp_path, s3_bucket, s3_server, n: int = 1000):
     from ray.train import Checkpoint
 
-    from psamf.outputs import s3_filesystem
+    from psamf.storage import s3_filesystem
 
     fs = s3_filesystem(s3_server)
     src = tmp_path / "ckpt"

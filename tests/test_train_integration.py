@@ -71,7 +71,7 @@ def s3_run(ray_cluster, s3_server, shards):
     import boto3
     import pyarrow.fs as pafs
 
-    from psamf.outputs import s3_filesystem
+    from psamf.storage import s3_filesystem
 
     local, man = shards
     bucket = f"psamf-{uuid.uuid4().hex[:12]}"
@@ -94,7 +94,7 @@ def test_two_worker_ddp_on_s3_learns_and_writes_every_output(s3_run, shards):
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    from psamf.outputs import exists, read_bytes, read_json
+    from psamf.storage import exists, read_bytes, read_json
 
     res, fs, bucket, _ = s3_run
     local, man = shards
@@ -130,7 +130,7 @@ def test_two_worker_ddp_on_s3_learns_and_writes_every_output(s3_run, shards):
 
 
 def test_killed_worker_restarts_from_its_checkpoint_and_every_epoch_is_recorded_once(s3_run):
-    from psamf.outputs import read_json
+    from psamf.storage import read_json
 
     res, fs, bucket, marker = s3_run
     assert os.path.exists(marker), "the fault was never injected"

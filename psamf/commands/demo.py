@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     import warnings
 
     from psamf.config import Config
-    from psamf.prepare import prepare, read_source
+    from psamf.prepare import prepare
+    from psamf.sources import read_source
     from psamf.runtime import init_ray
     from psamf.sources import ChecksumMismatchWarning
     from psamf.synth import synthesize
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         # the synthetic file cannot match the published MOSI checksum; real files are still checked loudly
         warnings.simplefilter("ignore", ChecksumMismatchWarning)
         logging.getLogger("psamf.sources").setLevel(logging.ERROR)
-        raw = read_source("mmsa", str(files["pickle"]), dataset="mosi")
+        raw = read_source("mmsa", str(files["pickle"]), name="mosi")
         logging.getLogger("psamf.sources").setLevel(logging.NOTSET)
     manifest = prepare(raw, str(shards),
                        tokenizer=cfg.data.tokenizer, personality_tokenizer=cfg.data.personality_tokenizer,

@@ -13,7 +13,7 @@ import sys
 from psamf.config import ConfigError
 from psamf.evaluate import evaluate_checkpoint
 from psamf.results import metrics_table
-from psamf.outputs import json_safe  # MERGE storage
+from psamf.storage import json_safe
 
 HELP = "evaluate a run's selected checkpoint (or any checkpoint) on valid/test"
 

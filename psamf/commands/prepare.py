@@ -1,3 +1,65 @@
-"""`psamf prepare`: see `psamf.prepare`."""
+"""`psamf prepare`: turn MMSA / MulT / custom corpora into Parquet shards plus manifest.json (`psamf.prepare`).
 
-from psamf.prepare import add_arguments, run  # noqa: F401  MERGE: the CLI code moves here from psamf/prepare.py
+Exit status: 0 done, 2 bad input (the message names the file and field).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from psamf import sources
+from psamf.datasets import NAMES as DATASETS
+from psamf.prepare import DEFAULT_LAYOUT, DEFAULT_ROW_GROUP_MB, DEFAULT_TARGET_SHARD_MB, LAYOUTS, prepare
+from psamf.shards import MANIFEST_NAME
+from psamf.sources import SOURCE_FORMATS as FORMATS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", required=True, choices=FORMATS, help="input format")
+    p.add_argument("--input", required=True, help="MMSA/MulT pickle, or the custom manifest")
+    p.add_argument("--labels", default=None, help="label CSV (MulT format only)")
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--out", required=True, help="output directory or URI (local, s3://, gs://)")
+    p.add_argument("--tokenizer", default="bert-base-uncased", help="sentiment tokenizer (HF name/path, psamf:tiny)")
+    p.add_argument("--personality-tokenizer", default=None, help="default: --tokenizer")
+    p.add_argument("--max-text-len", type=int, default=50)
+    p.add_argument("--layout", choices=LAYOUTS, default=DEFAULT_LAYOUT)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--rows-per-shard", type=int, default=None)
+    g.add_argument("--target-shard-mb", type=float, default=DEFAULT_TARGET_SHARD_MB)
+    p.add_argument("--row-group-mb", type=float, default=DEFAULT_ROW_GROUP_MB)
+    p.add_argument("--personality-cls", action="store_true",
+                   help="precompute the frozen personality encoder's CLS (a Ray Data pass)")
+    p.add_argument("--preset", default="paper", help="config preset giving the personality encoder geometry")
+    p.add_argument("--personality-model", default=None,
+                   help="HF name/path of the personality BERT (implies --personality-cls)")
+    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL_S3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train row order")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    personality_model = None
+    if args.personality_cls or args.personality_model:
+        from psamf.config import Config
+
+        mc = Config.from_preset(args.preset).model
+        if args.personality_model:
+            mc.personality_model = args.personality_model
+        personality_model = mc
+    try:
+        raw = sources.read_source(args.format, args.input, label_csv=args.labels, name=args.dataset)
+        man = prepare(raw, args.out, tokenizer=args.tokenizer,
+                      personality_tokenizer=args.personality_tokenizer or args.tokenizer,
+                      max_text_len=args.max_text_len, personality_model=personality_model, layout=args.layout,
+                      rows_per_shard=args.rows_per_shard, target_shard_mb=args.target_shard_mb,
+                      row_group_mb=args.row_group_mb,
+                      s3_endpoint=args.s3_endpoint, shuffle_seed=args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"psamf prepare: error: {e}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{k} {v}" for k, v in man["counts"].items())
+    print(f"wrote {len(man['shards'])} shards ({counts}; layout {man['layout']}) and {MANIFEST_NAME} to {args.out}")
+    return 0

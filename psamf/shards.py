@@ -1,0 +1,126 @@
+"""The shard contract between the writer (`psamf prepare`) and the readers (`psamf.data`, preflight).
+
+Both sides import these names from here, so the reader never imports the writer:
+
+    MANIFEST_NAME, SCHEMA_VERSION      `<dir>/manifest.json`, written last; its presence = a complete data set
+    SHARD_PATTERN, TMP_PREFIX          `<split>-NNNNN.parquet`; `_tmp-<uuid>/` while prepare writes
+    TOKEN_COLUMNS, P_TOKEN_COLUMNS     the token columns of the two tokenizers
+    BASE_COLUMNS                       what a training / evaluation loop reads (text, speaker, split stay on disk)
+    read_manifest(uri, s3_endpoint)    the manifest, or `ShardError` naming the file
+    check_manifest(manifest, data_cfg) the one comparison of manifest facts with `DataConfig`
+
+Column types and the manifest's fields are described in docs/data-formats.md and in `psamf.prepare`.
+Every problem with a shard directory is a `ShardError` (a `ConfigError`): the user fixes it by re-running
+`psamf prepare` or by changing the config, never by reading a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+from psamf.config import ConfigError
+from psamf.storage import resolve
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SCHEMA_VERSION",
+    "SHARD_PATTERN",
+    "TMP_PREFIX",
+    "TOKEN_COLUMNS",
+    "P_TOKEN_COLUMNS",
+    "BASE_COLUMNS",
+    "ShardError",
+    "IncompleteDatasetError",
+    "read_manifest",
+    "check_manifest",
+    "looks_like_shard",
+]
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TMP_PREFIX = "_tmp-"
+SHARD_PATTERN = "{split}-{n:05d}.parquet"
+
+TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+P_TOKEN_COLUMNS = ("p_input_ids", "p_attention_mask", "p_token_type_ids")
+BASE_COLUMNS = ("index", "sample_id", "label", *TOKEN_COLUMNS, *P_TOKEN_COLUMNS, "text_len",
+                "audio", "audio_len", "visual", "visual_len")
+
+
+class ShardError(ConfigError):
+    """A prepared shard directory cannot be used: missing or unreadable manifest, wrong schema version, or
+    facts that contradict the config. The message names the file or the config field."""
+
+
+class IncompleteDatasetError(ShardError, FileNotFoundError):
+    """The shard directory has no manifest.json: prepare never finished (or is running) there.
+
+    Also a FileNotFoundError, for callers that treat "nothing there" separately."""
+
+
+def looks_like_shard(name: str) -> bool:
+    """Whether a file name matches SHARD_PATTERN (`<split>-NNNNN.parquet`); prepare's commit deletes these."""
+    if not name.endswith(".parquet"):
+        return False
+    split, _, num = name[: -len(".parquet")].rpartition("-")
+    return bool(split) and len(num) == 5 and num.isdigit()
+
+
+def read_manifest(uri: str, s3_endpoint: str | None = None, *,
+                  storage_options: Mapping[str, Any] | None = None) -> dict:
+    """The `manifest.json` of a prepared shard directory (local, `s3://`, `gs://`).
+
+    Raises `IncompleteDatasetError` when it is missing (shards without a manifest are an interrupted or
+    running `psamf prepare` and must not be read), `ShardError` when it cannot be read, is not JSON, or has
+    another schema version. Read through fsspec (`Location.fsspec`) with its listing cache dropped, so a
+    manifest that prepare just replaced is seen.
+    """
+    fs, root = resolve(uri, s3_endpoint).fsspec(storage_options)
+    path = f"{root}/{MANIFEST_NAME}"
+    where = f"{uri.rstrip('/')}/{MANIFEST_NAME}"
+    fs.invalidate_cache()
+    try:
+        with fs.open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise IncompleteDatasetError(
+            f"{uri}: no {MANIFEST_NAME} — not a complete prepared data set (psamf prepare was interrupted, is "
+            f"still running, or never ran here). Re-run `psamf prepare --out {uri} ...`.") from None
+    except OSError as e:
+        raise ShardError(f"{where}: cannot read the shard manifest: {e}") from None
+    try:
+        man = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardError(f"{where}: not valid JSON ({e}); re-run psamf prepare") from None
+    if not isinstance(man, dict):
+        raise ShardError(f"{where}: expected a JSON object, got {type(man).__name__}; re-run psamf prepare")
+    if man.get("schema_version") != SCHEMA_VERSION:
+        raise ShardError(f"{where}: schema_version {man.get('schema_version')!r}, this psamf reads "
+                         f"{SCHEMA_VERSION}; re-run psamf prepare")
+    return man
+
+
+def check_manifest(manifest: Mapping[str, Any], data_cfg: Any) -> None:
+    """The config's data section must describe the shards it reads: data set, tokenizers, text length.
+
+    The one place these facts are compared (preflight before any worker starts, `psamf.data.build_datasets`
+    when datasets are built directly). Raises `ShardError` naming the field. Model-side checks (feature dims,
+    vocabulary sizes, personality width) belong to preflight, which knows the model.
+    """
+    uri = data_cfg.uri
+    mds = manifest.get("dataset")
+    if mds and data_cfg.dataset != "custom" and mds != data_cfg.dataset:
+        raise ShardError(f"data.dataset={data_cfg.dataset!r} but the shards at {uri} hold {mds!r}: "
+                         "the metrics (and the preset's dims) would be the wrong ones")
+    toks = manifest.get("tokenizers") or {}
+    for key, field_name in (("text", "tokenizer"), ("personality", "personality_tokenizer")):
+        t = toks.get(key) or {}
+        want = getattr(data_cfg, field_name)
+        if t.get("name") and t["name"] != want:
+            raise ShardError(f"data.{field_name}={want!r} but the shards were tokenised with {t['name']!r}; set "
+                             f"data.{field_name}={t['name']} or re-run `psamf prepare`")
+    max_len = (toks.get("text") or {}).get("max_len")
+    if max_len is not None and data_cfg.max_text_len != int(max_len):
+        raise ShardError(f"data.max_text_len={data_cfg.max_text_len} but the shards at {uri} hold {max_len} "
+                         "tokens per transcript; set data.max_text_len or re-run `psamf prepare`")
