@@ -1121,8 +1121,9 @@ def _fault_spec() -> dict[str, Any] | None:
 
 
 def build_trainer(pf: Preflight, *, datasets: Mapping[str, Any] | None = None, max_steps: int | None = None,
-                  fault: Mapping[str, Any] | None = None):
-    """The TorchTrainer for one run (one seed)."""
+                  fault: Mapping[str, Any] | None = None, callbacks: Sequence[Any] = ()):
+    """The TorchTrainer for one run (one seed). `callbacks` go to `ray.train.RunConfig(callbacks=...)` (Tune passes
+    its `TuneReportCallback` here so that every epoch's validation metrics reach the scheduler)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -1138,6 +1139,7 @@ def build_trainer(pf: Preflight, *, datasets: Mapping[str, Any] | None = None, m
         name=cfg.run.name,
         storage_path=st.storage_path,
         storage_filesystem=st.storage_filesystem,
+        callbacks=list(callbacks),
         failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                      checkpoint_score_attribute=cfg.optim.select_metric,
@@ -1285,7 +1287,7 @@ def _uri(st: Any, fs_path: str | None) -> str | None:
 
 
 def fit_one(pf: Preflight, *, datasets: Mapping[str, Any] | None = None, max_steps: int | None = None,
-            fault: Mapping[str, Any] | None = None) -> TrainResult:
+            fault: Mapping[str, Any] | None = None, callbacks: Sequence[Any] = ()) -> TrainResult:
     """Fit one run (one seed) and write its outputs. `pf` comes from `preflight`."""
     from psamf.outputs import write_bytes
 
@@ -1293,7 +1295,7 @@ def fit_one(pf: Preflight, *, datasets: Mapping[str, Any] | None = None, max_ste
     # the resolved config goes into the run directory before any worker starts (it is also the resume guard)
     write_bytes(st.fs, f"{st.run_dir(cfg.run.name)}/config.yaml", cfg.to_yaml().encode())
     t0 = time.perf_counter()
-    trainer = build_trainer(pf, datasets=datasets, max_steps=max_steps, fault=fault)
+    trainer = build_trainer(pf, datasets=datasets, max_steps=max_steps, fault=fault, callbacks=callbacks)
     t1 = time.perf_counter()
     # local mode runs the loop in this process, so its log lines already reach the console
     printer = (_HistoryPrinter(st.fs, st.run_dir(cfg.run.name), cfg.optim.select_metric)
