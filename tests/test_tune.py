@@ -95,8 +95,9 @@ def shards(tmp_path_factory):
     return out
 
 
-def _grid_file(tmp_path: Path, shards: str, align: list, epochs: int, scheduler: str) -> Path:
-    return _space(tmp_path, {"model.align_layer": {"grid": align}},
+def _grid_file(tmp_path: Path, shards: str, text_layers: list, epochs: int, scheduler: str,
+               align: tuple = (2,)) -> Path:
+    return _space(tmp_path, {"model.text_layers": {"grid": text_layers}, "model.align_layer": {"grid": list(align)}},
                   base={"preset": "tiny", "overrides": {"optim.epochs": epochs, "data.uri": shards,
                                                         "run.max_failures": 0}},
                   search="grid", scheduler=scheduler, num_samples=1, workers_per_trial=1)
@@ -104,22 +105,24 @@ def _grid_file(tmp_path: Path, shards: str, align: list, epochs: int, scheduler:
 
 @pytest.mark.integration
 def test_search_writes_every_output_and_prunes(ray_cluster, shards, tmp_path):
-    space = SearchSpace.from_yaml(_grid_file(tmp_path, shards, [0, 1, 3], epochs=2, scheduler="asha"))
+    space = SearchSpace.from_yaml(_grid_file(tmp_path, shards, [1, 2], epochs=2, scheduler="asha", align=(1, 2)))
     res = run_search(space, name="s3t", storage_path=str(tmp_path / "runs"))
     d = tmp_path / "runs" / "s3t"
     table = pq.read_table(d / "trials.parquet").to_pylist()
-    assert len(table) == 3 and (d / "trials.csv").read_text().count("\n") == 4
-    by_align = {r["config/model.align_layer"]: r for r in table}
-    pruned = by_align[3]
+    # 2 x 2 grid: (align 2, N 1) is rejected by the config, the other 3 trials train
+    assert len(table) == 4 and (d / "trials.csv").read_text().count("\n") == 5
+    by_n = {(r["config/model.align_layer"], r["config/model.text_layers"]): r for r in table}
+    pruned = by_n[(2, 1)]
     assert pruned["status"] == "pruned" and pruned["epochs_run"] == 0
-    assert "align_layer (3)" in pruned["pruned_reason"]
+    assert "align_layer (2)" in pruned["pruned_reason"]
     assert not (d / "trials" / pruned["trial_id"] / "history.json").exists()  # never trained
-    for a in (0, 1):
-        assert by_align[a]["status"] in ("finished", "stopped-early") and by_align[a]["epochs_run"] >= 1
-        assert by_align[a]["best_val_mae"] > 0
+    assert sum(r["status"] == "pruned" for r in table) == 1
+    for n in ((1, 1), (1, 2), (2, 2)):
+        assert by_n[n]["status"] in ("finished", "stopped-early") and by_n[n]["epochs_run"] >= 1
+        assert by_n[n]["best_val_mae"] > 0
     assert not any(k.startswith(("best_test", "test")) for k in table[0])  # no test numbers in the table
     best = yaml.safe_load((d / "best.yaml").read_text())
-    assert best["model"]["align_layer"] == res.best["config/model.align_layer"] and best["run"]["name"] == "s3t-best"
+    assert best["model"]["text_layers"] == res.best["config/model.text_layers"] and best["run"]["name"] == "s3t-best"
     m = json.loads((d / "metrics.json").read_text())
     assert m["best_trial"] == res.best["trial_id"] and m["test"]["n"] > 0 and "mae" in m["test"]
     assert m["selection"]["metric"] == "val_mae"
@@ -143,7 +146,7 @@ def test_search_writes_every_output_and_prunes(ray_cluster, shards, tmp_path):
 def test_killed_search_resumes_only_unfinished_trials(ray_cluster, shards, tmp_path):
     import ray
 
-    path = _grid_file(tmp_path, shards, [0, 1, 2], epochs=3, scheduler="none")
+    path = _grid_file(tmp_path, shards, [2, 3, 4], epochs=3, scheduler="none")
     storage = tmp_path / "runs"
     env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     code = ("import sys; from psamf.tune import SearchSpace, run_search; "
