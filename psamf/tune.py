@@ -466,8 +466,9 @@ class _ConsoleLine:
         from ray.tune import Callback
 
         class _Impl(Callback):
-            def __init__(self, fs: Any, trials_dir: str, metric: str, mode: str, out: Any):
-                self.fs, self.trials_dir, self.metric, self.mode, self.out = fs, trials_dir, metric, mode, out
+            def __init__(self, fs: Any, trials_dir: str, metric: str, mode: str):
+                # no stream kept: the Tuner pickles its RunConfig (callbacks included) into the experiment state
+                self.fs, self.trials_dir, self.metric, self.mode = fs, trials_dir, metric, mode
 
             def _line(self, trial: Any, error: bool) -> None:
                 row = _trial_row(self.fs, self.trials_dir, trial.trial_id, dict(trial.config), self.metric,
@@ -476,7 +477,7 @@ class _ConsoleLine:
                 val = f"{self.metric}={v:.4f}" if isinstance(v, float) and math.isfinite(v) else ""
                 extra = f" ({row['pruned_reason']})" if row["status"] == "pruned" else ""
                 print(f"trial {trial.trial_id}: {row['status']:<13} epochs={row['epochs_run']} {val} "
-                      f"{_fmt_params(trial.config)}{extra}", file=self.out, flush=True)
+                      f"{_fmt_params(trial.config)}{extra}", flush=True)
 
             def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
                 self._line(trial, error=False)
@@ -553,7 +554,7 @@ def _tuner(space: SearchSpace, name: str, st: Any, manifest: Mapping[str, Any], 
                                   failure_config=tune.FailureConfig(max_failures=1), verbose=0,
                                   callbacks=[JsonLoggerCallback(), CSVLoggerCallback(),
                                              _ConsoleLine(st.fs, f"{st.run_dir(name)}/trials", space.metric,
-                                                          space.mode, out)]),
+                                                          space.mode)]),
     )
 
 
