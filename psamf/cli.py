@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "prepare": "turn MMSA / MulT / custom corpora into Parquet shards plus manifest.json",
     "train": "train PSA-MF with Ray Train (embedded local Ray, or the cluster in RAY_ADDRESS)",
     "evaluate": "evaluate a run's selected checkpoint (or any checkpoint) on valid/test",
+    "tune": "search hyperparameters with Ray Tune (search space as YAML; resumable; TensorBoard HParams)",
 }
 
 DESCRIPTION = ("Train and tune PSA-MF (Personality-Sentiment Aligned Multi-Level Fusion) multimodal sentiment "

@@ -1,0 +1,111 @@
+"""Search throughput benchmark (a script, not a timed test): a 16-trial search of the `tiny` preset on this
+machine's embedded local Ray, ASHA against no early stopping.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/tune.py                          # 16 trials, 3 epochs, both schedulers
+    OMP_NUM_THREADS=1 .venv/bin/python bench/tune.py --trials 4 --epochs 2 --schedulers asha --out tune.json
+
+Reports, per scheduler: trials per hour; the fraction of the machine kept busy (sum over trials of the trial's wall
+time x the CPUs it holds, over elapsed time x the cluster's CPUs); epochs trained; and a trial's start-up overhead
+(worker group start, dataset split: the first Tune iteration's time minus that epoch's own train + eval time)
+against its training time. The load average before and after is printed: on a shared machine the figures move
+with it. Data: synthetic MOSI-shaped shards (scale 0.15) prepared into a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from psamf import tune  # noqa: E402
+
+
+def _space(shards: str, trials: int, epochs: int, scheduler: str) -> tune.SearchSpace:
+    return tune.SearchSpace.from_dict({
+        "base": {"preset": "tiny", "overrides": {"data.uri": shards, "optim.epochs": epochs}},
+        "metric": "val_mae", "mode": "min", "num_samples": trials, "search": "optuna", "scheduler": scheduler,
+        "grace_period": 1, "reduction_factor": 2, "workers_per_trial": 1, "seed": 0,
+        "space": {"optim.lr_main": {"loguniform": [1e-3, 1e-2]}, "optim.lr_bert": {"loguniform": [1e-4, 3e-3]},
+                  "loss.w_ccl": {"uniform": [0.0, 1.0]},
+                  "model.sim_mode": {"choice": ["batch_dissimilarity", "per_sample_dissimilarity"]}},
+    }, source="bench/tune.py")
+
+
+def _measure(res: tune.SearchResult, storage: str, elapsed: float, cpus: float, per_trial_cpu: float) -> dict:
+    """Busy fraction and start-up overhead from each trial's Tune result log and Train history."""
+    import pandas as pd
+
+    busy, startup, train = 0.0, [], []
+    for r in res.rows:
+        csv = [p for p in os.scandir(os.path.join(storage, res.name, r["trial_id"])) if p.name == "progress.csv"]
+        if not csv:
+            continue
+        df = pd.read_csv(csv[0].path)
+        busy += float(df["time_total_s"].max()) * per_trial_cpu
+        first = df.iloc[0]
+        own = float(first.get("time_train_s", 0)) + float(first.get("time_eval_s", 0))
+        startup.append(float(first["time_this_iter_s"]) - own)
+        train.append(float((df.get("time_train_s", 0) + df.get("time_eval_s", 0)).sum()))
+    n = len(res.rows)
+    return {"trials": n, "elapsed_s": elapsed, "trials_per_hour": 3600 * n / elapsed,
+            "busy_fraction": busy / (elapsed * cpus), "epochs": sum(r["epochs_run"] for r in res.rows),
+            "startup_s_mean": sum(startup) / max(1, len(startup)),
+            "train_eval_s_mean": sum(train) / max(1, len(train)),
+            "statuses": {s: sum(r["status"] == s for r in res.rows) for s in tune.TRIAL_STATUSES}}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--schedulers", default="asha,none")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import ray
+
+    from psamf.prepare import prepare
+    from psamf.runtime import init_ray
+    from psamf.synth import synthesize
+
+    tmp = tempfile.mkdtemp(prefix="psamf-bench-tune-")
+    paths = synthesize("mosi", "mmsa", os.path.join(tmp, "synth"), seed=0, scale=0.15)
+    shards = os.path.join(tmp, "shards")
+    prepare({"format": "mmsa", "input": str(paths["pickle"]), "dataset": "mosi"}, shards, tokenizer="psamf:tiny",
+            personality_tokenizer="psamf:tiny", max_text_len=32)
+    init_ray(1)
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    out = {"load_before": os.getloadavg(), "cores": os.cpu_count(), "ray_cpus": cpus, "runs": {}}
+    for sched in [s for s in args.schedulers.split(",") if s]:
+        space = _space(shards, args.trials, args.epochs, sched)
+        storage = os.path.join(tmp, "runs")
+        t0 = time.perf_counter()
+        res = tune.run_search(space, name=f"bench-{sched}", storage_path=storage, out=io.StringIO())
+        elapsed = time.perf_counter() - t0
+        k = tune.max_concurrent_trials(space, ray.cluster_resources())
+        m = _measure(res, storage, elapsed, cpus, space.workers_per_trial * space.base.run.cpus_per_worker + 1)
+        m["concurrent"] = k
+        out["runs"][sched] = m
+        print(f"{sched}: {json.dumps(m)}", flush=True)
+    out["load_after"] = os.getloadavg()
+    print(f"load average before {out['load_before']}, after {out['load_after']}; {out['cores']} cores, "
+          f"{cpus:g} Ray CPUs")
+    print("| scheduler | trials | epochs | concurrent | trials/hour | busy | start-up s | train+eval s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for s, m in out["runs"].items():
+        print(f"| {s} | {m['trials']} | {m['epochs']} | {m['concurrent']} | {m['trials_per_hour']:.0f} | "
+              f"{m['busy_fraction']:.2f} | {m['startup_s_mean']:.1f} | {m['train_eval_s_mean']:.1f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

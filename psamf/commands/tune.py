@@ -1,0 +1,48 @@
+"""`psamf tune`: a Ray Tune search over PSA-MF's configuration (see `psamf.tune`).
+
+    psamf tune --config jobs/search/tiny-demo.yaml --name tiny-search [--storage runs]
+    psamf tune --resume tiny-search [--storage runs]
+
+Exit status: 0 done, 2 bad input (nothing started; the message names the key and the file), 1 failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from psamf.config import ConfigError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="search file (YAML: base, metric, mode, space, ...; see jobs/search/)")
+    p.add_argument("--name", help="search name: the directory <storage>/<name> (the resume key)")
+    p.add_argument("--storage", default=None, help="storage path, local or s3:// (default: the base config's "
+                                                   "run.storage_path; with --resume: runs)")
+    p.add_argument("--resume", metavar="NAME", default=None,
+                   help="continue the interrupted search NAME without rerunning its finished trials")
+    p.add_argument("--s3-endpoint", default=None, help="custom S3 endpoint for --resume from s3:// storage")
+
+
+def run(args: argparse.Namespace) -> int:
+    from psamf import tune
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        if args.resume:
+            if args.config:
+                raise ConfigError("--resume NAME takes the search saved under NAME; drop --config")
+            space = tune.load_search(args.resume, args.storage or "runs", args.s3_endpoint)
+            res = tune.run_search(space, name=args.resume, storage_path=args.storage, resume=True)
+        else:
+            if not args.config or not args.name:
+                raise ConfigError("psamf tune needs --config SEARCH.yaml and --name NAME (or --resume NAME)")
+            space = tune.SearchSpace.from_yaml(args.config)
+            res = tune.run_search(space, name=args.name, storage_path=args.storage)
+    except ConfigError as e:
+        print(f"psamf tune: {e}", file=sys.stderr)
+        return 2
+    print(f"search outputs: {res.path}  (trials.csv, best.yaml, metrics.json, plots/, "
+          f"tensorboard --logdir {res.path})")
+    return 0

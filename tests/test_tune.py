@@ -1,0 +1,175 @@
+"""Ray Tune search (psamf.tune): the search file is validated before any trial, a small grid search writes every
+output, a pruned combination is recorded and never trains, and a killed search resumes without rerunning its
+finished trials. Integration tests use the session Ray (tests/conftest.py), the tiny preset and 1 worker/trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from psamf.config import ConfigError
+from psamf.tune import SearchSpace, max_concurrent_trials, run_search
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _space(tmp_path: Path, space: dict, **top) -> Path:
+    d = {"base": {"preset": "tiny", "overrides": {"optim.epochs": 2}}, "metric": "val_mae", "mode": "min",
+         "num_samples": 2, "space": space, **top}
+    p = tmp_path / "search.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- no Ray
+@pytest.mark.parametrize("top,space,match", [
+    ({"num_sample": 3}, {"optim.lr_main": {"uniform": [1e-4, 1e-3]}}, r"num_sample"),
+    ({}, {"optim.lr_mian": {"uniform": [1e-4, 1e-3]}}, r"optim\.lr_mian"),
+    ({}, {"optim.lr_main": {"uniform": [1e-3, 1e-4]}}, r"space\.optim\.lr_main: impossible range uniform"),
+    ({}, {"optim.lr_main": {"loguniform": [0, 1e-3]}}, r"space\.optim\.lr_main: impossible range loguniform"),
+    ({}, {"model.head_dropout": {"uniform": [0.1, 1.5]}}, r"space\.model\.head_dropout.*1\.5.*head_dropout must be"),
+    ({}, {"model.align_layer": {"randint": [0, 7]}}, r"space\.model\.align_layer.*7.*text_layers"),
+    ({}, {"model.cross_heads": {"normal": [1, 2]}}, r"space\.model\.cross_heads: expected one of"),
+    ({"metric": "test_mae"}, {"optim.lr_main": {"uniform": [1e-4, 1e-3]}}, r"metric='test_mae'.*validation"),
+    ({}, {"model.cross_heads": {"grid": [1, 2]}}, r"grid.*search: grid or random"),
+    ({}, {"run.num_workers": {"choice": [1, 2]}}, r"space\.run\.num_workers cannot be searched"),
+])
+def test_invalid_search_fails_before_any_trial(tmp_path, top, space, match):
+    path = _space(tmp_path, space, **top)
+    with pytest.raises(ConfigError, match=match) as e:
+        SearchSpace.from_yaml(path)
+    assert str(path) in str(e.value)  # the message names the file
+
+
+def test_combination_dependent_values_are_accepted(tmp_path):
+    # align_layer 3 is valid only with text_layers 3: allowed now, pruned at run time when sampled with 2
+    s = SearchSpace.from_yaml(_space(tmp_path, {"model.align_layer": {"randint": [0, 3]},
+                                                "model.text_layers": {"choice": [2, 3]}, "optim.batch_size": 16}))
+    assert [d.key for d in s.dims] == ["model.align_layer", "model.text_layers"]
+    assert s.base.optim.batch_size == 16 and s.base.optim.select_metric == "val_mae"
+
+
+def test_shipped_search_files_load():
+    for name in ("tiny-demo.yaml", "alignment-fusion.yaml"):
+        s = SearchSpace.from_yaml(ROOT / "jobs" / "search" / name)
+        assert s.metric.startswith("val_") and s.dims
+    af = SearchSpace.from_yaml(ROOT / "jobs" / "search" / "alignment-fusion.yaml")
+    keys = {d.key for d in af.dims}
+    assert {"model.align_layer", "model.text_layers", "model.clip_logit_scale", "model.clip_learn_scale",
+            "model.sim_mode", "loss.w_ccl", "loss.w_ps", "loss.w_clm", "model.fusion_dim", "model.serial_dim",
+            "model.cross_heads", "optim.lr_bert", "optim.lr_main", "optim.batch_size"} <= keys
+    assert af.base.preset == "paper"
+
+
+def test_max_concurrent_trials_fits_the_cluster(tmp_path):
+    s = SearchSpace.from_yaml(_space(tmp_path, {"optim.lr_main": {"uniform": [1e-4, 1e-3]}}, num_samples=64,
+                                     workers_per_trial=2))
+    assert max_concurrent_trials(s, {"CPU": 2}) == 1  # a 2-core laptop still runs one trial at a time
+    assert max_concurrent_trials(s, {"CPU": 64}) == 21  # (64 - 1 for Ray Data) // (2 workers + 1 driver)
+    s.base = s.base.replace({"run.use_gpu": True})
+    assert max_concurrent_trials(s, {"CPU": 1024, "GPU": 64}) == 32  # GPUs bound it
+    assert max_concurrent_trials(s, {"CPU": 1024, "GPU": 64, "TRAIN_DRIVER": 4}) == 4
+
+
+# ---------------------------------------------------------------------------------------------- Ray
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from psamf.prepare import prepare
+    from psamf.synth import synthesize
+
+    root = tmp_path_factory.mktemp("data")
+    paths = synthesize("mosi", "mmsa", root / "synth", seed=0, scale=0.15)
+    out = str(root / "shards")
+    prepare({"format": "mmsa", "input": str(paths["pickle"]), "dataset": "mosi"}, out,
+            tokenizer="psamf:tiny", personality_tokenizer="psamf:tiny", max_text_len=32)
+    return out
+
+
+def _grid_file(tmp_path: Path, shards: str, text_layers: list, epochs: int, scheduler: str,
+               align: tuple = (2,)) -> Path:
+    return _space(tmp_path, {"model.text_layers": {"grid": text_layers}, "model.align_layer": {"grid": list(align)}},
+                  base={"preset": "tiny", "overrides": {"optim.epochs": epochs, "data.uri": shards,
+                                                        "run.max_failures": 0}},
+                  search="grid", scheduler=scheduler, num_samples=1, workers_per_trial=1)
+
+
+@pytest.mark.integration
+def test_search_writes_every_output_and_prunes(ray_cluster, shards, tmp_path):
+    space = SearchSpace.from_yaml(_grid_file(tmp_path, shards, [1, 2], epochs=2, scheduler="asha", align=(1, 2)))
+    res = run_search(space, name="s3t", storage_path=str(tmp_path / "runs"))
+    d = tmp_path / "runs" / "s3t"
+    table = pq.read_table(d / "trials.parquet").to_pylist()
+    # 2 x 2 grid: (align 2, N 1) is rejected by the config, the other 3 trials train
+    assert len(table) == 4 and (d / "trials.csv").read_text().count("\n") == 5
+    by_n = {(r["config/model.align_layer"], r["config/model.text_layers"]): r for r in table}
+    pruned = by_n[(2, 1)]
+    assert pruned["status"] == "pruned" and pruned["epochs_run"] == 0
+    assert "align_layer (2)" in pruned["pruned_reason"]
+    assert not (d / "trials" / pruned["trial_id"] / "history.json").exists()  # never trained
+    assert sum(r["status"] == "pruned" for r in table) == 1
+    for n in ((1, 1), (1, 2), (2, 2)):
+        assert by_n[n]["status"] in ("finished", "stopped-early") and by_n[n]["epochs_run"] >= 1
+        assert by_n[n]["best_val_mae"] > 0
+    assert not any(k.startswith(("best_test", "test")) for k in table[0])  # no test numbers in the table
+    best = yaml.safe_load((d / "best.yaml").read_text())
+    assert best["model"]["text_layers"] == res.best["config/model.text_layers"] and best["run"]["name"] == "s3t-best"
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["best_trial"] == res.best["trial_id"] and m["test"]["n"] > 0 and "mae" in m["test"]
+    assert m["selection"]["metric"] == "val_mae"
+    for png in ("metric_over_trials", "importance", "metric_vs_params"):
+        assert (d / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    mux = EventMultiplexer().AddRunsFromDirectory(str(d))
+    mux.Reload()
+    runs = mux.Runs()
+    trained = [r["trial_id"] for r in table if r["status"] != "pruned"]
+    for tid in trained:  # curves and an HParams session per trained trial
+        run = next(k for k in runs if tid in k)
+        assert "val/mae" in runs[run]["scalars"] and "hparam/val_mae" in runs[run]["scalars"]
+        assert "_hparams_/session_start_info" in mux.PluginAssets("hparams").get(run, []) or \
+            any("hparams" in t for t in runs[run].get("tensors", []))
+    assert "s3t" in res.summary and "pruned" in res.summary
+
+
+@pytest.mark.integration
+def test_killed_search_resumes_only_unfinished_trials(ray_cluster, shards, tmp_path):
+    import ray
+
+    path = _grid_file(tmp_path, shards, [2, 3, 4], epochs=3, scheduler="none")
+    storage = tmp_path / "runs"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    code = ("import sys; from psamf.tune import SearchSpace, run_search; "
+            "run_search(SearchSpace.from_yaml(sys.argv[1]), name='kill', storage_path=sys.argv[2])")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(storage)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    trials = storage / "kill" / "trials"
+    first = None
+    try:
+        while first is None:
+            assert proc.poll() is None, "the search ended before it could be killed"
+            done = sorted(trials.glob("*/done.json")) if trials.exists() else []
+            first = done[0].parent.name if done else None
+            time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = json.loads((trials / first / "history.json").read_text())
+    res = run_search(SearchSpace.from_yaml(path), name="kill", storage_path=str(storage), resume=True)
+    rows = {r["trial_id"]: r for r in res.rows}
+    assert len(rows) == 3 and all(r["status"] == "finished" for r in rows.values())
+    after = json.loads((trials / first / "history.json").read_text())
+    assert after == before  # the finished trial was not rerun
+    for tid, r in rows.items():
+        hist = json.loads((trials / tid / "history.json").read_text())
+        assert [h["epoch"] for h in hist] == [0, 1, 2], tid  # every epoch once, resumed or fresh
