@@ -3,10 +3,12 @@
     synth (MOSI-shaped, seeded)  ->  prepare (local Parquet shards + manifest, precomputed CLS_p)
     ->  train the `tiny` preset with 2 DDP workers on an embedded local Ray  ->  select on validation
     ->  evaluate test once  ->  print the metric table, write metrics.json, predictions, TensorBoard
-        events and a PNG of the training curves under the run directory.
+        events and a PNG of the training curves under the run directory
+    ->  a 4-trial Ray Tune search of the tiny preset (Optuna + ASHA, `--no-search` skips it): trial table,
+        best.yaml, plots, TensorBoard HParams, the best trial's checkpoint evaluated once on test.
 
 Every step is the public API a user would call (`psamf.synth.synthesize`, `psamf.prepare.prepare`,
-`psamf.train.train`); nothing here is demo-only logic.
+`psamf.train.train`, `psamf.tune.run_search`); nothing here is demo-only logic.
 """
 
 from __future__ import annotations
@@ -27,6 +29,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--workers", type=int, default=2, help="Ray Train DDP workers")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--search", action=argparse.BooleanOptionalAction, default=True,
+                   help="after training, a 4-trial Ray Tune search of the tiny preset with ASHA (default: on)")
+
+
+# The demo's search (as jobs/search/tiny-demo.yaml, on the demo's shards): 4 Optuna trials, 3 epochs each, ASHA.
+DEMO_SEARCH = {
+    "base": {"preset": "tiny", "overrides": {"optim.epochs": 3}},
+    "metric": "val_mae", "mode": "min", "num_samples": 4, "search": "optuna", "scheduler": "asha",
+    "grace_period": 1, "reduction_factor": 2, "workers_per_trial": 1, "seed": 0,
+    "space": {
+        "optim.lr_main": {"loguniform": [1.0e-3, 1.0e-2]},
+        "optim.lr_bert": {"loguniform": [1.0e-4, 3.0e-3]},
+        "model.align_layer": {"randint": [0, 2]},
+        "loss.w_ccl": {"uniform": [0.0, 1.0]},
+        "model.sim_mode": {"choice": ["batch_dissimilarity", "per_sample_dissimilarity"]},
+    },
+}
+
+
+def _search(args: argparse.Namespace, shards: Path) -> None:
+    from psamf.tune import SearchSpace, run_search
+
+    d = dict(DEMO_SEARCH, base={"preset": "tiny", "overrides": {
+        **DEMO_SEARCH["base"]["overrides"], "data.uri": str(shards), "run.storage_path": args.storage}})
+    name = f"{args.run_name}-search"
+    search_dir = Path(args.storage) / name
+    if search_dir.exists() and "://" not in args.storage:
+        shutil.rmtree(search_dir)  # the demo starts afresh; `psamf tune --resume NAME` continues a search
+    result = run_search(SearchSpace.from_dict(d, source="psamf demo"), name=name, storage_path=args.storage)
+    print(result.summary, flush=True)
+    print(f"search directory: {result.path}  (trials.csv, best.yaml, plots/; tensorboard --logdir {result.path})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from psamf.train import train
 
     t0 = time.perf_counter()
+    steps = 5 if getattr(args, "search", True) else 4
     work = Path(args.workdir)
     raw_dir, shards = work / "raw-mosi", work / "shards-mosi"
     cfg = Config.from_preset("tiny").override([
@@ -49,10 +83,10 @@ def run(args: argparse.Namespace) -> int:
         f"run.num_workers={args.workers}", f"optim.epochs={args.epochs}", f"optim.seed={args.seed}",
     ])
 
-    print(f"[1/4] synth: MOSI-shaped corpus, seed {args.seed}, scale {args.scale} -> {raw_dir}", flush=True)
+    print(f"[1/{steps}] synth: MOSI-shaped corpus, seed {args.seed}, scale {args.scale} -> {raw_dir}", flush=True)
     files = synthesize("mosi", "mmsa", raw_dir, seed=args.seed, scale=args.scale)
 
-    print(f"[2/4] prepare: tokenise ({cfg.data.tokenizer}), precompute personality CLS -> {shards}", flush=True)
+    print(f"[2/{steps}] prepare: tokenise ({cfg.data.tokenizer}), precompute personality CLS -> {shards}", flush=True)
     init_ray(args.workers)  # one embedded Ray for the personality pass and training (or RAY_ADDRESS's cluster)
     with warnings.catch_warnings():
         # the synthetic file cannot match the published MOSI checksum; real files are still checked loudly
@@ -71,12 +105,12 @@ def run(args: argparse.Namespace) -> int:
     from psamf.runtime import embedded, quiet
 
     where = "embedded local Ray" if embedded() else f"the Ray cluster at {os.environ.get('RAY_ADDRESS')}"
-    print(f"[3/4] train: tiny preset, {args.workers} DDP workers, {args.epochs} epochs, {where}"
+    print(f"[3/{steps}] train: tiny preset, {args.workers} DDP workers, {args.epochs} epochs, {where}"
           + (" (worker logs: /tmp/ray/session_latest/logs; PSAMF_RAY_LOGS=1 streams them)" if quiet() else ""),
           flush=True)
     result = train(cfg)
 
-    print("[4/4] evaluate: model selected on validation, test evaluated once", flush=True)
+    print(f"[4/{steps}] evaluate: model selected on validation, test evaluated once", flush=True)
     print(result.table or "", flush=True)
     floors = (result.metrics.get("baselines") or {}).get("test") or {}
     if floors:
@@ -87,5 +121,8 @@ def run(args: argparse.Namespace) -> int:
     for key in ("metrics", "predictions", "curves", "tensorboard", "config"):
         if key in result.paths:
             print(f"  {key:12s} {result.paths[key]}")
+    if steps == 5:
+        print(f"[5/5] search: 4 trials of the tiny preset, Optuna + ASHA on val_mae", flush=True)
+        _search(args, shards)
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return 0
