@@ -10,7 +10,8 @@ and read their environment (S3 credentials included):
   `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, which Ray reads when it is imported: `psamf/__init__.py` sets it,
   and `init_ray` refuses to start if Ray was imported before psamf and would bind elsewhere;
 - token authentication with a token generated for this instance (256 bits, in a file of mode 0600 in a
-  private 0700 directory, passed as `RAY_AUTH_TOKEN_PATH`, removed when the process exits). The token is never
+  private 0700 directory, passed as `RAY_AUTH_TOKEN_PATH`, removed when the process exits; Ray then turns
+  token mode on for the new local cluster and exports `RAY_AUTH_MODE=token` to it). The token is never
   logged and never reaches a run config. A `RAY_AUTH_MODE` set by the user is respected as it is (with
   `token`, the user's own `RAY_AUTH_TOKEN` / `RAY_AUTH_TOKEN_PATH` / ~/.ray/auth_token is used).
 
@@ -95,13 +96,19 @@ def _write_private_token() -> Path:
 
 
 def _configure_auth() -> str:
-    """Token auth on with a fresh private token unless the user chose a mode; returns the mode in force."""
+    """Token auth with a fresh private token unless the user chose a mode; returns the mode in force.
+
+    RAY_AUTH_MODE is left unset on purpose: Ray reads it into its cached config when it is imported, and with
+    it unset `ray.init` of a new local cluster (Ray >= 2.59) switches token mode on itself, refreshes that
+    config and exports RAY_AUTH_MODE=token to its processes. It takes the token from RAY_AUTH_TOKEN_PATH.
+    """
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode:  # explicit choice (tests pin "disabled"; a user may bring their own token)
         return mode
-    os.environ["RAY_AUTH_MODE"] = "token"
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
         os.environ["RAY_AUTH_TOKEN_PATH"] = str(_write_private_token())
+    # Ray's "token authentication is enabled, set RAY_AUTH_MODE=disabled to opt out" is our choice, not news.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     return "token"
 
 
