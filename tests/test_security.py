@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -99,15 +100,34 @@ def _env(tmp: Path, **extra: str) -> dict[str, str]:
     """The test session's environment without its auth pin, with Ray's files under this test's own dir."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
-    env.update(RAY_TMPDIR=str(tmp), HOME=str(tmp / "home"), PYTHONPATH=os.pathsep.join(sys.path))
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: the client keeps 127.0.0.1 as given (psamf sets it for the driver);
+    # without it Ray rewrites 127.0.0.1 into the machine's routable address, where nothing listens any more.
+    env.update(RAY_TMPDIR=str(tmp), HOME=str(tmp / "home"), PYTHONPATH=os.pathsep.join(sys.path),
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env.update(extra)
     return env
 
 
 def _client(gcs: str, tmp: Path, **extra: str) -> str:
     out = subprocess.run([sys.executable, "-c", _CLIENT, gcs], env=_env(tmp, **extra), capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=180)
     return out.stdout + out.stderr
+
+
+def _non_loopback_ips() -> list[str]:
+    import ray  # noqa: F401  (Ray ships the psutil it vendors on sys.path)
+    import psutil
+
+    return [a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(a.address)]
+
+
+def _reachable(ip: str, port: int) -> bool:
+    try:
+        with socket.create_connection((ip, port), timeout=5):
+            return True
+    except OSError:
+        return False
 
 
 def test_embedded_ray_listens_on_loopback_only_and_refuses_clients_without_its_token():
@@ -132,6 +152,9 @@ def test_embedded_ray_listens_on_loopback_only_and_refuses_clients_without_its_t
         exposed = [entry for entry in listeners if not _is_loopback(entry[2])]
         assert not exposed, f"Ray processes listening on non-loopback addresses: {exposed}"
         assert report["gcs"].startswith("127.0.0.1:"), report["gcs"]
+        ports = sorted({port for *_, port in listeners})
+        reached = [(ip, port) for ip in _non_loopback_ips() for port in ports if _reachable(ip, port)]
+        assert not reached, f"Ray ports reachable through a non-loopback address: {reached}"
 
         assert report["auth_mode"] == "token"
         token = Path(report["token_path"])
