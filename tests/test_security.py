@@ -65,7 +65,7 @@ _DRIVER = textwrap.dedent(
         "token_path": token_path,
         "token_mode": oct(os.stat(token_path).st_mode & 0o777) if token_path else None,
         "token_dir_mode": oct(os.stat(os.path.dirname(token_path)).st_mode & 0o777) if token_path else None,
-        "log_dir": rt.session_log_dir(),
+        "log_dir": getattr(rt, "session_log_dir", lambda: None)(),  # None before the helper existed
     }), flush=True)
     go.touch()
     assert sorted(ray.get(held)) == [0, 1]
@@ -97,19 +97,21 @@ def _is_loopback(ip: str) -> bool:
 
 
 def _env(tmp: Path, **extra: str) -> dict[str, str]:
-    """The test session's environment without its auth pin, with Ray's files under this test's own dir."""
+    """The test session's environment less its Ray pins (auth off, loopback node IP: psamf must do both
+    itself, as for a user), with Ray's files under this test's own dir."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
-    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: the client keeps 127.0.0.1 as given (psamf sets it for the driver);
-    # without it Ray rewrites 127.0.0.1 into the machine's routable address, where nothing listens any more.
-    env.update(RAY_TMPDIR=str(tmp), HOME=str(tmp / "home"), PYTHONPATH=os.pathsep.join(sys.path),
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+           if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS",
+                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env.update(RAY_TMPDIR=str(tmp), HOME=str(tmp / "home"), PYTHONPATH=os.pathsep.join(sys.path))
     env.update(extra)
     return env
 
 
 def _client(gcs: str, tmp: Path, **extra: str) -> str:
-    out = subprocess.run([sys.executable, "-c", _CLIENT, gcs], env=_env(tmp, **extra), capture_output=True,
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: the client keeps 127.0.0.1 as given; without it Ray rewrites
+    # 127.0.0.1 into the machine's routable address, where nothing listens any more.
+    env = _env(tmp, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", **extra)
+    out = subprocess.run([sys.executable, "-c", _CLIENT, gcs], env=env, capture_output=True,
                          text=True, timeout=180)
     return out.stdout + out.stderr
 
