@@ -71,11 +71,9 @@ def run(args: argparse.Namespace) -> int:
 
     where = "embedded local Ray" if embedded() else f"the Ray cluster at {os.environ.get('RAY_ADDRESS')}"
     print(f"[3/4] train: tiny preset, {args.workers} DDP workers, {args.epochs} epochs, {where}"
-          + (" (worker logs stay in the embedded Ray's session; PSAMF_RAY_LOGS=1 streams them)"
-             if embedded() and os.environ.get("PSAMF_RAY_LOGS", "0") != "1" else ""), flush=True)
+          + (f" (worker logs: {session_log_dir()}; PSAMF_RAY_LOGS=1 streams them)" if quiet() else ""),
+          flush=True)
     result = train(cfg)
-    if quiet() and session_log_dir():
-        print(f"      worker logs: {session_log_dir()}", flush=True)
 
     print("[4/4] evaluate: model selected on validation, test evaluated once", flush=True)
     print(result.table or "", flush=True)
