@@ -1,13 +1,25 @@
 """Starting or joining Ray, the same way for every psamf entry point (prepare, train, evaluate, demo).
 
 With no `RAY_ADDRESS`: an embedded local Ray with `max(4, workers + 2, os.cpu_count())` logical CPUs (on a
-small machine deliberately oversubscribed, ray-notes §3.3/§10.1: Ray Data read tasks need CPUs the training workers do not hold)
-and token auth pinned off for this private, loopback-only instance unless `RAY_AUTH_MODE` is set
-(Ray >= 2.59 would otherwise turn it on and write ~/.ray/auth_token). With `RAY_ADDRESS` (always set
-inside `ray job submit`): join that cluster.
+small machine deliberately oversubscribed: Ray Data read tasks need CPUs the training workers do not hold).
+It is closed to the network in two ways, because anyone who reaches a Ray port can run code in the workers
+and read their environment (S3 credentials included):
+
+- every Ray process of it (GCS, raylet, core workers, agents) binds to 127.0.0.1. Ray binds its gRPC servers
+  to the node IP, and on Linux it turns a requested 127.0.0.1 into the machine's routable address unless
+  `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, which Ray reads when it is imported: `psamf/__init__.py` sets it,
+  and `init_ray` refuses to start if Ray was imported before psamf and would bind elsewhere;
+- token authentication with a token generated for this instance (256 bits, in a file of mode 0600 in a
+  private 0700 directory, passed as `RAY_AUTH_TOKEN_PATH`, removed when the process exits; Ray then turns
+  token mode on for the new local cluster and exports `RAY_AUTH_MODE=token` to it). The token is never
+  logged and never reaches a run config. A `RAY_AUTH_MODE` set by the user is respected as it is (with
+  `token`, the user's own `RAY_AUTH_TOKEN` / `RAY_AUTH_TOKEN_PATH` / ~/.ray/auth_token is used).
+
+With `RAY_ADDRESS` (always set inside `ray job submit`): join that cluster.
 
 The embedded Ray is quiet by default: worker logs are not streamed to the console (`log_to_driver=False`; they
-stay in /tmp/ray/session_latest/logs) and the driver's own Ray INFO lines and Ray's deprecation warnings are
+stay in this instance's own session directory, `session_log_dir()`; `/tmp/ray/session_latest` may be another
+process's session on a shared host) and the driver's own Ray INFO lines and Ray's deprecation warnings are
 hidden, so the console shows psamf's progress (the driver prints each epoch from the run's history.json; see
 `psamf.train`). Errors still surface: a failed worker raises in the driver with its traceback. Set
 `PSAMF_RAY_LOGS=1` to stream everything. On a cluster, worker logs always stream (they belong in the job log).
@@ -15,13 +27,22 @@ hidden, so the console shows psamf's progress (the driver prints each epoch from
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import secrets
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 log = logging.getLogger("psamf.runtime")
 
-_EMBEDDED = {"started": False, "quiet": False}
+LOOPBACK = "127.0.0.1"
+# Ray's switch for multi-node clusters; "0" makes it keep a requested 127.0.0.1 as the node IP (read at import).
+SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+_EMBEDDED: dict = {"started": False, "quiet": False, "session_dir": None}
 
 
 def embedded() -> bool:
@@ -50,6 +71,78 @@ def _mem_bytes() -> int:
         return 4 * 1024**3
 
 
+def session_log_dir() -> str | None:
+    """The log directory of the embedded Ray this process started (worker logs live there), else None.
+
+    Taken from what `ray.init` returned for this instance, not from /tmp/ray/session_latest, which names
+    whichever Ray session started last on the host (another user's or another run's on a shared machine).
+    """
+    d = _EMBEDDED["session_dir"]
+    return os.path.join(d, "logs") if d else None
+
+
+def _write_private_token() -> Path:
+    """Generate a token for this instance in a new 0700 directory, file mode 0600; removed at exit.
+
+    `O_EXCL` with mode 0600 at creation, so the token is never readable by others, not even briefly.
+    """
+    d = Path(tempfile.mkdtemp(prefix="psamf-ray-auth-"))  # mkdtemp: mode 0700, owned by us
+    atexit.register(shutil.rmtree, d, True)
+    path = d / "auth_token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
+def _configure_auth() -> str:
+    """Token auth with a fresh private token unless the user chose a mode; returns the mode in force.
+
+    RAY_AUTH_MODE is left unset on purpose: Ray reads it into its cached config when it is imported, and with
+    it unset `ray.init` of a new local cluster (Ray >= 2.59) switches token mode on itself, refreshes that
+    config and exports RAY_AUTH_MODE=token to its processes. It takes the token from RAY_AUTH_TOKEN_PATH.
+    """
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode:  # explicit choice (tests pin "disabled"; a user may bring their own token)
+        return mode
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(_write_private_token())
+    # Ray's "token authentication is enabled, set RAY_AUTH_MODE=disabled to opt out" is our choice, not news.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    return "token"
+
+
+def _require_loopback(what: str, host: str) -> None:
+    if host not in (LOOPBACK, "localhost", "::1"):
+        raise RuntimeError(
+            f"the embedded Ray would bind to {host} ({what}), not {LOOPBACK}: Ray was imported before psamf "
+            f"could set {SINGLE_NODE_ENV}=0. Set {SINGLE_NODE_ENV}=0 in the environment, or import psamf "
+            "before ray, or start Ray yourself and set RAY_ADDRESS.")
+
+
+def _start_embedded(num_workers: int) -> None:
+    """Start the loopback-only, token-protected embedded Ray (see the module docstring)."""
+    import ray
+
+    _require_loopback("node IP before start", ray.util.get_node_ip_address())
+    auth = _configure_auth()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    n = max(4, num_workers + 2, os.cpu_count() or 1)
+    quiet_logs = os.environ.get("PSAMF_RAY_LOGS", "0") != "1"
+    if quiet_logs:
+        _quiet_driver()
+    ctx = ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=n, include_dashboard=False,
+                   log_to_driver=not quiet_logs, logging_level=logging.WARNING if quiet_logs else logging.INFO,
+                   object_store_memory=min(2 * 1024**3, max(200 * 1024**2, _mem_bytes() // 10)))
+    gcs_host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
+    if gcs_host != LOOPBACK:
+        ray.shutdown()
+        _require_loopback("GCS address", gcs_host)
+    _EMBEDDED.update(started=True, quiet=quiet_logs, session_dir=ctx.address_info.get("session_dir"))
+    log.info("started an embedded local Ray on %s (%d logical CPUs, auth %s)%s", LOOPBACK, n, auth,
+             f"; worker logs in {session_log_dir()} (PSAMF_RAY_LOGS=1 streams them)" if quiet_logs else "")
+
+
 def init_ray(num_workers: int = 2) -> None:
     """Start or join Ray, unless already initialised (see the module docstring)."""
     import ray
@@ -61,20 +154,7 @@ def init_ray(num_workers: int = 2) -> None:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        n = max(4, num_workers + 2, os.cpu_count() or 1)
-        quiet_logs = os.environ.get("PSAMF_RAY_LOGS", "0") != "1"
-        log.info("starting an embedded local Ray (%d logical CPUs)%s", n,
-                 "; worker logs in /tmp/ray/session_latest/logs (PSAMF_RAY_LOGS=1 streams them)" if quiet_logs
-                 else "")
-        if quiet_logs:
-            _quiet_driver()
-        ray.init(address="local", num_cpus=n, include_dashboard=False, log_to_driver=not quiet_logs,
-                 logging_level=logging.WARNING if quiet_logs else logging.INFO,
-                 object_store_memory=min(2 * 1024**3, max(200 * 1024**2, _mem_bytes() // 10)))
-        _EMBEDDED["started"] = True
-        _EMBEDDED["quiet"] = quiet_logs
+        _start_embedded(num_workers)
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     if not sys.stderr.isatty():
         from ray.util.debug import log_once

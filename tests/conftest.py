@@ -2,7 +2,9 @@
 
 Environment set here, before anything can start Ray (see docs/ray-operations.md §3, §10):
 token auth pinned off for the embedded test cluster, usage stats off, AWS credentials and
-endpoint for the moto server so Ray workers see them too.
+endpoint for the moto server so Ray workers see them too. The test cluster listens on 127.0.0.1 only,
+like psamf's own embedded Ray (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is read when ray is imported: without it
+Ray turns a requested 127.0.0.1 into the machine's routable address; see psamf.runtime).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import socket
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
@@ -76,6 +79,7 @@ def ray_cluster():
         return
     ray.init(
         address="local",
+        _node_ip_address="127.0.0.1",
         num_cpus=4,
         object_store_memory=200 * 1024**2,
         include_dashboard=False,

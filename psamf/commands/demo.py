@@ -102,11 +102,11 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.storage) / args.run_name
     if not args.resume and run_dir.exists() and "://" not in args.storage:
         shutil.rmtree(run_dir)  # the demo starts afresh; real runs resume by name
-    from psamf.runtime import embedded, quiet
+    from psamf.runtime import embedded, quiet, session_log_dir
 
     where = "embedded local Ray" if embedded() else f"the Ray cluster at {os.environ.get('RAY_ADDRESS')}"
     print(f"[3/{steps}] train: tiny preset, {args.workers} DDP workers, {args.epochs} epochs, {where}"
-          + (" (worker logs: /tmp/ray/session_latest/logs; PSAMF_RAY_LOGS=1 streams them)" if quiet() else ""),
+          + (f" (worker logs: {session_log_dir()}; PSAMF_RAY_LOGS=1 streams them)" if quiet() else ""),
           flush=True)
     result = train(cfg)
 
