@@ -888,6 +888,9 @@ def run_search(space: SearchSpace, *, name: str, storage_path: str | None = None
     # then records it as PRUNED instead of learning a made-up value. Tune's strict check would turn that into an
     # error of the whole search; the metric itself was validated against the data set's metrics above.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Tune would add its own TensorBoard logger (an `events` file per trial with `ray/tune/*` tags) next to
+    # psamf's per-trial tensorboard/ (curves + HParams): one set of curves per trial is what users should see.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     t0 = time.perf_counter()
     grid = _tuner(space, name, st, pf.manifest, resume, out).fit()
     elapsed = time.perf_counter() - t0
