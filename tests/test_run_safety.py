@@ -181,12 +181,12 @@ def test_job_config_placeholders_are_named_before_ray_starts(path, monkeypatch, 
 
     text = open(path).read()
     if "YOUR-BUCKET" not in text and "PATH-OR-HUB" not in text:
-        preflight.check_placeholders(Config.from_yaml(path))  # no placeholder: passes
+        preflight.check_placeholders(Config.from_yaml(path), path)  # no placeholder: passes
         return
     started = []
     monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: started.append(1))
     with pytest.raises(ConfigError, match=os.path.basename(path)) as e:
-        preflight.check_placeholders(Config.from_yaml(path))
+        preflight.check_placeholders(Config.from_yaml(path), path)
     assert "data.uri" in str(e.value) and "run.storage_path" in str(e.value)
     if "PATH-OR-HUB" in text:
         assert "model.personality_model" in str(e.value)
