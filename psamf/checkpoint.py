@@ -6,7 +6,15 @@ A checkpoint is a directory `checkpoint_epoch=NNN/` (Ray Train's `checkpoint_dir
     train_state.pt   optimizer, scheduler, selector, epoch, history (a JSON string: NaN kept), every rank's RNG
                      states, the session counter (how many times the run was started)
     config.yaml      the resolved config of the run (the checkpoint carries its config)
-    meta.json        epoch, version, selection state and the epoch's metrics (human-readable)
+    meta.json        epoch, version, selection state, the epoch's metrics and the sha256 and size of every other
+                     file (written last: a checkpoint whose files disagree with it is damaged)
+
+Integrity: `verify_checkpoint` re-hashes the files against meta.json. Before a run starts, the driver calls
+`repair_run`: damaged checkpoints, newest first, are set aside (`checkpoint_epoch=NNN.corrupt-<k>`, kept for a
+post-mortem, never deleted) with a warning until an intact one is found, and Ray's run snapshot
+(`checkpoint_manager_snapshot.json`, Ray 2.60) is rewritten to name only checkpoint directories that exist, so
+that the run resumes from the newest intact checkpoint instead of failing on restore, and a checkpoint directory
+that disappeared does not make Ray refuse the run (`CheckpointManagerInitializationError`).
 
 Ray keeps the best `run.keep_checkpoints` by the selection metric **and always the latest one** (Ray 2.60's
 `CheckpointManager` never deletes the latest registered checkpoint), so a restart or a re-run of the same
@@ -22,7 +30,9 @@ for the race it avoids); `resolve_checkpoint` turns a run directory into its val
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -47,9 +57,44 @@ __all__ = [
     "LocalCheckpoints",
     "resolve_checkpoint",
     "load_model",
+    "CheckpointError",
+    "verify_checkpoint",
+    "repair_run",
+    "RAY_SNAPSHOT",
 ]
 
+log = logging.getLogger("psamf.checkpoint")
+
 CHECKPOINT_DIR = "checkpoint_epoch={epoch:03d}"
+CHECKPOINT_RE = re.compile(r"checkpoint_epoch=(\d+)")
+# Ray 2.60 Train V2 keeps the list of registered checkpoints of a run in this file of the run directory
+# (ray.train.v2 CheckpointManager; restored on every start of the same RunConfig(name)).
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+_CHUNK = 8 * 1024 * 1024
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file is missing, truncated or does not match its recorded checksum (exit status 2)."""
+
+
+def _sha256_stream(stream: Any) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    while True:
+        chunk = stream.read(_CHUNK)
+        if not chunk:
+            return h.hexdigest(), n
+        h.update(chunk)
+        n += len(chunk)
+
+
+def _file_digests(path: str) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name != "meta.json" and os.path.isfile(os.path.join(path, name)):
+            with open(os.path.join(path, name), "rb") as f:
+                digest, size = _sha256_stream(f)
+            out[name] = {"sha256": digest, "bytes": size}
+    return out
 
 
 def save_checkpoint(path: str, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -73,9 +118,121 @@ def save_checkpoint(path: str, *, model: nn.Module, optimizer: torch.optim.Optim
     cfg.to_yaml(os.path.join(path, "config.yaml"))
     meta = {"epoch": int(epoch), "psamf_version": __version__, "select_metric": selector.metric,
             "select_mode": selector.mode, "best_epoch": selector.best_epoch, "session": int(session),
-            "metrics": dict(metrics or {})}
-    with open(os.path.join(path, "meta.json"), "w") as f:
+            "metrics": dict(metrics or {}), "files": _file_digests(path)}
+    tmp = os.path.join(path, ".meta.json.tmp")
+    with open(tmp, "w") as f:
         json.dump(meta, f, indent=2, default=str)
+    os.replace(tmp, os.path.join(path, "meta.json"))  # last: the files it lists are complete
+
+
+def verify_checkpoint(fs: Any, path: str) -> list[str]:
+    """What is wrong with the checkpoint directory `path` on the pyarrow filesystem `fs` (empty: intact).
+
+    Every file listed in meta.json must exist with its recorded size and sha256. A checkpoint written before
+    checksums were recorded (no "files" in meta.json) is checked for its files' presence only."""
+    import pyarrow.fs as pafs
+
+    try:
+        with fs.open_input_stream(f"{path}/meta.json") as f:
+            meta = json.loads(f.read())
+    except FileNotFoundError:
+        return [f"{path}/meta.json is missing (an interrupted write)"]
+    except (OSError, ValueError) as e:
+        return [f"{path}/meta.json is unreadable: {e}"]
+    files = meta.get("files") or {n: None for n in ("model.pt", "train_state.pt", "config.yaml")}
+    problems = []
+    for name, want in files.items():
+        fp = f"{path}/{name}"
+        if fs.get_file_info(fp).type != pafs.FileType.File:
+            problems.append(f"{fp} is missing")
+            continue
+        if want is None:
+            continue
+        try:
+            with fs.open_input_stream(fp) as f:
+                digest, size = _sha256_stream(f)
+        except OSError as e:
+            problems.append(f"{fp} is unreadable: {e}")
+            continue
+        if size != want["bytes"] or digest != want["sha256"]:
+            problems.append(f"{fp} is damaged: {size} bytes, sha256 {digest[:12]}..., but {want['bytes']} bytes, "
+                            f"sha256 {want['sha256'][:12]}... were written")
+    return problems
+
+
+def _checkpoint_dirs(fs: Any, run_dir: str) -> dict[int, str]:
+    import pyarrow.fs as pafs
+
+    out = {}
+    for info in fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True)):
+        m = CHECKPOINT_RE.fullmatch(info.base_name)
+        if m and info.type == pafs.FileType.Directory:
+            out[int(m.group(1))] = info.path
+    return out
+
+
+def _set_aside(fs: Any, path: str) -> str:
+    """Rename a damaged checkpoint out of the names Ray and psamf look at (kept for a post-mortem)."""
+    k = 0
+    while fs.get_file_info(f"{path}.corrupt-{k}").type.name != "NotFound":
+        k += 1
+    fs.move(path, f"{path}.corrupt-{k}")
+    return f"{path}.corrupt-{k}"
+
+
+def repair_run(fs: Any, run_dir: str) -> int | None:
+    """Make a run directory resumable; returns the epoch of its newest intact checkpoint (None: none).
+
+    Damaged checkpoints, newest first, are set aside with a warning until an intact one is found (older ones are
+    not read: a resume only needs the newest intact one). Then Ray's run snapshot is rewritten to name only the
+    checkpoint directories that exist (see the module docstring)."""
+    dirs = _checkpoint_dirs(fs, run_dir)
+    latest = None
+    for epoch in sorted(dirs, reverse=True):
+        problems = verify_checkpoint(fs, dirs[epoch])
+        if not problems:
+            latest = epoch
+            break
+        moved = _set_aside(fs, dirs[epoch])
+        older = [e for e in dirs if e < epoch]
+        log.warning("checkpoint epoch %d is damaged (%s); set aside as %s; %s", epoch, "; ".join(problems), moved,
+                    f"falling back to the checkpoint of epoch {max(older)}" if older else "no older checkpoint")
+        del dirs[epoch]
+    _repair_ray_snapshot(fs, run_dir, set(CHECKPOINT_DIR.format(epoch=e) for e in dirs))
+    return latest
+
+
+def _repair_ray_snapshot(fs: Any, run_dir: str, present: set[str]) -> None:
+    """Drop the snapshot's references to checkpoint directories that are not `present`; the latest becomes the
+    remaining one reported last. Written only when something changed (atomically where the filesystem can)."""
+    from psamf.storage import exists, read_bytes, write_bytes
+
+    path = f"{run_dir}/{RAY_SNAPSHOT}"
+    if not exists(fs, path):
+        return
+    try:
+        snap = json.loads(read_bytes(fs, path))
+        results, indices = snap["checkpoint_results"], snap["checkpoint_report_indices"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: Ray's run snapshot is unreadable ({e}); move the run directory aside or "
+                              "choose a new run.name") from None
+    keep = [(r, i) for r, i in zip(results, indices) if r.get("checkpoint_dir_name") in present]
+    if len(keep) == len(results):
+        return
+    dropped = sorted({r.get("checkpoint_dir_name") for r in results} - {r["checkpoint_dir_name"] for r, _ in keep})
+    snap["checkpoint_results"] = [r for r, _ in keep]
+    snap["checkpoint_report_indices"] = [i for _, i in keep]
+    snap["latest_checkpoint_result"] = max(keep, key=lambda ri: ri[1])[0] if keep else None
+    pending = [(r, v) for r, v in zip(snap.get("pending_training_results") or [],
+                                      snap.get("pending_validation_specs") or [])
+               if r.get("checkpoint_dir_name") in present]
+    snap["pending_training_results"] = [r for r, _ in pending]
+    snap["pending_validation_specs"] = [v for _, v in pending]
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                "failed_validation_checkpoint_dir_names"):
+        snap[key] = [n for n in snap.get(key) or [] if n in present]
+    write_bytes(fs, path, json.dumps(snap).encode())
+    log.warning("%s: removed the references to %s (not in the run directory)", path, ", ".join(dropped))
 
 
 @contextlib.contextmanager
@@ -102,9 +259,14 @@ def open_checkpoint(checkpoint: Any) -> Iterator[str]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def load_model_weights(path: str, model: nn.Module) -> None:
-    """Load a checkpoint directory's model.pt into `model` (unwrapped or DDP), strictly."""
-    state = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
+def load_model_weights(path: str, model: nn.Module, *, name: str | None = None) -> None:
+    """Load a checkpoint directory's model.pt into `model` (unwrapped or DDP), strictly. An unreadable file is a
+    `CheckpointError` naming it (`name`: how to call the directory when `path` is a private local copy)."""
+    try:
+        state = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{name or path}/model.pt is unreadable (truncated or damaged?): "
+                              f"{str(e).splitlines()[0]}") from None
     unwrap(model).load_state_dict(state)
 
 
@@ -193,7 +355,7 @@ class LocalCheckpoints:
 
         out = {}
         for info in self.fs.get_file_info(pafs.FileSelector(self.run_dir, allow_not_found=True)):
-            m = re.fullmatch(r"checkpoint_epoch=(\d+)", info.base_name)
+            m = CHECKPOINT_RE.fullmatch(info.base_name)
             if m and info.type == pafs.FileType.Directory and \
                     self.fs.get_file_info(f"{info.path}/meta.json").type == pafs.FileType.File:
                 out[int(m.group(1))] = info.path

@@ -23,7 +23,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from psamf.checkpoint import checkpoint_config, load_model_weights, open_checkpoint, resolve_checkpoint
+from psamf.checkpoint import (CheckpointError, checkpoint_config, load_model_weights, open_checkpoint,
+                              resolve_checkpoint, verify_checkpoint)
 from psamf.config import Config
 from psamf.data import iter_batches, load_datasets
 from psamf.engine import EvalOutput, eval_metrics, eval_partition, evaluate, gather_eval, resolve_amp, \
@@ -127,6 +128,9 @@ def evaluate_checkpoint(checkpoint: str, *, splits: Sequence[str] = ("valid", "t
         local = os.path.join(tmp, "ckpt")
         os.makedirs(local)
         pafs.copy_files(ck_path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        problems = verify_checkpoint(pafs.LocalFileSystem(), local)  # named as the user named them, not the copy
+        if problems:
+            raise CheckpointError("; ".join(p.replace(local, ck_path) for p in problems))
         cfg = checkpoint_config(local).override(list(overrides))
         runtime.init_ray(max(1, num_workers))
         manifest = read_manifest(cfg.data.uri, cfg.data.s3_endpoint)
@@ -135,7 +139,7 @@ def evaluate_checkpoint(checkpoint: str, *, splits: Sequence[str] = ("valid", "t
         datasets = load_datasets(cfg.data, manifest, tuple(splits))
         if num_workers <= 0:
             model = build_model(cfg.model)
-            load_model_weights(local, model)
+            load_model_weights(local, model, name=ck_path)
             results = {}
             for split in splits:
                 batches = iter_batches(datasets[split], cfg.data, bs, epoch=0, train=False)

@@ -12,6 +12,7 @@ run name resumes a compatible run, and that the cluster can run the workers with
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -22,7 +23,11 @@ from psamf.config import Config, ConfigError
 from psamf.engine import LOSS_TERMS, selectable_metrics
 from psamf.storage import exists, read_bytes, resolve
 
-__all__ = ["Preflight", "preflight", "read_manifest", "check_resume_compatible", "check_cluster_resources"]
+__all__ = ["Preflight", "preflight", "read_manifest", "check_resume_compatible", "check_cluster_resources",
+           "check_placeholders", "PLACEHOLDERS"]
+
+# the capitals the job configs and cluster files ship with (jobs/configs/*.yaml): a value holding one was not set
+PLACEHOLDERS = re.compile(r"YOUR-[A-Z0-9-]+|PATH-OR-HUB")
 
 log = logging.getLogger("psamf.preflight")
 
@@ -51,9 +56,28 @@ def _check_selection(cfg: Config) -> None:
         log.warning("optim.select_mode=%s with select_metric=%s: is that intended?", o.select_mode, o.select_metric)
 
 
+def check_placeholders(cfg: Config, source: str | None = None) -> None:
+    """Refuse a config that still holds a placeholder of the shipped job configs (`s3://YOUR-BUCKET/...`,
+    `PATH-OR-HUB`), naming every key to set. Called before Ray starts: such a run could only fail later, after
+    an embedded Ray has started, with a credentials error that names no key."""
+    found = [f"{sec}.{k}={v!r}" for sec, fields in cfg.to_dict().items() if isinstance(fields, dict)
+             for k, v in fields.items() if isinstance(v, str) and PLACEHOLDERS.search(v)]
+    if found:
+        where = source or getattr(cfg, "source", None) or "the config"
+        raise ConfigError(f"{where}: placeholder value(s) not replaced: {', '.join(found)}; set "
+                          f"{', '.join(f.split('=', 1)[0] for f in found)} in the file or as key=value on the command "
+                          "line (model.personality_model=null trains without the pretrained personality BERT)")
+
+
 def _model_from_manifest(cfg: Config, man: Mapping[str, Any]) -> dict[str, Any]:
-    """The config as a dict with the manifest's feature dims (data facts: the manifest is authoritative)."""
+    """The config as a dict with the manifest's feature dims and text length (data facts fixed by `psamf
+    prepare`: the manifest is authoritative, so `psamf train --preset tiny data.uri=...` works on shards of any
+    text length the model's position table holds)."""
     d = cfg.to_dict()
+    L = ((man.get("tokenizers") or {}).get("text") or {}).get("max_len")
+    if L is not None and int(L) != d["data"]["max_text_len"]:
+        log.info("data.max_text_len: %d -> %d (from the shards' manifest)", d["data"]["max_text_len"], int(L))
+        d["data"]["max_text_len"] = int(L)
     dims = man.get("feature_dims") or {}
     for key, name in (("audio", "audio_dim"), ("visual", "visual_dim")):
         if key in dims and int(dims[key]) != d["model"][name]:
@@ -100,12 +124,40 @@ def _check_splits(cfg: Config, man: Mapping[str, Any]) -> None:
                           f"({cfg.optim.batch_size}) x run.num_workers ({workers}); no full batch per worker")
 
 
+def _check_bucket(cfg: Config, storage: Any) -> None:
+    """An object-store run.storage_path must name an existing bucket: Ray's first write would otherwise create it
+    (pyarrow's S3 filesystem does) or fail deep in a worker. Buckets are never created implicitly (`aws s3`)."""
+    import pyarrow.fs as pafs
+
+    if "://" not in cfg.run.storage_path or cfg.run.storage_path.startswith("file://"):
+        return
+    bucket = storage.root.lstrip("/").split("/", 1)[0]
+    try:
+        info = storage.fs.get_file_info(bucket)
+    except OSError as e:
+        raise ConfigError(f"run.storage_path={cfg.run.storage_path!r}: cannot access bucket {bucket!r}: {e}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"run.storage_path={cfg.run.storage_path!r}: bucket {bucket!r} does not exist (psamf never "
+                          "creates buckets; create it or fix the path)")
+
+
+def _has_checkpoint(storage: Any, name: str) -> bool:
+    import pyarrow.fs as pafs
+
+    sel = pafs.FileSelector(storage.run_dir(name), allow_not_found=True)
+    return any(re.fullmatch(r"checkpoint_epoch=\d+", i.base_name) for i in storage.fs.get_file_info(sel))
+
+
 def _check_run_name(cfg: Config) -> Any:
-    """The resolved storage; a re-used run name must resume a compatible run."""
+    """The resolved storage; a re-used run name must resume a compatible run. A run directory without any
+    checkpoint is a run that never finished an epoch: it does not hold its name (its config.yaml is replaced)."""
     storage = resolve(cfg.run.storage_path, cfg.run.s3_endpoint or cfg.data.s3_endpoint)
+    _check_bucket(cfg, storage)
     old_cfg_path = f"{storage.run_dir(cfg.run.name)}/config.yaml"
     try:
-        if exists(storage.fs, old_cfg_path):
+        if exists(storage.fs, old_cfg_path) and not _has_checkpoint(storage, cfg.run.name):
+            log.info("run %s has no checkpoint (it never finished an epoch): starting it afresh", cfg.run.name)
+        elif exists(storage.fs, old_cfg_path):
             old = Config.from_dict(yaml.safe_load(read_bytes(storage.fs, old_cfg_path)) or {}, source=old_cfg_path)
             check_resume_compatible(old, cfg)
     except OSError as e:
@@ -117,11 +169,12 @@ def _check_run_name(cfg: Config) -> Any:
 def preflight(cfg: Config, *, check_resources: bool = True, manifest: Mapping[str, Any] | None = None) -> Preflight:
     """Every check that can fail before any Ray worker starts. Returns the config with the manifest's feature
     dims. Raises ConfigError with a message naming the field."""
+    check_placeholders(cfg)
     _check_selection(cfg)
     man = dict(manifest) if manifest is not None else read_manifest(cfg.data.uri, cfg.data.s3_endpoint)
-    shards.check_manifest(man, cfg.data)
     new = Config.from_dict(_model_from_manifest(cfg, man), source="config (with manifest dims)")
     new.preset = cfg.preset
+    shards.check_manifest(man, new.data)
     _check_model_fits_shards(new, man)
     _check_splits(new, man)
     storage = _check_run_name(new)

@@ -22,7 +22,9 @@ if TYPE_CHECKING:
     from psamf.preflight import Preflight
 
 __all__ = ["TrainResult", "write_run_outputs", "metrics_table", "format_record", "ProgressFiles", "HistoryPrinter",
-           "git_sha", "checkpoint_uri"]
+           "git_sha", "code_version", "checkpoint_uri", "GIT_SHA_ENV"]
+
+GIT_SHA_ENV = "PSAMF_GIT_SHA"  # the commit of a cluster run, set at submission where .git is not uploaded
 
 log = logging.getLogger("psamf.results")
 
@@ -158,9 +160,31 @@ def git_sha() -> str | None:
         return None
 
 
+def code_version() -> dict[str, Any]:
+    """What code a run used: the git commit (from the checkout, else from $PSAMF_GIT_SHA, which a submission can
+    set, since `ray job submit` does not upload .git), the package version, and the sha256 of the psamf source
+    files (sorted relative paths and contents of psamf/**/*.py). The source hash is always there, so a cluster
+    run without either can still be matched to a checkout (`python -c "from psamf.results import code_version;
+    print(code_version())"` there)."""
+    import hashlib
+
+    from psamf import __version__
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(f for f in filenames if f.endswith(".py")):
+            full = os.path.join(dirpath, name)
+            h.update(os.path.relpath(full, root).replace(os.sep, "/").encode() + b"\0")
+            with open(full, "rb") as f:
+                h.update(f.read() + b"\0")
+    return {"git_sha": git_sha() or os.environ.get(GIT_SHA_ENV) or None, "psamf_version": __version__,
+            "source_sha256": h.hexdigest()}
+
+
 def write_run_outputs(pf: "Preflight", ret: Mapping[str, Any]) -> TrainResult:
     """metrics.json, predictions.parquet, curves.png, tensorboard/, history.json, config.yaml (driver)."""
-    from psamf import __version__
     from psamf.metrics import trivial_baselines
     from psamf.outputs import plot_curves, write_history, write_predictions, write_tensorboard
     from psamf.storage import json_safe, write_bytes, write_json
@@ -188,7 +212,7 @@ def write_run_outputs(pf: "Preflight", ret: Mapping[str, Any]) -> TrainResult:
         "checkpoint": checkpoint_uri(st, ret.get("checkpoint_path")),
         "world_size": ret.get("world_size"), "amp": ret.get("amp"), "device": ret.get("device"),
         "sessions": 1 + max((int(r.get("session", 0)) for r in history), default=0),
-        "psamf_version": __version__, "git_sha": git_sha(), "preset": cfg.preset,
+        **code_version(), "preset": cfg.preset,
     }
     paths = {k: f"{st.run_uri(cfg.run.name)}/{v}" for k, v in {
         "metrics": "metrics.json", "predictions": "predictions.parquet", "curves": "curves.png",

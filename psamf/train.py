@@ -39,17 +39,19 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from psamf import runtime
-from psamf.checkpoint import CHECKPOINT_DIR, LocalCheckpoints, load_model_weights, open_checkpoint, save_checkpoint
+from psamf.checkpoint import (CHECKPOINT_DIR, CheckpointError, LocalCheckpoints, load_model_weights, open_checkpoint,
+                              repair_run, save_checkpoint, verify_checkpoint)
 from psamf.config import Config, ConfigError
 from psamf.data import iter_batches, load_datasets, split_config
 from psamf.engine import (EvalOutput, Selector, all_gather, build_optimizer, build_scheduler, epoch_record,
                           eval_metrics, eval_partition, evaluate, gather_eval, resolve_amp, rng_state,
                           seed_everything, set_rng_state, train_epoch)
 from psamf.model import build_model
-from psamf.preflight import Preflight, preflight
+from psamf.preflight import Preflight, check_placeholders, preflight
 from psamf.results import HistoryPrinter, ProgressFiles, TrainResult, format_record, write_run_outputs
 
-__all__ = ["train_fn_per_worker", "build_trainer", "fit", "train", "seed_config", "worker_device", "FAULT_ENV"]
+__all__ = ["train_fn_per_worker", "build_trainer", "fit", "train", "seed_config", "worker_device", "FAULT_ENV",
+           "configure_worker_logging"]
 
 log = logging.getLogger("psamf.train")
 
@@ -143,11 +145,16 @@ class _Resumed:
 
 def _restore(store: Any, model: torch.nn.Module, selector: Selector) -> _Resumed:
     """Load the latest checkpoint's weights and selection state, if any (before DDP wraps the model)."""
+    import pyarrow.fs as pafs
+
     ckpt = store.latest()
     if ckpt is None:
         return _Resumed(history=[])
     with open_checkpoint(ckpt) as d:
-        load_model_weights(d, model)
+        problems = verify_checkpoint(pafs.LocalFileSystem(), d)  # repair_run ran in the driver; damage since then
+        if problems:
+            raise CheckpointError(f"cannot resume from {ckpt.path}: {'; '.join(problems)}")
+        load_model_weights(d, model, name=ckpt.path)
         state = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True)
     selector.load_state_dict(state["selector"])
     return _Resumed(start_epoch=int(state["epoch"]) + 1, session=int(state.get("session", 0)) + 1,
@@ -167,6 +174,28 @@ def _restore_optim(res: _Resumed, optimizer: Any, scheduler: Any, seed: int, ran
         set_rng_state(rngs[rank])
     else:  # a different world size: fresh per-rank streams, deterministic in (seed, epoch, rank)
         seed_everything(seed + 1000 * res.start_epoch + rank)
+
+
+def configure_worker_logging() -> None:
+    """psamf's INFO lines (one per epoch, resume, timings) on the worker's stderr, everything else at WARNING.
+
+    The worker's stderr is the job log on a cluster. Ray 2.60 Train logs one "Reporting training result ..." INFO
+    line per rank and epoch through a logger named by its file path (`logging.getLogger(__file__)`), whose level
+    is the root logger's: so the root stays at WARNING and psamf gets its own handler (no colour codes)."""
+    import sys
+
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    root.setLevel(logging.WARNING)
+    plog = logging.getLogger("psamf")
+    plog.setLevel(logging.INFO)
+    plog.propagate = False
+    if not any(getattr(h, "_psamf_worker", False) for h in plog.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        h._psamf_worker = True  # type: ignore[attr-defined]
+        plog.addHandler(h)
 
 
 def worker_device() -> torch.device:
@@ -205,7 +234,7 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
     device = worker_device()
     amp_dtype = resolve_amp(cfg.optim.amp, device)
     counts = loop_config.get("counts") or {}
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_worker_logging()
 
     seed_everything(cfg.optim.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
     raw = build_model(cfg.model)
@@ -324,21 +353,44 @@ def build_trainer(cfg: Config, datasets: Mapping[str, Any], storage: Any, *,
                         run_config=run_config)
 
 
+def _trim_history(fs: Any, run_dir: str, resume_epoch: int | None) -> None:
+    """history.json without the epochs after the checkpoint the run resumes from (those of a checkpoint that was
+    set aside as damaged): the run trains them again, and each epoch is recorded once."""
+    from psamf.outputs import write_history
+    from psamf.storage import exists, read_json
+
+    path = f"{run_dir}/history.json"
+    if not exists(fs, path):
+        return
+    hist = read_json(fs, path)
+    keep = [r for r in hist if resume_epoch is not None and int(r.get("epoch", -1)) <= resume_epoch]
+    if len(keep) != len(hist):
+        write_history(fs, run_dir, keep)
+
+
 def fit(pf: Preflight, *, datasets: Mapping[str, Any] | None = None, callbacks: Sequence[Any] = ()) -> TrainResult:
     """Fit one run (one seed) and write its outputs. `pf` comes from `preflight`; `datasets` default to the
     manifest's splits (`psamf.data.load_datasets`)."""
     from psamf.storage import write_bytes
 
     cfg, st = pf.cfg, pf.storage
-    # the resolved config goes into the run directory before any worker starts (it is also the resume guard)
-    write_bytes(st.fs, f"{st.run_dir(cfg.run.name)}/config.yaml", cfg.to_yaml().encode())
+    run_dir = st.run_dir(cfg.run.name)
+    # damaged checkpoints set aside, Ray's run snapshot consistent with the checkpoint directories left
+    resume_epoch = repair_run(st.fs, run_dir)
+    _trim_history(st.fs, run_dir, resume_epoch)
+    if resume_epoch is not None:
+        log.info("run %s: resuming from the checkpoint of epoch %d (%s/%s)", cfg.run.name, resume_epoch,
+                 st.run_uri(cfg.run.name), CHECKPOINT_DIR.format(epoch=resume_epoch))
+    # the resolved config goes into the run directory before any worker starts (the resume guard, once the run
+    # has a checkpoint: preflight lets a run name without one be reused)
+    write_bytes(st.fs, f"{run_dir}/config.yaml", cfg.to_yaml().encode())
     t0 = time.perf_counter()
     if datasets is None:
         datasets = load_datasets(cfg.data, pf.manifest)
     trainer = build_trainer(cfg, datasets, st, counts=pf.manifest.get("counts"), callbacks=callbacks)
     t1 = time.perf_counter()
     # local mode runs the loop in this process, so its log lines already reach the console
-    printer = (HistoryPrinter(st.fs, st.run_dir(cfg.run.name), cfg.optim.select_metric)
+    printer = (HistoryPrinter(st.fs, run_dir, cfg.optim.select_metric)
                if runtime.quiet() and cfg.run.num_workers > 0 else contextlib.nullcontext())
     with printer:
         result = trainer.fit()
@@ -361,6 +413,7 @@ def seed_config(cfg: Config, seed: int) -> Config:
 def train(cfg: Config, *, seeds: Sequence[int] | None = None) -> TrainResult:
     """Train one run (or one run per seed) and write every output. Starts or joins Ray (`runtime.init_ray`).
     Every config is checked (`preflight`) before any worker starts."""
+    check_placeholders(cfg)  # before Ray starts: such a config could only fail later, obscurely
     runtime.init_ray(cfg.run.num_workers)
     if not seeds:
         return fit(preflight(cfg))

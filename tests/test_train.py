@@ -317,6 +317,7 @@ def test_preflight_refuses_to_resume_a_run_with_another_model(cfg, tmp_path):
     pf = preflight.preflight(c, manifest=_manifest())
     (tmp_path / "r1").mkdir()
     (tmp_path / "r1" / "config.yaml").write_text(pf.cfg.to_yaml())
+    (tmp_path / "r1" / "checkpoint_epoch=000").mkdir()  # a run holds its name once it has a checkpoint
     preflight.preflight(c.override(["optim.epochs=9"]), manifest=_manifest())  # more epochs: a resume, fine
     with pytest.raises(ConfigError, match=r"already exists.*model\.hidden_size"):
         preflight.preflight(c.override(["model.hidden_size=64", "model.num_attention_heads=2"]), manifest=_manifest())

@@ -26,9 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-name", default="demo", help="run name; the demo starts it afresh unless --resume")
     p.add_argument("--resume", action="store_true", help="resume the run of that name instead of starting afresh")
     p.add_argument("--scale", type=float, default=0.5, help="synthetic corpus size relative to real MOSI")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=8, help="training epochs (default 8)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train DDP workers")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus and of training")
     p.add_argument("--search", action=argparse.BooleanOptionalAction, default=True,
                    help="after training, a 4-trial Ray Tune search of the tiny preset with ASHA (default: on)")
 

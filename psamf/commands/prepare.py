@@ -20,16 +20,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", required=True, choices=FORMATS, help="input format")
     p.add_argument("--input", required=True, help="MMSA/MulT pickle, or the custom manifest")
     p.add_argument("--labels", default=None, help="label CSV (MulT format only)")
-    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--dataset", required=True, choices=DATASETS,
+                   help="which corpus the input holds (label range, metrics and the manifest's identity)")
     p.add_argument("--out", required=True, help="output directory or URI (local, s3://, gs://)")
     p.add_argument("--tokenizer", default="bert-base-uncased", help="sentiment tokenizer (HF name/path, psamf:tiny)")
     p.add_argument("--personality-tokenizer", default=None, help="default: --tokenizer")
-    p.add_argument("--max-text-len", type=int, default=50)
-    p.add_argument("--layout", choices=LAYOUTS, default=DEFAULT_LAYOUT)
+    p.add_argument("--max-text-len", type=int, default=50,
+                   help="tokens per transcript, [CLS] and [SEP] included (default 50, the paper's); `psamf train` "
+                        "takes this length from the manifest")
+    p.add_argument("--layout", choices=LAYOUTS, default=DEFAULT_LAYOUT,
+                   help=f"how feature sequences are stored in the shards (default {DEFAULT_LAYOUT})")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--rows-per-shard", type=int, default=None)
-    g.add_argument("--target-shard-mb", type=float, default=DEFAULT_TARGET_SHARD_MB)
-    p.add_argument("--row-group-mb", type=float, default=DEFAULT_ROW_GROUP_MB)
+    g.add_argument("--rows-per-shard", type=int, default=None,
+                   help="rows per Parquet shard (default: sized by --target-shard-mb)")
+    g.add_argument("--target-shard-mb", type=float, default=DEFAULT_TARGET_SHARD_MB,
+                   help=f"approximate size of one Parquet shard in MB (default {DEFAULT_TARGET_SHARD_MB:g})")
+    p.add_argument("--row-group-mb", type=float, default=DEFAULT_ROW_GROUP_MB,
+                   help=f"approximate size of one Parquet row group in MB (default {DEFAULT_ROW_GROUP_MB:g})")
     p.add_argument("--personality-cls", action="store_true",
                    help="precompute the frozen personality encoder's CLS (a Ray Data pass)")
     p.add_argument("--preset", default="paper", help="config preset giving the personality encoder geometry")

@@ -14,7 +14,8 @@ import tempfile
 
 from psamf.commands.common import add_config_arguments, load_config
 from psamf.config import Config, ConfigError
-from psamf.results import TrainResult, git_sha, metrics_table
+from psamf.preflight import check_placeholders
+from psamf.results import TrainResult, code_version, metrics_table
 from psamf.train import train
 
 HELP = "train PSA-MF with Ray Train (embedded local Ray, or the cluster in RAY_ADDRESS)"
@@ -103,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         seeds = parse_seeds(getattr(args, "seeds", None))
+        check_placeholders(cfg, getattr(args, "config", None) or "the config")  # before anything starts
     except ConfigError as e:
         print(f"psamf train: {e}", file=sys.stderr)
         return 2
@@ -111,8 +113,11 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, "smoke_test", False):
             workdir = tempfile.mkdtemp(prefix="psamf-smoke-")
             cfg = smoke_config(cfg, workdir)
-        log.info("psamf train: git %s, run %s, resolved config:\n%s", git_sha() or "unknown", cfg.run.name,
-                 cfg.to_yaml())
+        cv = code_version()
+        # the resolved config goes to the run directory (fit writes it), not into the console or job log
+        log.info("psamf train: run %s, code %s (psamf %s, source sha256 %s), resolved config: %s/%s/config.yaml",
+                 cfg.run.name, cv["git_sha"] or "unknown git commit", cv["psamf_version"], cv["source_sha256"][:12],
+                 cfg.run.storage_path.rstrip("/"), cfg.run.name)
         res = train(cfg, seeds=seeds)
         print_result(res)
         if workdir and res.run_dir.startswith(workdir):

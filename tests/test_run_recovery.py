@@ -1,0 +1,78 @@
+"""Issue 9 fault tests on a real local Ray (one worker, local storage, tiny model):
+
+* item 3: a run of 3 epochs whose latest checkpoint's model.pt is truncated, re-run under the same name with
+  more epochs, resumes from the newest intact checkpoint with a warning, trains to the end and records every
+  epoch once; Ray's run snapshot no longer names the damaged checkpoint.
+* item 7: a finished run directory copied elsewhere, the original deleted, evaluates from the copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import pytest
+
+from psamf import train as T
+from psamf.checkpoint import RAY_SNAPSHOT
+from psamf.config import Config
+
+pytestmark = pytest.mark.integration
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from psamf.prepare import prepare
+    from psamf.synth import synthesize
+
+    root = tmp_path_factory.mktemp("data")
+    paths = synthesize("mosi", "mmsa", root / "synth", seed=0, scale=0.1)
+    out = str(root / "shards")
+    prepare({"format": "mmsa", "input": str(paths["pickle"]), "dataset": "mosi"}, out,
+            tokenizer="psamf:tiny", personality_tokenizer="psamf:tiny", max_text_len=50)
+    return out
+
+
+def _cfg(shards: str, storage: str, epochs: int) -> Config:
+    # data.max_text_len stays the preset's 32: the shards' 50 is taken from the manifest (item 9)
+    return Config.from_preset("tiny").override([
+        f"data.uri={shards}", f"run.storage_path={storage}", "run.name=rec", "run.num_workers=1",
+        "run.keep_checkpoints=3", "run.max_failures=0", f"optim.epochs={epochs}", "optim.early_stop_patience=50"])
+
+
+def test_truncated_latest_checkpoint_falls_back_and_a_copied_run_evaluates_itself(ray_cluster, shards, tmp_path,
+                                                                                  monkeypatch, caplog):
+    from psamf.evaluate import evaluate_checkpoint
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    storage = tmp_path / "runs"
+    run = storage / "rec"
+    first = T.train(_cfg(shards, str(storage), 3))
+    assert [r["epoch"] for r in first.history] == [0, 1, 2]
+    assert first.metrics["source_sha256"] and "git_sha" in first.metrics
+    model = run / "checkpoint_epoch=002" / "model.pt"
+    with open(model, "r+b") as f:
+        f.truncate(os.path.getsize(model) // 2)
+
+    with caplog.at_level(logging.WARNING, logger="psamf.checkpoint"):
+        second = T.train(_cfg(shards, str(storage), 4))
+    assert "checkpoint epoch 2 is damaged" in caplog.text and "falling back to the checkpoint of epoch 1" in caplog.text
+    assert [r["epoch"] for r in second.history] == [0, 1, 2, 3]  # every epoch once
+    assert [r["session"] for r in second.history] == [0, 0, 1, 1] and second.history[2]["resumed_from"] == 1
+    assert [r["val_mae"] for r in second.history[:2]] == [r["val_mae"] for r in first.history[:2]]
+    assert any(p.name.startswith("checkpoint_epoch=002.corrupt") for p in run.iterdir())
+    assert (run / "checkpoint_epoch=003" / "model.pt").exists()
+    snap = json.loads((run / RAY_SNAPSHOT).read_text())
+    assert snap["latest_checkpoint_result"]["checkpoint_dir_name"] == "checkpoint_epoch=003"
+    assert [r["epoch"] for r in json.loads((run / "history.json").read_text())] == [0, 1, 2, 3]
+
+    # item 7: copy the finished run directory, delete the original, evaluate the copy
+    copy = tmp_path / "copied-run"
+    shutil.copytree(run, copy)
+    shutil.rmtree(run)
+    again = evaluate_checkpoint(str(copy), num_workers=0)
+    assert again["test"].metrics["mae"] == pytest.approx(second.metrics["test"]["mae"], abs=1e-5)

@@ -1,0 +1,271 @@
+"""Issue 9, run side, without Ray: checkpoint checksums and repair, clear errors for bad run input (exit status 2,
+the file or field named), job-log hygiene, the code version of a run, help text.
+
+Bad-input cases covered here (each asserts the message names the file, field or key):
+  1. a truncated model.pt (evaluate): the file named
+  2. run.storage_path on a missing S3 bucket: the field and the bucket named, the bucket not created
+  3-6. the placeholders of every jobs/configs/*.yaml (YOUR-BUCKET, PATH-OR-HUB): the key and the file named,
+       before Ray starts (`psamf train` exits 2)
+  7. shards tokenised at 50 tokens with data.max_text_len=32: taken from the manifest (no error)
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from psamf import checkpoint, preflight, results
+from psamf.config import Config, ConfigError, ablate
+from psamf.engine import Selector, build_optimizer, build_scheduler
+from psamf.model import build_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOCAL = pafs.LocalFileSystem()
+
+
+@pytest.fixture(scope="module")
+def cfg() -> Config:
+    return Config.from_preset("tiny")
+
+
+def _save(cfg: Config, path: str, epoch: int, history: list) -> None:
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg.optim)
+    sel = Selector(cfg.optim.select_metric, cfg.optim.select_mode, cfg.optim.early_stop_patience)
+    sel.update(epoch, 1.0 / (epoch + 1))
+    checkpoint.save_checkpoint(path, model=model, optimizer=opt, scheduler=build_scheduler(opt, cfg.optim),
+                               selector=sel, epoch=epoch, history=history, cfg=cfg)
+
+
+def _truncate(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _manifest(**kw) -> dict:
+    m = {"dataset": "mosi", "feature_dims": {"audio": 7, "visual": 9},
+         "counts": {"train": 200, "valid": 30, "test": 40},
+         "tokenizers": {"text": {"name": "psamf:tiny", "vocab_size": 333, "max_len": 32},
+                        "personality": {"name": "psamf:tiny", "vocab_size": 333, "max_len": 32}},
+         "personality_cls": None}
+    m.update(kw)
+    return m
+
+
+# ----------------------------------------------------------------------------- item 3: checksums and repair
+def test_checkpoint_records_checksums_and_verify_names_the_damaged_file(cfg, tmp_path):
+    d = str(tmp_path / "checkpoint_epoch=000")
+    _save(cfg, d, 0, [{"epoch": 0}])
+    meta = json.loads(open(os.path.join(d, "meta.json")).read())
+    assert set(meta["files"]) == {"model.pt", "train_state.pt", "config.yaml"}
+    assert all(len(v["sha256"]) == 64 and v["bytes"] > 0 for v in meta["files"].values())
+    assert checkpoint.verify_checkpoint(LOCAL, d) == []
+    _truncate(os.path.join(d, "model.pt"))
+    problems = checkpoint.verify_checkpoint(LOCAL, d)
+    assert len(problems) == 1 and "model.pt" in problems[0]
+    os.remove(os.path.join(d, "train_state.pt"))
+    assert any("train_state.pt" in p and "missing" in p for p in checkpoint.verify_checkpoint(LOCAL, d))
+
+
+def _snapshot(run: str, epochs: list[int]) -> dict:
+    """A Ray 2.60 checkpoint manager snapshot naming `epochs` (same shape as Ray writes)."""
+    res = [{"version": 0, "checkpoint_dir_name": f"checkpoint_epoch={e:03d}", "metrics": {"epoch": e}}
+           for e in epochs]
+    snap = {"ray_version": "2.60.0", "checkpoint_results": res, "checkpoint_report_indices": [e + 1 for e in epochs],
+            "latest_checkpoint_result": res[-1], "pending_training_results": [], "pending_validation_specs": [],
+            "current_report_index": max(epochs) + 1, "validated_checkpoint_dir_names": [],
+            "timed_out_validation_checkpoint_dir_names": [], "failed_validation_checkpoint_dir_names": []}
+    with open(os.path.join(run, checkpoint.RAY_SNAPSHOT), "w") as f:
+        json.dump(snap, f)
+    return snap
+
+
+def test_repair_sets_aside_a_corrupt_latest_checkpoint_and_rewrites_rays_snapshot(cfg, tmp_path, caplog):
+    run = str(tmp_path / "run")
+    for e in range(3):
+        _save(cfg, f"{run}/checkpoint_epoch={e:03d}", e, [{"epoch": i} for i in range(e + 1)])
+    _snapshot(run, [0, 1, 2])
+    _truncate(f"{run}/checkpoint_epoch=002/model.pt")
+    shutil.rmtree(f"{run}/checkpoint_epoch=000")  # a registered checkpoint directory that disappeared
+    with caplog.at_level(logging.WARNING, logger="psamf.checkpoint"):
+        latest = checkpoint.repair_run(LOCAL, run)
+    assert latest == 1
+    assert "checkpoint_epoch=002" in caplog.text and "model.pt" in caplog.text and "epoch 1" in caplog.text
+    names = sorted(os.listdir(run))
+    assert "checkpoint_epoch=002" not in names and any(n.startswith("checkpoint_epoch=002.corrupt") for n in names)
+    snap = json.load(open(os.path.join(run, checkpoint.RAY_SNAPSHOT)))
+    assert [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]] == ["checkpoint_epoch=001"]
+    assert snap["checkpoint_report_indices"] == [2]
+    assert snap["latest_checkpoint_result"]["checkpoint_dir_name"] == "checkpoint_epoch=001"
+    assert checkpoint.repair_run(LOCAL, run) == 1  # idempotent
+
+
+def test_repair_with_no_intact_checkpoint_starts_afresh(cfg, tmp_path):
+    run = str(tmp_path / "run")
+    _save(cfg, f"{run}/checkpoint_epoch=000", 0, [{"epoch": 0}])
+    _snapshot(run, [0])
+    _truncate(f"{run}/checkpoint_epoch=000/train_state.pt")
+    assert checkpoint.repair_run(LOCAL, run) is None
+    snap = json.load(open(os.path.join(run, checkpoint.RAY_SNAPSHOT)))
+    assert snap["checkpoint_results"] == [] and snap["latest_checkpoint_result"] is None
+
+
+# ----------------------------------------------------------------------------- item 8: evaluate a truncated model.pt
+def test_evaluate_of_a_truncated_model_names_the_file(cfg, tmp_path):
+    from psamf.commands import evaluate as eval_cmd
+    from psamf.cli import command_parser
+
+    d = str(tmp_path / "checkpoint_epoch=004")
+    _save(cfg, d, 4, [{"epoch": 4}])
+    _truncate(os.path.join(d, "model.pt"))
+    with pytest.raises(ConfigError, match=r"checkpoint_epoch=004/model\.pt"):
+        checkpoint.load_model_weights(d, build_model(cfg.model))
+    args = command_parser("evaluate").parse_args([d])
+    assert eval_cmd.run(args) == 2
+
+
+def test_evaluate_cli_exit_status_2_names_the_file(cfg, tmp_path, capsys):
+    from psamf.cli import main
+
+    d = str(tmp_path / "checkpoint_epoch=001")
+    _save(cfg, d, 1, [{"epoch": 1}])
+    _truncate(os.path.join(d, "model.pt"))
+    assert main(["evaluate", d]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint_epoch=001/model.pt" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- item 8: missing S3 bucket
+def test_storage_path_on_a_missing_bucket_is_refused_and_not_created(cfg, tmp_path, s3_server):
+    import boto3
+
+    c = cfg.override(["run.storage_path=s3://psamf-no-such-bucket/runs", f"run.s3_endpoint={s3_server}"])
+    with pytest.raises(ConfigError, match=r"run\.storage_path.*psamf-no-such-bucket.*does not exist"):
+        preflight.preflight(c, manifest=_manifest(), check_resources=False)
+    names = [b["Name"] for b in boto3.client("s3", endpoint_url=s3_server).list_buckets()["Buckets"]]
+    assert "psamf-no-such-bucket" not in names
+
+
+# ----------------------------------------------------------------------------- item 9
+def test_preflight_takes_the_text_length_from_the_manifest(cfg, tmp_path):
+    c = cfg.override([f"run.storage_path={tmp_path}", "data.max_text_len=32"])
+    man = _manifest()
+    man["tokenizers"]["text"]["max_len"] = 50
+    pf = preflight.preflight(c, manifest=man, check_resources=False)
+    assert pf.cfg.data.max_text_len == 50
+
+
+def test_a_run_that_never_started_does_not_block_its_name(cfg, tmp_path):
+    c = cfg.override([f"run.storage_path={tmp_path}", "run.name=r1"])
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "config.yaml").write_text(c.override(["model.hidden_size=64",
+                                                             "model.num_attention_heads=2"]).to_yaml())
+    preflight.preflight(c, manifest=_manifest(), check_resources=False)  # no checkpoint: not a run to resume
+    _save(cfg, str(tmp_path / "r1" / "checkpoint_epoch=000"), 0, [{"epoch": 0}])
+    with pytest.raises(ConfigError, match=r"already exists.*model\.hidden_size"):
+        preflight.preflight(c, manifest=_manifest(), check_resources=False)
+
+
+# ----------------------------------------------------------------------------- item 11: placeholders
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "jobs", "configs", "*.yaml"))))
+def test_job_config_placeholders_are_named_before_ray_starts(path, monkeypatch, capsys):
+    from psamf import runtime
+    from psamf.cli import main
+
+    text = open(path).read()
+    if "YOUR-BUCKET" not in text and "PATH-OR-HUB" not in text:
+        preflight.check_placeholders(Config.from_yaml(path), path)  # no placeholder: passes
+        return
+    started = []
+    monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: started.append(1))
+    with pytest.raises(ConfigError, match=os.path.basename(path)) as e:
+        preflight.check_placeholders(Config.from_yaml(path), path)
+    assert "data.uri" in str(e.value) and "run.storage_path" in str(e.value)
+    if "PATH-OR-HUB" in text:
+        assert "model.personality_model" in str(e.value)
+    assert main(["train", "--config", path]) == 2
+    err = capsys.readouterr().err
+    assert "YOUR-BUCKET" in err and "data.uri" in err and "Traceback" not in err
+    assert not started
+
+
+def test_placeholders_overridden_on_the_command_line_pass(tmp_path):
+    path = os.path.join(REPO, "jobs", "configs", "mosi-reference.yaml")
+    c = Config.from_yaml(path).override([f"data.uri={tmp_path}", f"run.storage_path={tmp_path}",
+                                         "model.personality_model=null"])
+    preflight.check_placeholders(c)
+
+
+# ----------------------------------------------------------------------------- item 12: --ablation a --ablation b
+def test_two_ablations_compose():
+    from psamf.cli import command_parser
+    from psamf.commands.common import load_config
+    from psamf.config import ABLATIONS
+
+    a, b = sorted(ABLATIONS)[:2]
+    args = command_parser("train").parse_args(["--ablation", a, "--ablation", b])
+    got = load_config(args)
+    base = Config.from_preset("tiny")
+    assert got.to_dict() == ablate(ablate(base, a), b).to_dict()
+    assert got.to_dict() != ablate(base, b).to_dict() and got.to_dict() != ablate(base, a).to_dict()
+
+
+# ----------------------------------------------------------------------------- item 14: job logs, code version
+def test_worker_logging_keeps_psamf_lines_and_drops_rays_per_rank_info(capfd):
+    from psamf.train import configure_worker_logging
+
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    try:
+        configure_worker_logging()
+        # Ray 2.60 logs "Reporting training result" at INFO through logging.getLogger(__file__)
+        logging.getLogger("/site-packages/ray/train/v2/_internal/execution/context.py").info(
+            "Reporting training result 1: ... from rank 0")
+        logging.getLogger("psamf.train").info("epoch 0 (1.0 s): val_mae=0.9")
+        err = capfd.readouterr().err
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+    assert "epoch 0 (1.0 s)" in err and "Reporting training result" not in err and "\x1b[" not in err
+
+
+def test_code_version_without_git_is_the_version_and_a_source_hash(monkeypatch):
+    from psamf import __version__
+
+    monkeypatch.delenv("PSAMF_GIT_SHA", raising=False)
+    monkeypatch.setattr(results, "git_sha", lambda: None)
+    v = results.code_version()
+    assert v["git_sha"] is None and v["psamf_version"] == __version__ and len(v["source_sha256"]) == 64
+    assert v == results.code_version()  # deterministic
+    monkeypatch.setenv("PSAMF_GIT_SHA", "abc123")
+    assert results.code_version()["git_sha"] == "abc123"
+
+
+def test_train_console_does_not_dump_the_resolved_config(tmp_path, monkeypatch, caplog):
+    from psamf.commands import train as train_cmd
+    from psamf.cli import command_parser
+
+    def stop(cfg, seeds=None):
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(train_cmd, "train", stop)
+    with caplog.at_level(logging.INFO):
+        assert train_cmd.run(command_parser("train").parse_args([f"run.storage_path={tmp_path}"])) == 2
+    assert "model:" not in caplog.text and "hidden_size" not in caplog.text
+    assert "config.yaml" in caplog.text
+
+
+# ----------------------------------------------------------------------------- item 15: help text
+def test_every_option_of_every_command_has_help_text():
+    from psamf.cli import COMMANDS, command_parser
+
+    missing = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name in COMMANDS
+               for a in command_parser(name)._actions if not a.help]
+    assert not missing, missing
