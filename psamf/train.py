@@ -234,7 +234,8 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
     device = worker_device()
     amp_dtype = resolve_amp(cfg.optim.amp, device)
     counts = loop_config.get("counts") or {}
-    configure_worker_logging()
+    if cfg.run.num_workers > 0:  # local mode runs in the driver, whose logging is the command's business
+        configure_worker_logging()
 
     seed_everything(cfg.optim.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
     raw = build_model(cfg.model)
