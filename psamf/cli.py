@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("psamf.prepare", "turn MMSA / MulT / custom corpora into Parquet shards plus manifest.json"),
     "train": ("psamf.train", "train PSA-MF with Ray Train (embedded local Ray, or the cluster in RAY_ADDRESS)"),
     "evaluate": ("psamf.evaluate", "evaluate a run's selected checkpoint (or any checkpoint) on valid/test"),
+    "study": ("psamf.commands.study", "the paper's ablation and layer tables: a Tune grid over seeds, mean ± std, paired tests"),
 }
 
 

@@ -183,7 +183,7 @@ def run_grid(rows: Sequence[tuple[str, Config]], seeds: Sequence[int], *, name: 
                                              storage_filesystem=st.storage_filesystem):
         log.info("grid %s: restoring %s", name, exp_uri)
         tuner = ray.tune.Tuner.restore(exp_uri if st.storage_filesystem is None else f"{st.root}/{exp}",
-                                       trainable, resume_errored=True, storage_filesystem=st.storage_filesystem)
+                                       trainable, restart_errored=True, storage_filesystem=st.storage_filesystem)
     else:
         if resume:
             log.warning("grid %s: nothing to restore at %s; starting it (finished runs are reused by name)",
@@ -317,9 +317,10 @@ def power_note(n: int, alpha: float = 0.05, power: float = 0.8) -> str:
 
     def pw(dz: float) -> float:
         nc = dz * math.sqrt(n)
-        return float(stats.nct.sf(tc, df, nc) + stats.nct.cdf(-tc, df, nc)) - power
+        got = float(stats.nct.sf(tc, df, nc) + stats.nct.cdf(-tc, df, nc))
+        return (1.0 if math.isnan(got) else got) - power  # nct gives NaN far in the tail, where power is 1
 
-    dz = float(optimize.brentq(pw, 1e-6, 1e3))
+    dz = float(optimize.brentq(pw, 1e-6, 100.0))
     return (f"{n} seeds: a two-sided paired t-test at alpha={alpha} needs |t| > {tc:.2f}, and {int(power * 100)}% "
             f"power needs a mean difference of {dz:.1f} standard deviations of the per-seed differences. "
             "With this few seeds, p is descriptive; the flag (every seed the same direction and the difference "

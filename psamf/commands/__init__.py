@@ -1,0 +1,1 @@
+"""Subcommand modules of the `psamf` CLI that are not the entry point of a library module."""
