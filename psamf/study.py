@@ -633,7 +633,7 @@ class StudyResult:
 
 def run_study(rows: Sequence[tuple[str, Config]], reference: str, seeds: Sequence[int], *, name: str,
               title: str, storage_path: str | None = None, resume: bool = False, max_steps: int | None = None,
-              out: Any = sys.stdout) -> StudyResult:
+              out: Any = None) -> StudyResult:
     """Grid, ridge baseline, summary; writes `<storage>/<name>/study.md` and `study.json` (last) and prints
     the table."""
     cfg = dict(rows)[reference]
@@ -648,7 +648,7 @@ def run_study(rows: Sequence[tuple[str, Config]], reference: str, seeds: Sequenc
     d = f"{st.root.rstrip('/')}/{name}"
     write_bytes(st.fs, f"{d}/study.md", table.encode())
     write_json(st.fs, f"{d}/study.json", summary)  # last: its presence means the study is complete
-    print(table, file=out)
+    print(table, file=out or sys.stdout)  # resolved at call time: sys.stdout may have been replaced
     base = f"{st.uri.rstrip('/')}/{name}"
     return StudyResult(name, summary, table, grid, {"table": f"{base}/study.md", "summary": f"{base}/study.json"})
 
