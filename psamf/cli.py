@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "train": "train PSA-MF with Ray Train (embedded local Ray, or the cluster in RAY_ADDRESS)",
     "evaluate": "evaluate a run's selected checkpoint (or any checkpoint) on valid/test",
     "tune": "search hyperparameters with Ray Tune (search space as YAML; resumable; TensorBoard HParams)",
+    "study": "the paper's ablation and layer studies as seed grids: mean ± std tables with paired tests",
 }
 
 DESCRIPTION = ("Train and tune PSA-MF (Personality-Sentiment Aligned Multi-Level Fusion) multimodal sentiment "

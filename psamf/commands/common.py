@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from psamf.config import ABLATIONS, Config, ablate
+from psamf.config import ABLATIONS, Config, ConfigError, ablate
 
 
 def add_config_arguments(p: argparse.ArgumentParser, *, default_preset: str = "tiny") -> None:
@@ -35,3 +35,16 @@ def load_config(args: argparse.Namespace, extra: dict | None = None) -> Config:
         cfg = ablate(cfg, name)
     cfg = cfg.override(list(getattr(args, "overrides", None) or []))
     return cfg.replace(extra, source="command line") if extra else cfg
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """`--seeds 1,2,3` -> [1, 2, 3]; None or empty text -> None. Raises ConfigError on anything else."""
+    if not text:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise ConfigError("--seeds is empty")
+    return seeds

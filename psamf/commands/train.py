@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 
-from psamf.commands.common import add_config_arguments, load_config
+from psamf.commands.common import add_config_arguments, load_config, parse_seeds
 from psamf.config import Config, ConfigError
 from psamf.preflight import check_placeholders
 from psamf.results import TrainResult, code_version, metrics_table
@@ -36,18 +36,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args, {"run.name": args.run_name} if getattr(args, "run_name", None) else None)
-
-
-def parse_seeds(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}") from None
-    if not seeds:
-        raise ConfigError("--seeds is empty")
-    return seeds
 
 
 def smoke_config(cfg: Config, workdir: str) -> Config:

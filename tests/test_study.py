@@ -1,0 +1,215 @@
+"""Studies: the statistics without Ray (paired test, spread flag, table, chance levels, ridge baseline), the CLI,
+and one real Tune grid (full model vs a crippled row, 2 seeds, 1 worker) that must flag the crippled row."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping
+
+import numpy as np
+import pytest
+
+from psamf import study as S
+from psamf.config import Config
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+METRICS = {"mae": 0.70, "corr": 0.60, "acc7": 0.35, "acc2_has0": 0.78, "acc2_non0": 0.80, "f1_has0": 0.77,
+           "f1_non0": 0.79, "acc5": 0.40, "n": 100, "n_non0": 98}
+BASELINES = {"mae_mean": 1.20, "mae_median": 1.18, "mae_zero": 1.30, "acc2_has0": 0.55, "acc2_non0": 0.56,
+             "acc7": 0.20, "acc5": 0.25, "n": 100, "n_non0": 98}
+
+
+def _grid_result(row: str, seed: int, shift: Mapping | None = None, history=None) -> S.GridResult:
+    test = dict(METRICS)
+    noise = {1: 0.01, 2: -0.012, 3: 0.004}[seed]  # seed-to-seed spread, identical in every row
+    for k in ("mae", "corr", "acc7", "acc2_has0", "acc2_non0", "f1_has0", "f1_non0"):
+        test[k] += noise + (shift or {}).get(k, 0.0)
+    return S.GridResult(row=row, seed=seed, status="ok", run_name=f"st-{row}-seed{seed}", run_dir=f"/r/{row}{seed}",
+                        metrics={"test": test, "valid": test, "baselines": {"test": BASELINES}},
+                        history=history or [])
+
+
+def _cfgs(*rows: str) -> dict[str, Config]:
+    return {r: Config.from_preset("tiny") for r in rows}
+
+
+def test_identical_configurations_flag_nothing():
+    grid = [_grid_result(r, s) for r in ("full", "same") for s in (1, 2, 3)]
+    summary = S.summarize_study(grid, reference="full", cfgs=_cfgs("full", "same"))
+    cmp = summary["rows"]["same"]["vs_reference"]
+    assert all(c["flag"] is None and c["diff"] == 0 and c["p"] == 1.0 for c in cmp.values()), cmp
+    assert summary["rows"]["same"]["flags"] == {"worse": [], "better": []}
+    assert summary["rows"]["full"]["test"]["mae"]["std"] == pytest.approx(np.std([0.71, 0.688, 0.704]))
+
+
+def test_a_clearly_worse_row_is_flagged_and_a_noisy_one_is_not():
+    worse = {"mae": 0.30, "corr": -0.20, "acc2_has0": -0.10}
+    grid = [_grid_result("full", s) for s in (1, 2, 3)] + [_grid_result("bad", s, worse) for s in (1, 2, 3)]
+    # "noisy": differences of mixed sign per seed, mean well inside the seed spread
+    grid += [_grid_result("noisy", s, {"mae": {1: 0.015, 2: -0.01, 3: 0.0}[s]}) for s in (1, 2, 3)]
+    summary = S.summarize_study(grid, reference="full", cfgs=_cfgs("full", "bad", "noisy"))
+    bad = summary["rows"]["bad"]
+    assert set(bad["flags"]["worse"]) == {"mae", "corr", "acc2_has0"} and bad["flags"]["better"] == []
+    assert bad["vs_reference"]["mae"]["diff"] == pytest.approx(0.30)
+    assert summary["rows"]["noisy"]["flags"] == {"worse": [], "better": []}
+    # better in every seed beyond the spread (lower MAE) is flagged "better", not "worse"
+    c = S.paired_test([0.7, 0.71, 0.69], [0.5, 0.52, 0.49], "mae")
+    assert c.flag == "better" and c.diff < 0
+
+
+def test_paired_test_matches_scipy_and_handles_few_seeds():
+    from scipy import stats
+
+    a, b = [0.70, 0.72, 0.69, 0.71], [0.74, 0.73, 0.75, 0.72]
+    c = S.paired_test(a, b, "mae")
+    r = stats.ttest_rel(b, a)
+    assert c.t == pytest.approx(r.statistic) and c.p == pytest.approx(r.pvalue) and c.n == 4
+    one = S.paired_test([0.7], [0.9], "mae")
+    assert math.isnan(one.p) and one.flag is None  # one seed: no test, no flag
+    with pytest.raises(ValueError, match="same seeds"):
+        S.paired_test([0.7, 0.8], [0.9], "mae")
+    assert "4.30" in S.power_note(3) and "12.71" in S.power_note(2)
+
+
+def test_only_common_seeds_are_paired():
+    grid = [_grid_result("full", s) for s in (1, 2, 3)] + [_grid_result("x", s, {"mae": 0.3}) for s in (1, 3)]
+    summary = S.summarize_study(grid, reference="full", cfgs=_cfgs("full", "x"))
+    assert summary["rows"]["x"]["vs_reference"]["mae"]["n"] == 2
+    assert summary["rows"]["x"]["seeds_ok"] == [1, 3]
+
+
+def test_study_table_has_the_papers_shape():
+    worse = {"mae": 0.30}
+    grid = [_grid_result("full", s) for s in (1, 2)] + [_grid_result("bad", s, worse) for s in (1, 2)]
+    grid.append(S.GridResult("bad", 3, "error", "st-bad-seed3", "/r/bad3", error="boom"))
+    ridge = {"alpha": 10.0, "test": {k: v for k, v in METRICS.items()}, "train_constant_mae": 1.1}
+    summary = S.summarize_study(grid, reference="full", cfgs=_cfgs("full", "bad"), ridge=ridge,
+                                train_constant_mae=1.1)
+    text = S.format_study_table(summary, title="t")
+    lines = text.splitlines()
+    assert lines[0] == "## t"
+    header = next(line for line in lines if line.startswith("| Model | MAE"))
+    assert header == ("| Model | MAE | Corr | Acc-7 | Acc-2 (Has0/Non0) | F1 (Has0/Non0) | seeds | "
+                      "loss terms at chance |")
+    full = next(line for line in lines if line.startswith("| full (reference)"))
+    assert "0.699 ± 0.011" in full and "77.90 ± 1.10 / 79.90 ± 1.10" in full  # acc in %, mean ± population std
+    assert any(line.startswith("| bad |") and "2 (1 failed)" in line for line in lines)
+    assert any(line.startswith("| trivial") and "1.200 (mean)" in line and "55.00 / 56.00" in line for line in lines)
+    assert any(line.startswith("| ridge (bag-of-words") and "alpha=10" in line for line in lines)
+    diff = next(line for line in lines if line.startswith("| bad |") and "Δ" not in line and "**" in line)
+    assert "**+0.300" in diff and "worse: mae" in diff
+    assert "Power: 2 seeds" in text
+    json.dumps(summary, allow_nan=True)  # JSON-ready (written by write_json)
+
+
+def test_chance_levels_follow_the_loss_definitions():
+    cfg = Config.from_preset("tiny")  # batch 32, per_sample / batch dissimilarity weighting
+    B = cfg.optim.batch_size
+    lv = S.chance_levels(cfg, train_constant_mae=1.0)
+    assert lv["clm"] == pytest.approx(2 * math.log(B))  # two symmetric CLIP terms, ln B each
+    assert lv["ccl"] == pytest.approx(0.5 * math.log(B)) and lv["l1"] == 1.0 and lv["ps"] == pytest.approx(0.5)
+    from psamf.config import ablate
+
+    assert "clm" not in S.chance_levels(ablate(cfg, "no_clm")) and "l1" not in S.chance_levels(cfg)
+    nop = S.chance_levels(ablate(cfg, "no_personality"), 1.0)
+    assert "ccl" not in nop and nop["ps"] == 1.0
+    cos = S.chance_levels(cfg.replace({"model.sim_mode": "per_sample_cosine"}))
+    assert cos["ccl"] == 0.0
+
+
+def test_terms_stuck_at_chance_are_detected():
+    B = 32
+    lv = {"clm": 2 * math.log(B), "ccl": 0.0}
+    stuck = [{"train_clm": 2 * math.log(B) + d, "train_ccl": 0.01 * (-1) ** i} for i, d in enumerate((0.02, -0.01, 0.0))]
+    learns = [{"train_clm": v, "train_ccl": 1.0} for v in (6.9, 5.0, 3.1)]
+    assert S.terms_at_chance(stuck, lv, B) == {"clm": True, "ccl": True}
+    assert S.terms_at_chance(learns, lv, B) == {"clm": False, "ccl": False}
+    cfgs = _cfgs("full", "stuck")
+    grid = [_grid_result("full", s, history=learns) for s in (1, 2)]
+    grid += [_grid_result("stuck", s, history=stuck) for s in (1, 2)]
+    summary = S.summarize_study(grid, reference="full", cfgs=cfgs)
+    assert summary["rows"]["stuck"]["chance"]["clm"] == {"level": pytest.approx(lv["clm"]), "seeds_at_chance": 2,
+                                                         "n": 2}
+    assert summary["rows"]["full"]["chance"]["clm"]["seeds_at_chance"] == 0
+    text = S.format_study_table(summary)
+    assert any(line.startswith("| stuck |") and "clm 2/2" in line for line in text.splitlines())
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Synthetic MOSI-shaped data set (about 190 / 34 / 100 utterances), prepared once for the module."""
+    from psamf.prepare import prepare
+    from psamf.synth import synthesize
+
+    root = tmp_path_factory.mktemp("data")
+    paths = synthesize("mosi", "mmsa", root / "synth", seed=0, scale=0.15)
+    out = str(root / "shards")
+    man = prepare({"format": "mmsa", "input": str(paths["pickle"]), "dataset": "mosi"}, out,
+                  tokenizer="psamf:tiny", personality_tokenizer="psamf:tiny", max_text_len=32)
+    return out, man
+
+
+def test_ridge_baseline_beats_the_mean_predictor(shards):
+    from psamf.metrics import trivial_baselines
+    from psamf.storage import resolve as storage_target
+
+    uri, man = shards
+    r = S.ridge_baseline(uri, "mosi")
+    test_labels = S._split_table(man, storage_target(uri), "test").column("label").to_numpy()
+    floor = trivial_baselines(test_labels, "mosi")["mae_mean"]
+    assert r["test"]["mae"] < floor, (r["test"]["mae"], floor)
+    assert r["n"] == {s: man["counts"][s] for s in ("train", "valid", "test")} and r["alpha"] in S.RIDGE_ALPHAS
+    assert r["train_constant_mae"] > 0
+
+
+def test_cli_parses_a_study():
+    from psamf.cli import build_parser, parse_args
+
+    args = parse_args(build_parser("study"), ["study", "layers", "--preset", "tiny", "--seeds", "1,2", "--name", "x",
+                                              "optim.epochs=2"])
+    assert args.kind == "layers" and args.seeds == "1,2" and args.overrides == ["optim.epochs=2"]
+    from psamf.commands.common import load_config, parse_seeds
+
+    assert load_config(args).optim.epochs == 2 and parse_seeds(args.seeds) == [1, 2]
+
+
+def test_max_concurrent_trials_leaves_a_cpu_for_ray_data():
+    cfg = Config.from_preset("tiny").override(["run.num_workers=1"])
+    assert S.max_concurrent_trials([cfg], 4, {"CPU": 4}) == 1  # (4 - 1) // (1 + 1)
+    assert S.max_concurrent_trials([cfg], 4, {"CPU": 2}) == 1  # never 0
+    assert S.max_concurrent_trials([cfg], 20, {"CPU": 64}) == 20
+    gpu = cfg.override(["run.use_gpu=true"])
+    assert S.max_concurrent_trials([gpu], 20, {"CPU": 64, "GPU": 2}) == 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_a_real_grid_flags_a_crippled_row_and_writes_every_output(ray_cluster, shards, tmp_path, capsys):
+    from psamf.storage import resolve as storage_target
+
+    uri, _ = shards
+    base = Config.from_preset("tiny").override([f"data.uri={uri}", "run.num_workers=1", "optim.epochs=2",
+                                                 "optim.batch_size=16", "run.max_failures=0"])
+    crippled = base.override(["optim.lr_main=1e-12", "optim.lr_bert=1e-12"])
+    res = S.run_study([("full", base), ("frozen", crippled)], "full", [1, 2], name="st", title="grid",
+                      storage_path=str(tmp_path))
+    assert [(g.row, g.seed, g.status) for g in res.grid] == [("full", 1, "ok"), ("full", 2, "ok"),
+                                                             ("frozen", 1, "ok"), ("frozen", 2, "ok")]
+    for g in res.grid:
+        assert g.run_name == f"st-{g.row}-seed{g.seed}" and g.metrics["seed"] == g.seed
+        assert os.path.exists(os.path.join(tmp_path, g.run_name, "metrics.json")) and len(g.history) == 2
+    frozen = res.summary["rows"]["frozen"]
+    assert "mae" in frozen["flags"]["worse"], frozen["vs_reference"]["mae"]
+    assert (tmp_path / "st" / "study.md").read_text() == res.table
+    assert json.loads((tmp_path / "st" / "study.json").read_text())["rows"]["frozen"]["flags"] == frozen["flags"]
+    assert "| frozen |" in capsys.readouterr().out
+    # a restored grid keeps its finished trials: nothing is rerun, the same runs come back
+    mtimes = {g.run_name: os.path.getmtime(os.path.join(tmp_path, g.run_name, "metrics.json")) for g in res.grid}
+    again = S.run_grid([("full", base), ("frozen", crippled)], [1, 2], name="st", storage_path=str(tmp_path),
+                       resume=True)
+    assert [g.status for g in again] == ["ok"] * 4
+    assert {g.run_name: os.path.getmtime(os.path.join(tmp_path, g.run_name, "metrics.json")) for g in again} == mtimes
+    assert storage_target(str(tmp_path)).uri == str(tmp_path)
