@@ -3,7 +3,10 @@
 Both sides import these names from here, so the reader never imports the writer:
 
     MANIFEST_NAME, SCHEMA_VERSION      `<dir>/manifest.json`, written last; its presence = a complete data set
-    SHARD_PATTERN, TMP_PREFIX          `<split>-NNNNN.parquet`; `_tmp-<uuid>/` while prepare writes
+    SHARD_PATTERN                      `<split>-NNNNN.parquet`
+    VERSION_PREFIX, PREPARE_MARKER     `v-<id>/` holds one version's shards (and the marker, written first);
+                                       the manifest's shard paths name it (`v-<id>/train-00000.parquet`), so
+                                       readers join `<dir>/<path>` for both this layout and the older flat one
     TOKEN_COLUMNS, P_TOKEN_COLUMNS     the token columns of the two tokenizers
     BASE_COLUMNS                       what a training / evaluation loop reads (text, speaker, split stay on disk)
     read_manifest(uri, s3_endpoint)    the manifest, or `ShardError` naming the file
@@ -27,6 +30,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "SHARD_PATTERN",
     "TMP_PREFIX",
+    "VERSION_PREFIX",
+    "PREPARE_MARKER",
     "TOKEN_COLUMNS",
     "P_TOKEN_COLUMNS",
     "BASE_COLUMNS",
@@ -39,7 +44,9 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-TMP_PREFIX = "_tmp-"
+TMP_PREFIX = "_tmp-"  # older psamf wrote shards under `_tmp-<uuid>/` first; kept for readers of old notes
+VERSION_PREFIX = "v-"  # `<dir>/v-<id>/` holds one prepared version's shards; manifest.json names it
+PREPARE_MARKER = ".psamf-prepare"  # written first into every version directory: proof that psamf created it
 SHARD_PATTERN = "{split}-{n:05d}.parquet"
 
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
