@@ -52,7 +52,7 @@ class Progress:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, file=self.stream, leave=True,
-                             dynamic_ncols=True)
+                             mininterval=0.5)
         else:
             self._next_line = 1
         return self
