@@ -9,16 +9,17 @@ What happens, in order (nothing is written before step 3):
 2. **Tokenise** every transcript with both HF fast tokenizers (sentiment, personality), right-padded
    and truncated to `max_text_len` — the collate never tokenises. Optionally compute the frozen
    personality encoder's CLS once per utterance with a Ray Data `map_batches` pass.
-3. **Write** shards under `<out>/_tmp-<uuid>/`, then **commit**: delete the old `manifest.json` (the
-   directory now reads as incomplete), delete the old shards and stale `_tmp-*` prefixes, move the
-   new shards to `<out>/`, write `manifest.json` **last** (local: write + rename; object stores: one
-   PUT), remove the temporary prefix. A crash before the commit leaves an older complete data set
-   untouched; a crash during it leaves a directory without `manifest.json`, which
-   `psamf.shards.read_manifest` refuses. Re-running overwrites cleanly. Concurrent prepares into the
-   same `<out>` are not supported.
+3. **Write** shards into a new version folder `<out>/v-<id>/` (a `.psamf-prepare` marker first), then
+   **swap**: write `manifest.json`, which names the new shards (`v-<id>/train-00000.parquet`), in one
+   atomic step (local: write + rename; object stores: one PUT). Readers see the old data set whole until
+   then and the new one whole after. Only then are the files the old manifest recorded removed, and the
+   marked version folders of prepares killed before their swap. Nothing else is ever deleted: a
+   directory that holds other files and no manifest is refused unless `allow_nonempty`, a missing S3
+   bucket is refused (never created). Concurrent prepares into the same `<out>` are not supported.
 
-Shards: `<out>/<split>-00000.parquet`, `<split>-00001.parquet`, ... (flat; the manifest lists them and
-readers use that list, never a glob). One row per utterance; train rows are written in a seeded
+Shards: `<out>/v-<id>/<split>-00000.parquet`, `<split>-00001.parquet`, ... (the manifest lists them relative
+to `<out>` and readers use that list, never a glob; data sets of older psamf versions have them flat in `<out>`,
+and read the same way). One row per utterance; train rows are written in a seeded
 random order (so shards and read windows do not hold one video's utterances together), valid and
 test in source order. `index` is a data-set-wide int64 row number in source order (train, then
 valid, then test), stable across layouts and re-runs of the same source.
@@ -50,8 +51,6 @@ prepare and streaming"): the same bytes on disk as `fixed` (zstd removes the zer
 less Arrow in memory / in the object store, and 2-3x the samples/s into a Train worker, because the
 collate pads to the batch maximum anyway. Shards default to ~128 MiB of Arrow (`target_shard_mb`), in
 row groups of ~32 MiB (`row_group_mb`; Ray 2.60 bin-packs row groups into ~128 MiB read units).
-The output directory belongs to prepare: the commit deletes files named like shards
-(`<name>-NNNNN.parquet`) and `_tmp-*` prefixes in it.
 """
 
 from __future__ import annotations
