@@ -437,8 +437,10 @@ def test_s3_roundtrip(s3_bucket, ray_cluster):
     from psamf.storage import s3_endpoint
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint())
-    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/mosi/shards", refresh=True))
-    assert names == sorted(["manifest.json"] + [s["path"] for s in man2["shards"]])
+    fs.invalidate_cache()
+    names = sorted(p.split("/mosi/shards/", 1)[1] for p in fs.find(f"{s3_bucket}/mosi/shards"))
+    assert names == sorted(["manifest.json", f"{man2['data_version']}/.psamf-prepare"]
+                           + [s["path"] for s in man2["shards"]])
 
 
 @pytest.mark.filterwarnings("ignore::psamf.sources.ChecksumMismatchWarning")  # synthetic != published file
