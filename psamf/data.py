@@ -77,7 +77,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from psamf.config import ConfigError, DataConfig
 from psamf.shards import (BASE_COLUMNS, P_TOKEN_COLUMNS, TOKEN_COLUMNS, IncompleteDatasetError, check_manifest,
-                          read_manifest)
+                          read_manifest, verify_shards)
 from psamf.storage import resolve
 
 if TYPE_CHECKING:
@@ -139,6 +139,7 @@ def build_datasets(data_cfg: DataConfig, splits: Sequence[str] = ("train", "vali
 
     man = dict(manifest) if manifest is not None else read_manifest(data_cfg.uri, s3_endpoint=data_cfg.s3_endpoint)
     check_manifest(man, data_cfg)
+    verify_shards(man, data_cfg.uri, data_cfg.s3_endpoint, splits=splits)
     loc = resolve(data_cfg.uri, data_cfg.s3_endpoint)
     fs, base = loc.storage_filesystem, loc.storage_path.rstrip("/")
     cols = train_columns(man, data_cfg)
@@ -201,6 +202,7 @@ def load_datasets(data_cfg: DataConfig, manifest: Mapping[str, Any],
     if rest:
         out.update(build_datasets(data_cfg, splits=rest, manifest=manifest))
     if small:
+        verify_shards(manifest, data_cfg.uri, data_cfg.s3_endpoint, splits=small)
         loc = resolve(data_cfg.uri, data_cfg.s3_endpoint)
         cols = train_columns(manifest, data_cfg)
         for split in small:

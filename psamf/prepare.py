@@ -9,16 +9,17 @@ What happens, in order (nothing is written before step 3):
 2. **Tokenise** every transcript with both HF fast tokenizers (sentiment, personality), right-padded
    and truncated to `max_text_len` — the collate never tokenises. Optionally compute the frozen
    personality encoder's CLS once per utterance with a Ray Data `map_batches` pass.
-3. **Write** shards under `<out>/_tmp-<uuid>/`, then **commit**: delete the old `manifest.json` (the
-   directory now reads as incomplete), delete the old shards and stale `_tmp-*` prefixes, move the
-   new shards to `<out>/`, write `manifest.json` **last** (local: write + rename; object stores: one
-   PUT), remove the temporary prefix. A crash before the commit leaves an older complete data set
-   untouched; a crash during it leaves a directory without `manifest.json`, which
-   `psamf.shards.read_manifest` refuses. Re-running overwrites cleanly. Concurrent prepares into the
-   same `<out>` are not supported.
+3. **Write** shards into a new version folder `<out>/v-<id>/` (a `.psamf-prepare` marker first), then
+   **swap**: write `manifest.json`, which names the new shards (`v-<id>/train-00000.parquet`), in one
+   atomic step (local: write + rename; object stores: one PUT). Readers see the old data set whole until
+   then and the new one whole after. Only then are the files the old manifest recorded removed, and the
+   marked version folders of prepares killed before their swap. Nothing else is ever deleted: a
+   directory that holds other files and no manifest is refused unless `allow_nonempty`, a missing S3
+   bucket is refused (never created). Concurrent prepares into the same `<out>` are not supported.
 
-Shards: `<out>/<split>-00000.parquet`, `<split>-00001.parquet`, ... (flat; the manifest lists them and
-readers use that list, never a glob). One row per utterance; train rows are written in a seeded
+Shards: `<out>/v-<id>/<split>-00000.parquet`, `<split>-00001.parquet`, ... (the manifest lists them relative
+to `<out>` and readers use that list, never a glob; data sets of older psamf versions have them flat in `<out>`,
+and read the same way). One row per utterance; train rows are written in a seeded
 random order (so shards and read windows do not hold one video's utterances together), valid and
 test in source order. `index` is a data-set-wide int64 row number in source order (train, then
 valid, then test), stable across layouts and re-runs of the same source.
@@ -50,8 +51,6 @@ prepare and streaming"): the same bytes on disk as `fixed` (zstd removes the zer
 less Arrow in memory / in the object store, and 2-3x the samples/s into a Train worker, because the
 collate pads to the batch maximum anyway. Shards default to ~128 MiB of Arrow (`target_shard_mb`), in
 row groups of ~32 MiB (`row_group_mb`; Ray 2.60 bin-packs row groups into ~128 MiB read units).
-The output directory belongs to prepare: the commit deletes files named like shards
-(`<name>-NNNNN.parquet`) and `_tmp-*` prefixes in it.
 """
 
 from __future__ import annotations
@@ -60,6 +59,8 @@ import datetime as _dt
 import json
 import logging
 import math
+import os
+import signal
 import time
 import uuid
 from typing import Any, Mapping, Sequence
@@ -70,9 +71,11 @@ import pyarrow.parquet as pq
 
 from psamf import sources
 from psamf.datasets import NAMES as DATASETS
-from psamf.shards import MANIFEST_NAME, SCHEMA_VERSION, SHARD_PATTERN, TMP_PREFIX, looks_like_shard
+from psamf.shards import (MANIFEST_NAME, PREPARE_MARKER, SCHEMA_VERSION, SHARD_PATTERN, VERSION_PREFIX,
+                          looks_like_shard)
 from psamf.sources import SOURCE_FORMATS as FORMATS
 from psamf.sources import SPLITS, RawDataset, RawSplit
+from psamf.progress import Progress, note
 from psamf.storage import resolve, write_bytes
 
 log = logging.getLogger(__name__)
@@ -86,9 +89,10 @@ __all__ = [
     "LAYOUTS",
     "DEFAULT_LAYOUT",
     "prepare",
+    "check_output",
+    "describe_repairs",
+    "read_manifest_version",
     "validate",
-    "add_arguments",
-    "run",
 ]
 
 
@@ -98,8 +102,25 @@ __all__ = [
 
 
 def _source_desc(raw: RawDataset) -> str:
-    files = ", ".join(sorted(raw.source_files)) if raw.source_files else "in-memory RawDataset"
-    return f"{raw.name} ({files})"
+    """The source for messages: its first file (the pickle, or the custom manifest) and how many others.
+
+    A custom manifest lists one feature file per sample and modality (hundreds): naming them all would bury
+    the one line that matters."""
+    files = list(raw.source_files)
+    if not files:
+        return f"{raw.name} (in-memory RawDataset)"
+    if len(files) <= 2:
+        return f"{raw.name} ({', '.join(files)})"
+    return f"{raw.name} ({files[0]} and {len(files) - 1} feature files it lists)"
+
+
+def describe_repairs(repairs: Mapping[str, int], source: str) -> str:
+    """One line saying what the reader repaired (zeroed NaN/inf values, ...); also recorded in the manifest."""
+    done = {k: int(v) for k, v in (repairs or {}).items() if v}
+    if not done:
+        return f"prepare: no repairs were needed ({source})"
+    what = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in sorted(done.items()))
+    return f"prepare: repairs made while reading {source}: {what} (recorded in manifest.json 'repairs')"
 
 
 def _split_order(raw: RawDataset) -> list[str]:
@@ -375,6 +396,45 @@ def _write_shard(fs, path: str, table: pa.Table, compression: str = "zstd", row_
         return -1
 
 
+def _write_shards(fs, root: str, version: str, raw: RawDataset, splits: Sequence[str], rows_per_shard: int,
+                  row_group_rows: int, index: Mapping[str, np.ndarray], tokens: Mapping[str, Any],
+                  p_tokens: Mapping[str, Any], cls: Mapping[str, np.ndarray | None], *, layout: str,
+                  t_max: Mapping[str, int], max_text_len: int, compression: str, shuffle_seed: int,
+                  progress: bool) -> tuple[list[dict], pa.Schema]:
+    """Every shard into `<root>/<version>/`; returns the manifest's shard entries (paths relative to root)."""
+    rng = np.random.default_rng(shuffle_seed)
+    shards: list[dict] = []
+    schema = None
+    n_shards = sum(math.ceil(len(raw.splits[s]) / rows_per_shard) for s in splits)
+    with Progress("prepare: writing shards", n_shards, unit="shard", enabled=progress) as bar:
+        for s in splits:
+            sp = raw.splits[s]
+            order = rng.permutation(len(sp)) if s == "train" else np.arange(len(sp))
+            for k, lo in enumerate(range(0, len(sp), rows_per_shard)):
+                rows = order[lo: lo + rows_per_shard]
+                table = _build_table(s, sp, rows, index[s], tokens[s], p_tokens[s], cls[s], layout=layout,
+                                     audio_dim=raw.audio_dim, visual_dim=raw.visual_dim, t_max=t_max,
+                                     max_text_len=max_text_len)
+                name = f"{version}/{SHARD_PATTERN.format(split=s, n=k)}"
+                size = _write_shard(fs, _join(root, name), table, compression, row_group_rows)
+                shards.append({"path": name, "split": s, "rows": int(table.num_rows), "bytes": size,
+                               "arrow_bytes": int(table.nbytes)})
+                schema = table.schema
+                bar.update(1)
+    assert schema is not None
+    return shards, schema
+
+
+def read_manifest_version(fs, root: str) -> str | None:
+    """The `data_version` the manifest at `root` names (None: none, unreadable, or the older flat layout)."""
+    try:
+        with fs.open(_join(root, MANIFEST_NAME), "rb") as f:
+            v = json.loads(f.read()).get("data_version")
+    except Exception:  # noqa: BLE001 - only used to decide what this run may clean up
+        return None
+    return v if isinstance(v, str) else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Commit (the atomic part)
 # ---------------------------------------------------------------------------------------------
@@ -384,33 +444,144 @@ def _join(root: str, name: str) -> str:
     return f"{root}/{name}" if root else name
 
 
-def _commit(fs, root: str, tmp: str, shards: list[dict], manifest: dict) -> None:
-    man_path = _join(root, MANIFEST_NAME)
+FAULT_ENV = "PSAMF_PREPARE_FAULT"  # testing hook: "before-manifest" -> SIGKILL self after the shards, before the swap
+
+
+def _fault(point: str) -> None:
+    """Die like a killed process (no cleanup, no finally) at `point` when FAULT_ENV names it (fault tests)."""
+    if os.environ.get(FAULT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _is_local_fs(fs: Any) -> bool:
+    proto = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in proto or "local" in proto
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _is_psamf_leftover(fs: Any, entry: Mapping[str, Any]) -> bool:
+    """A `v-<id>/` directory holding PREPARE_MARKER: written by a prepare that never got to its manifest."""
+    name = _basename(entry["name"])
+    return (entry.get("type") == "directory" and name.startswith(VERSION_PREFIX)
+            and fs.exists(_join(entry["name"].rstrip("/"), PREPARE_MARKER)))
+
+
+def check_output(out_uri: str, *, s3_endpoint: str | None = None, storage_options: Mapping[str, Any] | None = None,
+                 allow_nonempty: bool = False) -> dict | None:
+    """Refuse an output that prepare must not write to; return the manifest of the data set it replaces.
+
+    Called before anything is read or written (the CLI calls it before reading the source, so a wrong
+    `--out` fails in a second). Raises `ValueError` naming `out_uri` when:
+    * `s3://bucket/...` names a bucket that does not exist (psamf never creates buckets, as `aws s3 cp`);
+    * `out_uri` is a regular file;
+    * `manifest.json` there is not a psamf shard manifest (prepare would overwrite someone's file);
+    * the directory holds files that are not a psamf data set, unless `allow_nonempty` (prepare then
+      writes beside them; it never deletes what it did not write, with or without the flag).
+    """
+    loc = resolve(out_uri, s3_endpoint)
+    fs, root = loc.fsspec(storage_options)
     fs.invalidate_cache()
-    old_shards: list[str] = []
-    if fs.exists(man_path):
+    if out_uri.startswith(("s3://", "s3a://")):
+        bucket = root.split("/", 1)[0]
+        try:
+            ok = fs.exists(bucket)
+        except PermissionError as e:
+            raise ValueError(f"--out {out_uri}: cannot access bucket {bucket!r} ({e})") from None
+        if not ok:
+            raise ValueError(f"--out {out_uri}: bucket {bucket!r} does not exist; psamf never creates buckets. "
+                             f"Create it first (aws s3 mb s3://{bucket}) or fix the URI")
+    if fs.isfile(root):
+        raise ValueError(f"--out {out_uri}: is a regular file, not a directory; give a directory (prepare "
+                         "writes manifest.json and v-<id>/ shard folders into it)")
+    if not fs.isdir(root):
+        return None
+    entries = fs.ls(root, detail=True)
+    names = {_basename(e["name"]) for e in entries}
+    if MANIFEST_NAME in names:
+        man_path = _join(root, MANIFEST_NAME)
         try:
             with fs.open(man_path, "rb") as f:
-                old_shards = [s["path"] for s in json.load(f).get("shards", [])]
-        except Exception:  # noqa: BLE001 - an unreadable old manifest is simply replaced
-            old_shards = []
-        fs.rm(man_path)  # from here on the directory reads as incomplete
-    fs.invalidate_cache()
-    for entry in fs.ls(root, detail=True):
-        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        full = entry["name"].rstrip("/")
-        if name.startswith(TMP_PREFIX) and full != tmp:
-            fs.rm(full, recursive=True)  # stale prefix from an interrupted run
-        elif name in old_shards or looks_like_shard(name):
+                man = json.loads(f.read())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{loc.uri.rstrip('/')}/{MANIFEST_NAME}: not a psamf shard manifest ({e}); prepare "
+                             "would overwrite it. Move it away or choose another --out") from None
+        if not (isinstance(man, dict) and "schema_version" in man and isinstance(man.get("shards"), list)):
+            raise ValueError(f"{loc.uri.rstrip('/')}/{MANIFEST_NAME}: not a psamf shard manifest (no "
+                             "schema_version / shards); prepare would overwrite it. Move it away or choose "
+                             "another --out")
+        return man
+    foreign = sorted(_basename(e["name"]) for e in entries if not _is_psamf_leftover(fs, e))
+    if foreign and not allow_nonempty:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(f"--out {out_uri}: directory is not empty and is not a psamf data set (no {MANIFEST_NAME}; "
+                         f"holds {shown}). Choose an empty directory, or pass --allow-nonempty to write beside "
+                         "these files (prepare never deletes files it did not write)")
+    return None
+
+
+def _remove_files(fs, root: str, paths: Sequence[str]) -> None:
+    """Delete the listed files under `root` (missing ones are fine), then their now-empty version folders."""
+    dirs = set()
+    for rel in paths:
+        full = _join(root, rel)
+        try:
             fs.rm(full)
-    for s in shards:
-        fs.mv(_join(tmp, s["path"]), _join(root, s["path"]))
+        except FileNotFoundError:
+            pass
+        if "/" in rel:
+            dirs.add(_join(root, rel.rsplit("/", 1)[0]))
+    if _is_local_fs(fs):
+        for d in sorted(dirs, reverse=True):
+            try:
+                fs.rmdir(d)
+            except OSError:  # not empty: something we did not write is in it; leave it
+                pass
+
+
+def _previous_files(previous: Mapping[str, Any] | None) -> list[str]:
+    """What the replaced manifest recorded: its shards and, for versioned layouts, its marker file."""
+    if not previous:
+        return []
+    files = [str(s["path"]) for s in previous.get("shards", []) if isinstance(s, Mapping) and s.get("path")]
+    files = [f for f in files if ".." not in f.split("/") and not f.startswith("/")]  # never outside <out>
+    version = previous.get("data_version")
+    if isinstance(version, str) and version.startswith(VERSION_PREFIX) and "/" not in version:
+        files.append(f"{version}/{PREPARE_MARKER}")
+    return files
+
+
+def _leftover_files(fs, root: str, keep: str, only: str | None = None) -> list[str]:
+    """Shards and markers in marked `v-<id>/` folders other than `keep` (or only in `only`): prepares killed
+    before their swap, or this run's own folder when it fails."""
+    out: list[str] = []
+    for e in fs.ls(root, detail=True):
+        name = _basename(e["name"])
+        if name == keep or (only is not None and name != only) or not _is_psamf_leftover(fs, e):
+            continue
+        for f in fs.ls(e["name"], detail=False):
+            fname = _basename(f)
+            if looks_like_shard(fname) or fname == PREPARE_MARKER:
+                out.append(f"{name}/{fname}")
+    return sorted(out, key=lambda p: p.endswith(PREPARE_MARKER))  # the marker last: it proves ownership
+
+
+def _commit(fs, root: str, version: str, manifest: dict, previous: Mapping[str, Any] | None) -> None:
+    """The swap: `manifest.json` (naming the new `v-<id>/` shards) in one atomic write, then the clean-up.
+
+    Before the write, readers see the old data set whole; after it, the new one whole. Only then are the
+    files the old manifest recorded removed, and leftovers of killed prepares (marked `v-<id>/` folders).
+    """
+    fs.invalidate_cache()
+    _fault("before-manifest")
     # last, atomically: local rename / one PUT on object stores (psamf.storage.write_bytes)
-    write_bytes(fs, man_path, json.dumps(manifest, indent=1, sort_keys=False).encode())
-    try:
-        fs.rm(tmp, recursive=True)
-    except FileNotFoundError:
-        pass
+    write_bytes(fs, _join(root, MANIFEST_NAME), json.dumps(manifest, indent=1, sort_keys=False).encode())
+    fs.invalidate_cache()
+    keep = {s["path"] for s in manifest["shards"]} | {f"{version}/{PREPARE_MARKER}"}
+    stale = [p for p in _previous_files(previous) + _leftover_files(fs, root, version) if p not in keep]
+    _remove_files(fs, root, stale)
     fs.invalidate_cache()
 
 
@@ -436,6 +607,8 @@ def prepare(
     shuffle_seed: int = 0,
     compression: str = "zstd",
     personality_batch_size: int = 64,
+    allow_nonempty: bool = False,
+    progress: bool = False,
 ) -> dict:
     """Validate, tokenise, (optionally) compute personality CLS, write shards + manifest. Returns the manifest.
 
@@ -456,6 +629,9 @@ def prepare(
         storage_options: fsspec options (e.g. `{"endpoint_url": ...}` for S3-compatible stores).
         s3_endpoint: S3 endpoint when not in `storage_options` (else `AWS_ENDPOINT_URL_S3`).
         shuffle_seed: seed of the random row order of the train shards.
+        allow_nonempty: write into a directory that holds files which are not a psamf data set (they are
+            left alone; see `check_output`).
+        progress: show progress on stderr (a bar on a terminal, periodic lines otherwise; `psamf.progress`).
     """
     from psamf import __version__
     from psamf.tokenizers import load_tokenizer, vocab_sha256
@@ -469,6 +645,8 @@ def prepare(
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     if target_shard_mb <= 0 or row_group_mb <= 0:
         raise ValueError(f"target_shard_mb and row_group_mb must be > 0, got {target_shard_mb}, {row_group_mb}")
+    previous = check_output(out_uri, s3_endpoint=s3_endpoint, storage_options=storage_options,
+                            allow_nonempty=allow_nonempty)
     raw = source if isinstance(source, RawDataset) else _read_source_args(dict(source))
     timings: dict[str, float] = {}
     lap = [t0]
@@ -477,8 +655,10 @@ def prepare(
         now = time.perf_counter()
         timings[name] = round(now - lap[0], 3)
         lap[0] = now
+        note(f"prepare: {name} done ({timings[name]:.1f} s)", enabled=progress)
 
     mark("read")
+    note(describe_repairs(raw.repairs, _source_desc(raw)), enabled=progress)
     validate(raw)
     mark("validate")
     splits = [s for s in _split_order(raw) if len(raw.splits[s]) > 0]
@@ -544,24 +724,17 @@ def prepare(
     row_group_rows = max(1, min(rows_per_shard, int(row_group_mb * 2**20 // row_bytes)))
 
     fs, root = resolve(out_uri, s3_endpoint).fsspec(storage_options)
-    tmp = _join(root, f"{TMP_PREFIX}{uuid.uuid4().hex}")
-    rng = np.random.default_rng(shuffle_seed)
-    shards: list[dict] = []
+    version = f"{VERSION_PREFIX}{uuid.uuid4().hex[:12]}"
+    vdir = _join(root, version)
     try:
-        fs.makedirs(tmp, exist_ok=True)
-        for s in splits:
-            sp = raw.splits[s]
-            order = rng.permutation(len(sp)) if s == "train" else np.arange(len(sp))
-            for k, lo in enumerate(range(0, len(sp), rows_per_shard)):
-                rows = order[lo: lo + rows_per_shard]
-                table = _build_table(s, sp, rows, index[s], tokens[s], p_tokens[s], cls[s], layout=layout,
-                                     audio_dim=raw.audio_dim, visual_dim=raw.visual_dim, t_max=t_max,
-                                     max_text_len=L)
-                name = SHARD_PATTERN.format(split=s, n=k)
-                size = _write_shard(fs, _join(tmp, name), table, compression, row_group_rows)
-                shards.append({"path": name, "split": s, "rows": int(table.num_rows), "bytes": size,
-                               "arrow_bytes": int(table.nbytes)})
-                schema = table.schema
+        if _is_local_fs(fs):
+            fs.makedirs(vdir, exist_ok=True)  # object stores have no folders: nothing to create (never a bucket)
+        write_bytes(fs, _join(vdir, PREPARE_MARKER), json.dumps(
+            {"psamf_version": __version__, "purpose": "written by psamf prepare; this folder holds its shards"}
+        ).encode())
+        shards, schema = _write_shards(fs, root, version, raw, splits, rows_per_shard, row_group_rows, index,
+                                       tokens, p_tokens, cls, layout=layout, t_max=t_max, max_text_len=L,
+                                       compression=compression, shuffle_seed=shuffle_seed, progress=progress)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "psamf_version": __version__,
@@ -592,18 +765,21 @@ def prepare(
             "row_group_rows": int(row_group_rows),
             "compression": compression,
             "columns": {f.name: str(f.type) for f in schema},
+            "data_version": version,
             "shards": shards,
             "prepare_seconds": None,
             "timings_seconds": timings,
         }
         mark("write")
         manifest["prepare_seconds"] = round(time.perf_counter() - t0, 3)  # excludes the commit below
-        _commit(fs, root, tmp, shards, manifest)
+        _commit(fs, root, version, manifest, previous)
     except BaseException:
-        try:  # best effort: an interrupted run must not leave a complete-looking directory (it cannot:
-            fs.rm(tmp, recursive=True)  # the manifest was not written), nor garbage if we can help it
-        except Exception:  # noqa: BLE001
-            pass
+        fs.invalidate_cache()
+        if read_manifest_version(fs, root) != version:
+            try:  # best effort: remove this run's own version folder (only what it wrote)
+                _remove_files(fs, root, _leftover_files(fs, root, keep="", only=version))
+            except Exception:  # noqa: BLE001
+                pass
         raise
     log.info("prepared %s: %s rows in %d shards -> %s (%.1f s)", raw.name,
              sum(manifest["counts"].values()), len(shards), out_uri, manifest["prepare_seconds"])

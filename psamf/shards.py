@@ -3,11 +3,15 @@
 Both sides import these names from here, so the reader never imports the writer:
 
     MANIFEST_NAME, SCHEMA_VERSION      `<dir>/manifest.json`, written last; its presence = a complete data set
-    SHARD_PATTERN, TMP_PREFIX          `<split>-NNNNN.parquet`; `_tmp-<uuid>/` while prepare writes
+    SHARD_PATTERN                      `<split>-NNNNN.parquet`
+    VERSION_PREFIX, PREPARE_MARKER     `v-<id>/` holds one version's shards (and the marker, written first);
+                                       the manifest's shard paths name it (`v-<id>/train-00000.parquet`), so
+                                       readers join `<dir>/<path>` for both this layout and the older flat one
     TOKEN_COLUMNS, P_TOKEN_COLUMNS     the token columns of the two tokenizers
     BASE_COLUMNS                       what a training / evaluation loop reads (text, speaker, split stay on disk)
     read_manifest(uri, s3_endpoint)    the manifest, or `ShardError` naming the file
     check_manifest(manifest, data_cfg) the one comparison of manifest facts with `DataConfig`
+    verify_shards(manifest, uri, ...)  every listed shard exists and its feature widths are the manifest's
 
 Column types and the manifest's fields are described in docs/data-formats.md and in `psamf.prepare`.
 Every problem with a shard directory is a `ShardError` (a `ConfigError`): the user fixes it by re-running
@@ -27,6 +31,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "SHARD_PATTERN",
     "TMP_PREFIX",
+    "VERSION_PREFIX",
+    "PREPARE_MARKER",
     "TOKEN_COLUMNS",
     "P_TOKEN_COLUMNS",
     "BASE_COLUMNS",
@@ -34,12 +40,15 @@ __all__ = [
     "IncompleteDatasetError",
     "read_manifest",
     "check_manifest",
+    "verify_shards",
     "looks_like_shard",
 ]
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-TMP_PREFIX = "_tmp-"
+TMP_PREFIX = "_tmp-"  # older psamf wrote shards under `_tmp-<uuid>/` first; kept for readers of old notes
+VERSION_PREFIX = "v-"  # `<dir>/v-<id>/` holds one prepared version's shards; manifest.json names it
+PREPARE_MARKER = ".psamf-prepare"  # written first into every version directory: proof that psamf created it
 SHARD_PATTERN = "{split}-{n:05d}.parquet"
 
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
@@ -124,3 +133,48 @@ def check_manifest(manifest: Mapping[str, Any], data_cfg: Any) -> None:
     if max_len is not None and data_cfg.max_text_len != int(max_len):
         raise ShardError(f"data.max_text_len={data_cfg.max_text_len} but the shards at {uri} hold {max_len} "
                          "tokens per transcript; set data.max_text_len or re-run `psamf prepare`")
+
+
+def _frame_width(arrow_type: Any) -> int | None:
+    """Feature width of an audio/visual column: ragged list<fixed_size_list[D]> or fixed tensor [T, D]."""
+    import pyarrow as pa
+
+    shape = getattr(arrow_type, "shape", None)  # arrow.fixed_shape_tensor (a canonical extension type)
+    if shape:
+        return int(shape[-1])
+    inner = getattr(arrow_type, "value_type", None)
+    return int(inner.list_size) if isinstance(inner, pa.FixedSizeListType) else None
+
+
+def verify_shards(manifest: Mapping[str, Any], uri: str, s3_endpoint: str | None = None, *,
+                  splits: Any = None, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Every shard the manifest lists (for `splits`, default all) exists, and its audio/visual widths are the
+    manifest's `feature_dims`. Reads only Parquet footers. Raises `ShardError` naming the shard and field.
+
+    Why here and before any worker starts: a missing shard or a width that disagrees otherwise surfaces as a
+    FileNotFoundError or a broadcast error deep inside a Ray Data task, naming neither file nor field."""
+    import pyarrow.parquet as pq
+
+    fs, root = resolve(uri, s3_endpoint).fsspec(storage_options)
+    dims = manifest.get("feature_dims") or {}
+    base = uri.rstrip("/")
+    for s in manifest.get("shards", []):
+        if splits is not None and s.get("split") not in splits:
+            continue
+        where = f"{base}/{s['path']}"
+        try:
+            with fs.open(f"{root}/{s['path']}", "rb") as f:
+                schema = pq.read_schema(f)
+        except FileNotFoundError:
+            raise ShardError(f"{where}: listed in {MANIFEST_NAME} but missing; the data set is damaged, re-run "
+                             "`psamf prepare`") from None
+        except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) for a non-Parquet file
+            raise ShardError(f"{where}: not a readable Parquet shard ({e}); re-run `psamf prepare`") from None
+        for modality in ("audio", "visual"):
+            if modality not in schema.names or modality not in dims:
+                continue
+            width = _frame_width(schema.field(modality).type)
+            if width is not None and width != int(dims[modality]):
+                raise ShardError(f"{where}: column {modality!r} has feature width {width}, but {MANIFEST_NAME} "
+                                 f"says feature_dims.{modality}={dims[modality]}; the manifest does not belong "
+                                 "to these shards, re-run `psamf prepare`")

@@ -279,8 +279,15 @@ def _canonical(video: str, clip: str) -> str:
     return f"{video}$_${clip}"
 
 
-def _decode(x: Any) -> str:
-    return x.decode("utf-8") if isinstance(x, (bytes, np.bytes_)) else str(x)
+def _decode(x: Any, where: str = "", sample_id: str = "") -> str:
+    """A transcript as text; bytes must be UTF-8 (the error names the file, split, field and sample id)."""
+    if not isinstance(x, (bytes, np.bytes_)):
+        return str(x)
+    try:
+        return bytes(x).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: key 'raw_text' of sample {sample_id!r} is not UTF-8 ({e}); re-encode the "
+                         "transcripts as UTF-8") from None
 
 
 def _split_items(data: Any, path: Path) -> dict[str, Any]:
@@ -555,7 +562,8 @@ def read_mmsa(
                 unimodal[m] = _labels(d[k], lrange, where, k)
         splits[s] = RawSplit(
             ids=[_canonical(v, c) for v, c in pairs],
-            text=[_decode(x) for x in np.asarray(d["raw_text"], dtype=object).reshape(-1)],
+            text=[_decode(x, where, _canonical(*pairs[i]) if i < len(pairs) else str(i))
+                  for i, x in enumerate(np.asarray(d["raw_text"], dtype=object).reshape(-1))],
             label=label,
             audio=_slice_valid(arrays[s]["audio"], lengths[s]["audio"], padding_side["audio"], "audio", repairs),
             visual=_slice_valid(arrays[s]["vision"], lengths[s]["vision"], padding_side["visual"], "visual", repairs),

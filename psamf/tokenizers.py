@@ -8,7 +8,10 @@ It is loaded with the real `BertTokenizerFast`, so nothing here is a stand-in fo
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 from importlib import resources
+from urllib.parse import urlparse
 
 TINY = "psamf:tiny"
 
@@ -29,13 +32,43 @@ def load_tokenizer(name: str):
             return BertTokenizerFast(vocab=vocab, do_lower_case=True)
         except TypeError:
             return BertTokenizerFast(vocab_file=tiny_vocab_path(), do_lower_case=True)
+    how = (f"give a local copy (--tokenizer /path/to/{name.rsplit('/', 1)[-1]}, a directory holding "
+           f"tokenizer.json or vocab.txt), or --tokenizer {TINY} for the synthetic data")
+    if os.path.isdir(name):
+        return _from_pretrained(AutoTokenizer, name, how, local_files_only=True)
+    try:  # the local Hugging Face cache first: no network at all when it is there
+        return AutoTokenizer.from_pretrained(name, use_fast=True, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    reason = _hub_unreachable()
+    if reason:  # fail fast: the hub client would otherwise retry for about a minute
+        raise ValueError(f"tokenizer {name!r} is not in the local Hugging Face cache and {reason}; {how}")
+    return _from_pretrained(AutoTokenizer, name, how, local_files_only=False)
+
+
+def _from_pretrained(auto, name: str, how: str, *, local_files_only: bool):
     try:
-        return AutoTokenizer.from_pretrained(name, use_fast=True)
+        return auto.from_pretrained(name, use_fast=True, local_files_only=local_files_only)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"tokenizer {name!r} could not be loaded ({e}); {how}") from None
+
+
+def _hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be used from here (offline mode, no route to it), or None.
+
+    One TCP connect to the configured endpoint (HF_ENDPOINT), so that a machine without network is told
+    so in seconds instead of after the hub client's retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set (no downloads)"
+    u = urlparse(constants.ENDPOINT)
+    host, port = u.hostname or "huggingface.co", u.port or (443 if u.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
     except OSError as e:
-        raise ValueError(
-            f"tokenizer {name!r} could not be loaded: give a local directory or a hub name reachable from "
-            f"this machine (or {TINY!r} for the synthetic data). Cause: {e}"
-        ) from None
+        return f"the hub at {constants.ENDPOINT} cannot be reached from this machine ({e})"
 
 
 def vocab_sha256(tokenizer) -> str:

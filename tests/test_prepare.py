@@ -49,6 +49,18 @@ def run_prepare(raw, out, **kw):
     return prep.prepare(raw, str(out), **kw)
 
 
+def files_under(out: Path) -> list[str]:
+    """Every file under `out`, relative, sorted (the versioned layout has `v-<id>/` folders)."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+
+def shard_file(out: Path, name: str) -> Path:
+    """The file of shard `name` (e.g. "train-00000.parquet") as the manifest names it."""
+    man = json.loads((out / "manifest.json").read_text())
+    (path,) = [s["path"] for s in man["shards"] if s["path"].rsplit("/", 1)[-1] == name]
+    return out / path
+
+
 def read_rows(out: Path) -> dict[str, dict]:
     man = json.loads((out / "manifest.json").read_text())
     rows = {}
@@ -108,13 +120,13 @@ def test_train_rows_shuffled_other_splits_in_source_order(tmp_path):
     raw = make_raw(sizes=(30, 4, 4))
     out = tmp_path / "s"
     man = run_prepare(raw, out)
-    train = pq.read_table(out / "train-00000.parquet").column("sample_id").to_pylist()
+    train = pq.read_table(shard_file(out, "train-00000.parquet")).column("sample_id").to_pylist()
     assert sorted(train) == sorted(raw.splits["train"].ids) and train != raw.splits["train"].ids
-    assert pq.read_table(out / "valid-00000.parquet").column("sample_id").to_pylist() == raw.splits["valid"].ids
+    assert pq.read_table(shard_file(out, "valid-00000.parquet")).column("sample_id").to_pylist() == raw.splits["valid"].ids
     assert man["train_row_order"] == {"shuffled": True, "seed": 0}
     # same seed -> same bytes of content order
     man2 = run_prepare(raw, tmp_path / "s2")
-    assert pq.read_table(tmp_path / "s2" / "train-00000.parquet").column("sample_id").to_pylist() == train
+    assert pq.read_table(shard_file(tmp_path / "s2", "train-00000.parquet")).column("sample_id").to_pylist() == train
     assert man2["counts"] == man["counts"]
 
 
@@ -155,8 +167,8 @@ def test_manifest_contents(tmp_path):
     np.testing.assert_allclose(man["normalization"]["audio"]["std"], fa.std(0), rtol=1e-10)
     np.testing.assert_allclose(man["normalization"]["visual"]["std"], fv.std(0), rtol=1e-10)
     assert man["normalization"]["split"] == "train" and man["normalization"]["audio"]["n_frames"] == len(fa)
-    files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(["manifest.json"] + [s["path"] for s in man["shards"]])
+    assert files_under(out) == sorted(["manifest.json", f"{man['data_version']}/.psamf-prepare"]
+                                      + [s["path"] for s in man["shards"]])
     assert sum(s["rows"] for s in man["shards"]) == 20
     assert man["columns"]["audio"].startswith("list<") and man["columns"]["input_ids"].startswith("fixed_size_list")
 
@@ -164,8 +176,10 @@ def test_manifest_contents(tmp_path):
 def test_shard_sizing(tmp_path):
     raw = make_raw()
     man = run_prepare(raw, tmp_path / "a", rows_per_shard=5)
-    assert [s["path"] for s in man["shards"]] == ["train-00000.parquet", "train-00001.parquet",
-                                                   "train-00002.parquet", "valid-00000.parquet", "test-00000.parquet"]
+    v = man["data_version"]
+    assert [s["path"] for s in man["shards"]] == [f"{v}/train-00000.parquet", f"{v}/train-00001.parquet",
+                                                   f"{v}/train-00002.parquet", f"{v}/valid-00000.parquet",
+                                                   f"{v}/test-00000.parquet"]
     assert [s["rows"] for s in man["shards"]] == [5, 5, 2, 4, 4]
     assert len(read_rows(tmp_path / "a")) == 20
     man = run_prepare(raw, tmp_path / "b", target_shard_mb=0.0005)  # ~500 bytes -> a few rows per shard
@@ -200,14 +214,15 @@ def test_crash_mid_write_leaves_nothing_complete(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="simulated crash"):
         run_prepare(raw, out, rows_per_shard=4)
     assert not (out / "manifest.json").exists()
-    assert not list(out.glob("*.parquet"))  # nothing moved into place
+    assert not list(out.rglob("*.parquet"))  # the failed run removed what it wrote
     with pytest.raises(IncompleteDatasetError, match="no manifest.json"):
         read_manifest(str(out))
     monkeypatch.undo()
     man = run_prepare(raw, out, rows_per_shard=4)
     assert read_manifest(str(out)) == man
     assert len(read_rows(out)) == 20
-    assert not [p for p in out.iterdir() if p.name.startswith("_tmp-")]
+    assert files_under(out) == sorted(["manifest.json", f"{man['data_version']}/.psamf-prepare"]
+                                      + [s["path"] for s in man["shards"]])
 
 
 def test_crash_during_rerun_keeps_previous_complete_dataset(tmp_path, monkeypatch):
@@ -221,37 +236,18 @@ def test_crash_during_rerun_keeps_previous_complete_dataset(tmp_path, monkeypatc
     assert read_manifest(str(out)) == man1  # old data set still complete and intact
     assert set(read_rows(out)) == {sid for *_, sid, _ in source_rows(make_raw(seed=1))}
     monkeypatch.undo()
-    # a stale temporary prefix from a hard crash (no cleanup) is removed by the next run
-    stale = out / "_tmp-deadbeef"
+    # a version folder left by a hard crash (no cleanup; marked as psamf's) is removed by the next run
+    stale = out / "v-deadbeef"
     stale.mkdir()
+    (stale / ".psamf-prepare").write_text("{}")
     (stale / "train-00000.parquet").write_bytes(b"junk")
     man2 = run_prepare(make_raw(seed=2), out, rows_per_shard=5)
-    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json"] + [s["path"] for s in man2["shards"]])
+    assert files_under(out) == sorted(["manifest.json", f"{man2['data_version']}/.psamf-prepare"]
+                                      + [s["path"] for s in man2["shards"]])
     rows = read_rows(out)
     raw2 = make_raw(seed=2)
     for split, i, sid, sp in source_rows(raw2):
         np.testing.assert_array_equal(np.asarray(rows[sid]["audio"], np.float32), sp.audio[i])
-
-
-def test_crash_during_commit_reads_as_incomplete(tmp_path, monkeypatch):
-    from psamf.shards import IncompleteDatasetError, read_manifest
-
-    out = tmp_path / "s"
-    run_prepare(make_raw(), out)
-    real_commit = prep._commit
-
-    def commit_then_die(fs, root, tmp, shards, manifest):  # old manifest removed, new one never written
-        fs.rm(f"{root}/manifest.json")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(prep, "_commit", commit_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_prepare(make_raw(seed=3), out)
-    with pytest.raises(IncompleteDatasetError):
-        read_manifest(str(out))
-    monkeypatch.setattr(prep, "_commit", real_commit)
-    run_prepare(make_raw(seed=3), out)
-    assert len(read_rows(out)) == 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,8 +437,10 @@ def test_s3_roundtrip(s3_bucket, ray_cluster):
     from psamf.storage import s3_endpoint
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint())
-    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/mosi/shards", refresh=True))
-    assert names == sorted(["manifest.json"] + [s["path"] for s in man2["shards"]])
+    fs.invalidate_cache()
+    names = sorted(p.split("/mosi/shards/", 1)[1] for p in fs.find(f"{s3_bucket}/mosi/shards"))
+    assert names == sorted(["manifest.json", f"{man2['data_version']}/.psamf-prepare"]
+                           + [s["path"] for s in man2["shards"]])
 
 
 @pytest.mark.filterwarnings("ignore::psamf.sources.ChecksumMismatchWarning")  # synthetic != published file

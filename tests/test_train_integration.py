@@ -51,7 +51,9 @@ def _cfg(shards_uri: str, storage: str, name: str, *extra: str) -> Config:
 def _split_ids(shards_dir: str, split: str) -> list[str]:
     import pyarrow.parquet as pq
 
-    files = sorted(f for f in os.listdir(shards_dir) if f.startswith(split + "-") and f.endswith(".parquet"))
+    from psamf.shards import read_manifest
+
+    files = [s["path"] for s in read_manifest(shards_dir)["shards"] if s["split"] == split]
     return sorted(i for f in files for i in pq.read_table(os.path.join(shards_dir, f), columns=["sample_id"])
                   .column("sample_id").to_pylist())
 

@@ -11,7 +11,8 @@ import sys
 
 from psamf import sources
 from psamf.datasets import NAMES as DATASETS
-from psamf.prepare import DEFAULT_LAYOUT, DEFAULT_ROW_GROUP_MB, DEFAULT_TARGET_SHARD_MB, LAYOUTS, prepare
+from psamf.prepare import (DEFAULT_LAYOUT, DEFAULT_ROW_GROUP_MB, DEFAULT_TARGET_SHARD_MB, LAYOUTS, check_output,
+                           prepare)
 from psamf.shards import MANIFEST_NAME
 from psamf.sources import SOURCE_FORMATS as FORMATS
 
@@ -44,6 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="HF name/path of the personality BERT (implies --personality-cls)")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL_S3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train row order")
+    p.add_argument("--allow-nonempty", action="store_true",
+                   help="write into a directory that holds other files (not a psamf data set); they are left "
+                        "alone. prepare only ever deletes the shards a previous prepare recorded in manifest.json")
+    p.add_argument("--no-progress", action="store_true", help="do not print progress on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,13 +62,15 @@ def run(args: argparse.Namespace) -> int:
             mc.personality_model = args.personality_model
         personality_model = mc
     try:
+        check_output(args.out, s3_endpoint=args.s3_endpoint, allow_nonempty=args.allow_nonempty)
         raw = sources.read_source(args.format, args.input, label_csv=args.labels, name=args.dataset)
         man = prepare(raw, args.out, tokenizer=args.tokenizer,
                       personality_tokenizer=args.personality_tokenizer or args.tokenizer,
                       max_text_len=args.max_text_len, personality_model=personality_model, layout=args.layout,
                       rows_per_shard=args.rows_per_shard, target_shard_mb=args.target_shard_mb,
                       row_group_mb=args.row_group_mb,
-                      s3_endpoint=args.s3_endpoint, shuffle_seed=args.seed)
+                      s3_endpoint=args.s3_endpoint, shuffle_seed=args.seed,
+                      allow_nonempty=args.allow_nonempty, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
         print(f"psamf prepare: error: {e}", file=sys.stderr)
         return 2

@@ -17,11 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full-text-features", action="store_true",
                         help="write the unused text-feature arrays at their real width (768 BERT / 300 GloVe) "
                              "instead of width 1")
+    parser.add_argument("--no-progress", action="store_true", help="do not print progress on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
     paths = synthesize(args.kind, args.fmt, args.out, seed=args.seed, scale=args.scale,
-                       full_text_features=args.full_text_features)
+                       full_text_features=args.full_text_features, progress=not args.no_progress)
     corpus_sizes = {s: scaled_size(n, args.scale, 2) for s, n in zip(SPLITS, KINDS[args.kind].split_sizes)}
     print(f"psamf synth: {args.kind} ({args.fmt}, seed {args.seed}, scale {args.scale}) sizes {corpus_sizes}")
     for key, path in paths.items():
