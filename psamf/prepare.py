@@ -634,17 +634,10 @@ def prepare(
         progress: show progress on stderr (a bar on a terminal, periodic lines otherwise; `psamf.progress`).
     """
     from psamf import __version__
-    from psamf.tokenizers import load_tokenizer, vocab_sha256
+    from psamf.tokenizers import load_tokenizer
 
     t0 = time.perf_counter()
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if not 1 <= int(max_text_len) <= 512:
-        raise ValueError(f"max_text_len must be in [1, 512], got {max_text_len}")
-    if rows_per_shard is not None and rows_per_shard < 1:
-        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-    if target_shard_mb <= 0 or row_group_mb <= 0:
-        raise ValueError(f"target_shard_mb and row_group_mb must be > 0, got {target_shard_mb}, {row_group_mb}")
+    _check_args(layout, max_text_len, rows_per_shard, target_shard_mb, row_group_mb)
     previous = check_output(out_uri, s3_endpoint=s3_endpoint, storage_options=storage_options,
                             allow_nonempty=allow_nonempty)
     raw = source if isinstance(source, RawDataset) else _read_source_args(dict(source))
@@ -663,65 +656,23 @@ def prepare(
     mark("validate")
     splits = [s for s in _split_order(raw) if len(raw.splits[s]) > 0]
 
-    # ---- tokenise (both tokenizers), global row index in source order ----
     tok = load_tokenizer(tokenizer)
     ptok = tok if personality_tokenizer == tokenizer else load_tokenizer(personality_tokenizer)
-    tokens, p_tokens, index = {}, {}, {}
-    start = 0
-    for s in splits:
-        sp = raw.splits[s]
-        tokens[s] = _tokenize(tok, sp.text, max_text_len)
-        p_tokens[s] = tokens[s] if ptok is tok else _tokenize(ptok, sp.text, max_text_len)
-        index[s] = np.arange(start, start + len(sp), dtype=np.int64)
-        start += len(sp)
-
+    tokens, p_tokens, index = _tokenize_splits(raw, splits, tok, ptok, max_text_len)
     mark("tokenize")
-
-    # ---- statistics ----
     t_max = {"audio": max(int(f.shape[0]) for s in splits for f in raw.splits[s].audio),
              "visual": max(int(f.shape[0]) for s in splits for f in raw.splits[s].visual)}
-    train = raw.splits["train"]
-    norm = {
-        "split": "train",
-        "applied": "read time, by psamf.data.PadCollate when DataConfig.normalize_features (valid frames only)",
-        "audio": _feature_stats([np.asarray(f, np.float32) for f in train.audio], raw.audio_dim),
-        "visual": _feature_stats([np.asarray(f, np.float32) for f in train.visual], raw.visual_dim),
-    }
-
+    norm = _normalization(raw)
     mark("statistics")
-
-    # ---- personality CLS (Ray Data pass) ----
     cls: dict[str, np.ndarray | None] = {s: None for s in splits}
     personality_meta = None
     if personality_model is not None:
-        all_index = np.concatenate([index[s] for s in splits])
-        all_p = {"p_" + c: np.concatenate([p_tokens[s][c] for s in splits])
-                 for c in ("input_ids", "attention_mask", "token_type_ids")}
-        t_cls = time.perf_counter()
-        all_cls = compute_personality_cls(all_index, all_p, personality_model, batch_size=personality_batch_size)
-        off = 0
-        for s in splits:
-            cls[s] = all_cls[off: off + len(raw.splits[s])]
-            off += len(raw.splits[s])
-        personality_meta = {"dim": int(all_cls.shape[1]), "model": _describe_personality_model(personality_model),
-                            "tokenizer": personality_tokenizer, "mode": "eval (dropout off)",
-                            "seconds": round(time.perf_counter() - t_cls, 3)}
-
+        cls, personality_meta = _personality_pass(raw, splits, index, p_tokens, personality_model,
+                                                  personality_tokenizer, personality_batch_size)
         mark("personality_cls")
-
-    # ---- shard plan ----
     L = int(max_text_len)
-    fixed_row_bytes = 6 * L * 4 + 64
-    n_total = sum(len(raw.splits[s]) for s in splits)
-    if layout == "ragged":
-        frame_bytes = sum(_count_frames_bytes(raw.splits[s].audio) + _count_frames_bytes(raw.splits[s].visual)
-                          for s in splits)
-    else:
-        frame_bytes = n_total * (t_max["audio"] * raw.audio_dim + t_max["visual"] * raw.visual_dim) * 4
-    row_bytes = frame_bytes / n_total + fixed_row_bytes + (4 * personality_meta["dim"] if personality_meta else 0)
-    if rows_per_shard is None:
-        rows_per_shard = max(1, int(target_shard_mb * 2**20 // row_bytes))
-    row_group_rows = max(1, min(rows_per_shard, int(row_group_mb * 2**20 // row_bytes)))
+    rows_per_shard, row_group_rows = _shard_plan(raw, splits, layout, t_max, L, personality_meta, rows_per_shard,
+                                                 target_shard_mb, row_group_mb)
 
     fs, root = resolve(out_uri, s3_endpoint).fsspec(storage_options)
     version = f"{VERSION_PREFIX}{uuid.uuid4().hex[:12]}"
@@ -735,41 +686,9 @@ def prepare(
         shards, schema = _write_shards(fs, root, version, raw, splits, rows_per_shard, row_group_rows, index,
                                        tokens, p_tokens, cls, layout=layout, t_max=t_max, max_text_len=L,
                                        compression=compression, shuffle_seed=shuffle_seed, progress=progress)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "psamf_version": __version__,
-            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "dataset": raw.name,
-            "layout": layout,
-            "padding_side": {"text": "right", "audio": "right", "visual": "right"},
-            "frames": "valid-first" + (" (ragged: valid frames only)" if layout == "ragged" else
-                                       " (zero-padded to max_lengths)"),
-            "source_padding_side": dict(raw.padding_side),
-            "splits": splits,
-            "counts": {s: len(raw.splits[s]) for s in splits},
-            "index_range": {s: [int(index[s][0]), int(index[s][-1]) + 1] for s in splits},
-            "feature_dims": {"audio": int(raw.audio_dim), "visual": int(raw.visual_dim)},
-            "max_lengths": {"audio": t_max["audio"], "visual": t_max["visual"], "text": L},
-            "label_range": [float(raw.label_range[0]), float(raw.label_range[1])],
-            "label_stats": {s: _label_stats(raw.splits[s].label) for s in splits},
-            "tokenizers": {
-                "text": _tok_meta(tokenizer, tok, vocab_sha256, tokens, splits, L),
-                "personality": _tok_meta(personality_tokenizer, ptok, vocab_sha256, p_tokens, splits, L),
-            },
-            "personality_cls": personality_meta,
-            "normalization": norm,
-            "source_files": dict(raw.source_files),
-            "repairs": dict(raw.repairs),
-            "train_row_order": {"shuffled": True, "seed": int(shuffle_seed)},
-            "rows_per_shard": int(rows_per_shard),
-            "row_group_rows": int(row_group_rows),
-            "compression": compression,
-            "columns": {f.name: str(f.type) for f in schema},
-            "data_version": version,
-            "shards": shards,
-            "prepare_seconds": None,
-            "timings_seconds": timings,
-        }
+        manifest = _manifest(raw, splits, index, t_max, L, layout, tokenizer, tok, tokens, personality_tokenizer,
+                             ptok, p_tokens, personality_meta, norm, shuffle_seed, rows_per_shard, row_group_rows,
+                             compression, schema, version, shards, timings)
         mark("write")
         manifest["prepare_seconds"] = round(time.perf_counter() - t0, 3)  # excludes the commit below
         _commit(fs, root, version, manifest, previous)
@@ -784,6 +703,122 @@ def prepare(
     log.info("prepared %s: %s rows in %d shards -> %s (%.1f s)", raw.name,
              sum(manifest["counts"].values()), len(shards), out_uri, manifest["prepare_seconds"])
     return manifest
+
+
+def _check_args(layout: str, max_text_len: int, rows_per_shard: int | None, target_shard_mb: float,
+                row_group_mb: float) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not 1 <= int(max_text_len) <= 512:
+        raise ValueError(f"max_text_len must be in [1, 512], got {max_text_len}")
+    if rows_per_shard is not None and rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    if target_shard_mb <= 0 or row_group_mb <= 0:
+        raise ValueError(f"target_shard_mb and row_group_mb must be > 0, got {target_shard_mb}, {row_group_mb}")
+
+
+def _tokenize_splits(raw: RawDataset, splits: Sequence[str], tok: Any, ptok: Any, max_text_len: int):
+    """Both tokenizations of every split, and the data-set-wide row index in source order."""
+    tokens, p_tokens, index = {}, {}, {}
+    start = 0
+    for s in splits:
+        sp = raw.splits[s]
+        tokens[s] = _tokenize(tok, sp.text, max_text_len)
+        p_tokens[s] = tokens[s] if ptok is tok else _tokenize(ptok, sp.text, max_text_len)
+        index[s] = np.arange(start, start + len(sp), dtype=np.int64)
+        start += len(sp)
+    return tokens, p_tokens, index
+
+
+def _normalization(raw: RawDataset) -> dict[str, Any]:
+    """Train-split feature statistics, stored in the manifest and applied at read time when asked for."""
+    train = raw.splits["train"]
+    return {
+        "split": "train",
+        "applied": "read time, by psamf.data.PadCollate when DataConfig.normalize_features (valid frames only)",
+        "audio": _feature_stats([np.asarray(f, np.float32) for f in train.audio], raw.audio_dim),
+        "visual": _feature_stats([np.asarray(f, np.float32) for f in train.visual], raw.visual_dim),
+    }
+
+
+def _personality_pass(raw: RawDataset, splits: Sequence[str], index: Mapping[str, np.ndarray],
+                      p_tokens: Mapping[str, Mapping[str, np.ndarray]], personality_model: Any,
+                      personality_tokenizer: str, batch_size: int):
+    """The frozen personality encoder's CLS for every row (one Ray Data pass), split back per split."""
+    all_index = np.concatenate([index[s] for s in splits])
+    all_p = {"p_" + c: np.concatenate([p_tokens[s][c] for s in splits])
+             for c in ("input_ids", "attention_mask", "token_type_ids")}
+    t_cls = time.perf_counter()
+    all_cls = compute_personality_cls(all_index, all_p, personality_model, batch_size=batch_size)
+    cls, off = {}, 0
+    for s in splits:
+        cls[s] = all_cls[off: off + len(raw.splits[s])]
+        off += len(raw.splits[s])
+    meta = {"dim": int(all_cls.shape[1]), "model": _describe_personality_model(personality_model),
+            "tokenizer": personality_tokenizer, "mode": "eval (dropout off)",
+            "seconds": round(time.perf_counter() - t_cls, 3)}
+    return cls, meta
+
+
+def _shard_plan(raw: RawDataset, splits: Sequence[str], layout: str, t_max: Mapping[str, int], L: int,
+                personality_meta: Mapping[str, Any] | None, rows_per_shard: int | None, target_shard_mb: float,
+                row_group_mb: float) -> tuple[int, int]:
+    """Rows per shard and per row group from the estimated in-memory (Arrow) size of a row."""
+    fixed_row_bytes = 6 * L * 4 + 64
+    n_total = sum(len(raw.splits[s]) for s in splits)
+    if layout == "ragged":
+        frame_bytes = sum(_count_frames_bytes(raw.splits[s].audio) + _count_frames_bytes(raw.splits[s].visual)
+                          for s in splits)
+    else:
+        frame_bytes = n_total * (t_max["audio"] * raw.audio_dim + t_max["visual"] * raw.visual_dim) * 4
+    row_bytes = frame_bytes / n_total + fixed_row_bytes + (4 * personality_meta["dim"] if personality_meta else 0)
+    if rows_per_shard is None:
+        rows_per_shard = max(1, int(target_shard_mb * 2**20 // row_bytes))
+    return rows_per_shard, max(1, min(rows_per_shard, int(row_group_mb * 2**20 // row_bytes)))
+
+
+def _manifest(raw, splits, index, t_max, L, layout, tokenizer, tok, tokens, personality_tokenizer, ptok, p_tokens,
+              personality_meta, norm, shuffle_seed, rows_per_shard, row_group_rows, compression, schema, version,
+              shards, timings) -> dict[str, Any]:
+    """The manifest of a prepared data set (docs/data-formats.md §10)."""
+    from psamf import __version__
+    from psamf.tokenizers import vocab_sha256
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "psamf_version": __version__,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "dataset": raw.name,
+        "layout": layout,
+        "padding_side": {"text": "right", "audio": "right", "visual": "right"},
+        "frames": "valid-first" + (" (ragged: valid frames only)" if layout == "ragged" else
+                                   " (zero-padded to max_lengths)"),
+        "source_padding_side": dict(raw.padding_side),
+        "splits": splits,
+        "counts": {s: len(raw.splits[s]) for s in splits},
+        "index_range": {s: [int(index[s][0]), int(index[s][-1]) + 1] for s in splits},
+        "feature_dims": {"audio": int(raw.audio_dim), "visual": int(raw.visual_dim)},
+        "max_lengths": {"audio": t_max["audio"], "visual": t_max["visual"], "text": L},
+        "label_range": [float(raw.label_range[0]), float(raw.label_range[1])],
+        "label_stats": {s: _label_stats(raw.splits[s].label) for s in splits},
+        "tokenizers": {
+            "text": _tok_meta(tokenizer, tok, vocab_sha256, tokens, splits, L),
+            "personality": _tok_meta(personality_tokenizer, ptok, vocab_sha256, p_tokens, splits, L),
+        },
+        "personality_cls": personality_meta,
+        "normalization": norm,
+        "source_files": dict(raw.source_files),
+        "repairs": dict(raw.repairs),
+        "train_row_order": {"shuffled": True, "seed": int(shuffle_seed)},
+        "rows_per_shard": int(rows_per_shard),
+        "row_group_rows": int(row_group_rows),
+        "compression": compression,
+        "columns": {f.name: str(f.type) for f in schema},
+        "data_version": version,
+        "shards": shards,
+        "prepare_seconds": None,
+        "timings_seconds": timings,
+    }
 
 
 def _read_source_args(args: dict[str, Any]) -> RawDataset:

@@ -616,16 +616,7 @@ def read_mult(
         if col not in df.columns:
             raise ValueError(f"{csv_path}: missing column {col!r} (columns {list(df.columns)})")
 
-    # CSV index by (video_id, clip_id)
-    keys = list(zip(df["video_id"].astype(str).str.strip(), df["clip_id"].astype(str).str.strip()))
-    index: dict[tuple[str, str], int] = {}
-    dup_csv: list[str] = []
-    for row, k in enumerate(keys):
-        if k in index:
-            dup_csv.append(f"{k[0]}_{k[1]}")
-        index[k] = row
-    if dup_csv:
-        raise ValueError(f"{csv_path}: {len(dup_csv)} duplicate (video_id, clip_id) row(s), e.g. {dup_csv[:10]}")
+    index = _csv_index(df, csv_path)
 
     dims: dict[str, tuple[int, int]] = {}
     arrays: dict[str, dict[str, np.ndarray]] = {}
@@ -657,36 +648,7 @@ def read_mult(
     lrange = _range_for(ds_name, label_range)
     _check_duplicates({s: [_canonical(v, c) for v, c in pairs[s]] for s in SPLITS}, str(path))
 
-    # the join: every pickle id must be in the CSV
-    rows: dict[str, list[int]] = {}
-    unmatched: list[str] = []
-    for s in SPLITS:
-        r = []
-        for v, c in pairs[s]:
-            k = index.get((v, c))
-            if k is None:
-                unmatched.append(f"{v}_{c}")
-            r.append(-1 if k is None else k)
-        rows[s] = r
-    if unmatched:
-        raise ValueError(
-            f"{files}: {len(unmatched)} pickle id(s) have no (video_id, clip_id) row in the label CSV, e.g. "
-            f"{unmatched[:10]}; refusing to drop them silently (is this the CSV that belongs to this pickle?)"
-        )
-    used = {k for s in SPLITS for k in rows[s]}
-    if len(used) < len(df):
-        log.info("%s: %d CSV row(s) match no pickle id (ignored)", csv_path, len(df) - len(used))
-
-    if "mode" in df.columns:
-        wrong = []
-        modes = df["mode"].astype(str).str.strip().str.lower().map(lambda m: _SPLIT_ALIASES.get(m, m)).tolist()
-        for s in SPLITS:
-            for (v, c), k in zip(pairs[s], rows[s]):
-                if modes[k] != s:
-                    wrong.append(f"{v}_{c} (pickle {s}, csv {modes[k]})")
-        if wrong:
-            raise ValueError(f"{files}: {len(wrong)} sample(s) whose CSV 'mode' disagrees with the pickle split, "
-                             f"e.g. {wrong[:10]}")
+    rows = _join_csv(pairs, index, df, files, csv_path)
 
     repairs = _Repairs()
     padding_side: dict[str, str] = {}
@@ -731,6 +693,56 @@ def read_mult(
         source_files={str(path): digest or "", str(csv_path): sha256_file(csv_path)},
         repairs=repairs.counts, padding_side=padding_side,
     )
+
+
+def _csv_index(df: Any, csv_path: Path) -> dict[tuple[str, str], int]:
+    """Row of the label CSV for each (video_id, clip_id); duplicates are an error."""
+    keys = list(zip(df["video_id"].astype(str).str.strip(), df["clip_id"].astype(str).str.strip()))
+    index: dict[tuple[str, str], int] = {}
+    dup_csv: list[str] = []
+    for row, k in enumerate(keys):
+        if k in index:
+            dup_csv.append(f"{k[0]}_{k[1]}")
+        index[k] = row
+    if dup_csv:
+        raise ValueError(f"{csv_path}: {len(dup_csv)} duplicate (video_id, clip_id) row(s), e.g. {dup_csv[:10]}")
+    return index
+
+
+def _join_csv(pairs: dict[str, list[tuple[str, str]]], index: dict[tuple[str, str], int], df: Any, files: str,
+              csv_path: Path) -> dict[str, list[int]]:
+    """The CSV row of every pickle sample, per split: every pickle id must be in the CSV, and where the CSV has
+    a `mode` column it must agree with the pickle's split."""
+    rows: dict[str, list[int]] = {}
+    unmatched: list[str] = []
+    for s in SPLITS:
+        r = []
+        for v, c in pairs[s]:
+            k = index.get((v, c))
+            if k is None:
+                unmatched.append(f"{v}_{c}")
+            r.append(-1 if k is None else k)
+        rows[s] = r
+    if unmatched:
+        raise ValueError(
+            f"{files}: {len(unmatched)} pickle id(s) have no (video_id, clip_id) row in the label CSV, e.g. "
+            f"{unmatched[:10]}; refusing to drop them silently (is this the CSV that belongs to this pickle?)"
+        )
+    used = {k for s in SPLITS for k in rows[s]}
+    if len(used) < len(df):
+        log.info("%s: %d CSV row(s) match no pickle id (ignored)", csv_path, len(df) - len(used))
+
+    if "mode" in df.columns:
+        wrong = []
+        modes = df["mode"].astype(str).str.strip().str.lower().map(lambda m: _SPLIT_ALIASES.get(m, m)).tolist()
+        for s in SPLITS:
+            for (v, c), k in zip(pairs[s], rows[s]):
+                if modes[k] != s:
+                    wrong.append(f"{v}_{c} (pickle {s}, csv {modes[k]})")
+        if wrong:
+            raise ValueError(f"{files}: {len(wrong)} sample(s) whose CSV 'mode' disagrees with the pickle split, "
+                             f"e.g. {wrong[:10]}")
+    return rows
 
 
 def _to_float(x: Any) -> float:
