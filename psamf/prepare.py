@@ -1,4 +1,4 @@
-"""`psamf prepare`: a `RawDataset` (psamf.sources) -> Parquet shards + `manifest.json`, atomically.
+"""Prepare a corpus for training: a `RawDataset` (psamf.sources) -> Parquet shards + `manifest.json`, atomically.
 
 What happens, in order (nothing is written before step 3):
 

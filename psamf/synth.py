@@ -1,4 +1,4 @@
-"""`psamf synth`: seeded synthetic MOSI-, MOSEI-, SIMS- and SIMS v2-shaped corpora.
+"""Seeded synthetic MOSI-, MOSEI-, SIMS- and SIMS v2-shaped corpora (the library behind `psamf synth`).
 
 The corpora have the real releases' shapes (docs/data-formats.md) and carry a learnable,
 documented signal, so that the whole pipeline (readers, prepare, training, ablations) can be exercised without
