@@ -35,6 +35,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("psamf.runtime")
 
@@ -160,3 +161,64 @@ def init_ray(num_workers: int = 2) -> None:
         from ray.util.debug import log_once
 
         log_once("ray_data_progress_manager_disabled")  # we turned the bars off on purpose: skip Ray Data's warning
+
+
+def reclaim_orphaned_placement_groups() -> int:
+    """Remove placement groups whose creating actor is dead. Returns how many were removed.
+
+    Why: a Tune trial stopped early (ASHA) is killed together with the Ray Train controller it owns; the
+    controller's worker placement group is job-scoped in Ray, so it outlives the controller. Ray Train 2.60 has a
+    `PlacementGroupCleaner` for this, but it asks the state API (served by the dashboard) whether the controller is
+    alive, and psamf's embedded Ray runs without a dashboard: the placement group stays and, on a small machine,
+    reserves the CPUs the next trial needs, so the search hangs (seen here with 4 logical CPUs; cf. Ray issue
+    #54305). Only placement groups created by an actor (not by a driver), not detached, whose creator the GCS
+    reports dead, are removed: nothing alive can still use them. Reads the GCS table through Ray's private
+    accessor (Ray is pinned to 2.60.*); any failure is logged and ignored.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return 0
+    try:
+        from ray.core.generated import gcs_pb2
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        accessor = ray._private.state.state._global_state_accessor
+        removed = 0
+        for raw in accessor.get_placement_group_table():
+            pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+            creator = pg.creator_actor_id
+            if (pg.state != gcs_pb2.PlacementGroupTableData.CREATED or pg.is_detached or not pg.creator_actor_dead
+                    or not creator or set(creator) == {0xFF}):
+                continue
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+        if removed:
+            log.info("removed %d placement group(s) left by stopped Ray Train runs", removed)
+        return removed
+    except Exception as e:  # noqa: BLE001 - a best-effort cleanup must never fail the caller
+        log.debug("could not reclaim orphaned placement groups: %s", e)
+        return 0
+
+
+def placement_group_reclaimer(interval_s: float = 2.0):
+    """A Ray Tune callback that runs `reclaim_orphaned_placement_groups` at most every `interval_s` seconds of the
+    Tune loop and after every trial ends (psamf's searches and study grids use it)."""
+    import time
+
+    from ray.tune import Callback
+
+    class _Reclaimer(Callback):
+        def __init__(self) -> None:
+            self.last = 0.0
+
+        def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+            now = time.monotonic()
+            if now - self.last >= interval_s:
+                self.last = now
+                reclaim_orphaned_placement_groups()
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            reclaim_orphaned_placement_groups()
+
+    return _Reclaimer()

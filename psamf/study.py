@@ -197,7 +197,8 @@ def run_grid(rows: Sequence[tuple[str, Config]], seeds: Sequence[int], *, name: 
             tune_config=ray.tune.TuneConfig(max_concurrent_trials=k),
             run_config=ray.tune.RunConfig(name=exp, storage_path=st.storage_path,
                                           storage_filesystem=st.storage_filesystem, verbose=0,
-                                          failure_config=ray.tune.FailureConfig(max_failures=0)))
+                                          failure_config=ray.tune.FailureConfig(max_failures=0),
+                                          callbacks=[_runtime.placement_group_reclaimer()]))
     log.info("grid %s: %d row(s) x %d seed(s), %d trial(s) at a time", name, len(names), len(seeds), k)
     grid = tuner.fit()
     errors = {(r.config["row"], int(r.config["seed"])): r.error for r in grid if r.config}

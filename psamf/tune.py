@@ -530,6 +530,8 @@ def _tuner(space: SearchSpace, name: str, st: Any, manifest: Mapping[str, Any], 
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    from psamf.runtime import placement_group_reclaimer
+
     search_uri = st.run_uri(name)
     trainable = _trainable(space, manifest, f"{search_uri}/trials")
     exp_path = search_uri if st.storage_filesystem is None else st.run_dir(name)
@@ -553,7 +555,8 @@ def _tuner(space: SearchSpace, name: str, st: Any, manifest: Mapping[str, Any], 
                                   failure_config=tune.FailureConfig(max_failures=1), verbose=0,
                                   callbacks=[JsonLoggerCallback(), CSVLoggerCallback(),
                                              _ConsoleLine(st.fs, f"{st.run_dir(name)}/trials", space.metric,
-                                                          space.mode)]),
+                                                          space.mode),
+                                             placement_group_reclaimer()]),
     )
 
 

@@ -133,12 +133,13 @@ def test_search_writes_every_output_and_prunes(ray_cluster, shards, tmp_path):
     mux = EventMultiplexer().AddRunsFromDirectory(str(d))
     mux.Reload()
     runs = mux.Runs()
+    hparams = mux.PluginRunToTagToContent("hparams")  # what TensorBoard's HParams dashboard reads
     trained = [r["trial_id"] for r in table if r["status"] != "pruned"]
-    for tid in trained:  # curves and an HParams session per trained trial
+    assert len([k for k in runs if "tensorboard" in k]) == len(trained)  # one run per trial, no Tune duplicates
+    for tid in trained:  # curves and an HParams session per trained trial, in the same TensorBoard run
         run = next(k for k in runs if tid in k)
         assert "val/mae" in runs[run]["scalars"] and "hparam/val_mae" in runs[run]["scalars"]
-        assert "_hparams_/session_start_info" in mux.PluginAssets("hparams").get(run, []) or \
-            any("hparams" in t for t in runs[run].get("tensors", []))
+        assert "_hparams_/session_start_info" in hparams.get(run, {})
     assert "s3t" in res.summary and "pruned" in res.summary
 
 
@@ -173,3 +174,38 @@ def test_killed_search_resumes_only_unfinished_trials(ray_cluster, shards, tmp_p
     for tid, r in rows.items():
         hist = json.loads((trials / tid / "history.json").read_text())
         assert [h["epoch"] for h in hist] == [0, 1, 2], tid  # every epoch once, resumed or fresh
+
+
+@pytest.mark.integration
+def test_placement_groups_of_dead_actors_are_reclaimed_and_nothing_else(ray_cluster):
+    """What an ASHA stop leaves behind: the Ray Train controller (an actor) is killed and its worker placement
+    group stays reserved (no dashboard, so Ray's own cleaner cannot see the controller die). Only such placement
+    groups are removed: one of a live actor and one of the driver stay."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from psamf.runtime import reclaim_orphaned_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def make(self):
+            pg = placement_group([{"CPU": 0.01}])
+            ray.get(pg.ready(), timeout=60)
+            return pg.id.hex()
+
+    dead, alive = Creator.remote(), Creator.remote()
+    dead_pg, alive_pg = ray.get(dead.make.remote()), ray.get(alive.make.remote())
+    mine = placement_group([{"CPU": 0.01}])
+    ray.get(mine.ready(), timeout=60)
+    ray.kill(dead)
+    time.sleep(1)
+    state = lambda pg_id: placement_group_table()[pg_id]["state"]  # noqa: E731
+    assert state(dead_pg) == "CREATED"  # the leak being fixed
+    assert reclaim_orphaned_placement_groups() >= 1
+    deadline = time.time() + 30
+    while state(dead_pg) != "REMOVED" and time.time() < deadline:
+        time.sleep(0.2)
+    assert state(dead_pg) == "REMOVED"
+    assert state(alive_pg) == "CREATED" and state(mine.id.hex()) == "CREATED"
+    remove_placement_group(mine)
+    ray.kill(alive)
