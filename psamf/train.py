@@ -283,10 +283,11 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
         rec["is_best"] = selector.update(epoch, rec[cfg.optim.select_metric])
         rec["best_epoch"] = selector.best_epoch
         history.append(rec)
+        if progress is not None:  # before the report: a Tune scheduler may stop the trial as soon as it reports
+            progress.write(history)
         _checkpoint_epoch(store, rank, rec, model=raw, optimizer=optimizer, scheduler=scheduler, selector=selector,
                           history=history, cfg=cfg, session=res.session)
         if progress is not None:
-            progress.write(history)
             log.info("epoch %d (%.1f s): %s", epoch, rec["time_train_s"] + rec["time_eval_s"],
                      format_record(rec, cfg.optim.select_metric))
             if selector.should_stop:

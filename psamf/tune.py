@@ -465,13 +465,13 @@ class _ConsoleLine:
         from ray.tune import Callback
 
         class _Impl(Callback):
-            def __init__(self, fs: Any, trials_dir: str, metric: str, mode: str):
+            def __init__(self, fs: Any, trials_dir: str, metric: str, mode: str, epochs: int):
                 # no stream kept: the Tuner pickles its RunConfig (callbacks included) into the experiment state
-                self.fs, self.trials_dir, self.metric, self.mode = fs, trials_dir, metric, mode
+                self.fs, self.trials_dir, self.metric, self.mode, self.epochs = fs, trials_dir, metric, mode, epochs
 
             def _line(self, trial: Any, error: bool) -> None:
                 row = _trial_row(self.fs, self.trials_dir, trial.trial_id, dict(trial.config), self.metric,
-                                 self.mode, error=error, ended=True)
+                                 self.mode, error=error, ended=True, epochs=self.epochs)
                 v = row.get(f"best_{self.metric}")
                 val = f"{self.metric}={v:.4f}" if isinstance(v, float) and math.isfinite(v) else ""
                 extra = f" ({row['pruned_reason']})" if row["status"] == "pruned" else ""
@@ -492,7 +492,9 @@ def _fmt_params(params: Mapping[str, Any]) -> str:
                     for k, v in sorted(params.items()))
 
 
-def _searcher(space: SearchSpace) -> Any:
+def _searcher(space: SearchSpace, max_concurrent: int) -> Any:
+    """Optuna (TPE, seeded), or Tune's variant generator for grid and random search. Tune ignores
+    `max_concurrent_trials` for a generator passed in, so the generator gets the limit itself."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if space.search == "optuna":
@@ -500,7 +502,7 @@ def _searcher(space: SearchSpace) -> Any:
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=space.seed))
-    return BasicVariantGenerator(random_state=space.seed)
+    return BasicVariantGenerator(random_state=space.seed, max_concurrent=max_concurrent)
 
 
 def _scheduler(space: SearchSpace) -> Any:
@@ -548,14 +550,15 @@ def _tuner(space: SearchSpace, name: str, st: Any, manifest: Mapping[str, Any], 
         trainable,
         param_space=space.param_space(),
         tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
-                                    search_alg=_searcher(space), scheduler=_scheduler(space),
-                                    max_concurrent_trials=k, trial_dirname_creator=lambda t: t.trial_id,
+                                    search_alg=_searcher(space, k), scheduler=_scheduler(space),
+                                    max_concurrent_trials=k if space.search == "optuna" else None,
+                                    trial_dirname_creator=lambda t: t.trial_id,
                                     trial_name_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=st.storage_path, storage_filesystem=st.storage_filesystem,
                                   failure_config=tune.FailureConfig(max_failures=1), verbose=0,
                                   callbacks=[JsonLoggerCallback(), CSVLoggerCallback(),
                                              _ConsoleLine(st.fs, f"{st.run_dir(name)}/trials", space.metric,
-                                                          space.mode),
+                                                          space.mode, space.max_t),
                                              placement_group_reclaimer()]),
     )
 
@@ -589,8 +592,12 @@ def _read_json_or_none(fs: Any, path: str) -> Any:
 
 
 def _trial_row(fs: Any, trials_dir: str, trial_id: str, params: Mapping[str, Any], metric: str, mode: str, *,
-               error: bool, ended: bool) -> dict[str, Any]:
-    """One trial's table row from its files: pruned.json, done.json, history.json (the Train run's)."""
+               error: bool, ended: bool, epochs: int | None = None) -> dict[str, Any]:
+    """One trial's table row from its files: pruned.json, done.json, history.json (the Train run's).
+
+    Status: `finished` when the trial wrote done.json or trained all `epochs` (ASHA stops a trial at its last
+    report, `max_t`, before it can write done.json); `stopped-early` when it ended otherwise (a scheduler's cut);
+    `unfinished` when the search was interrupted while it ran."""
     run_dir = f"{trials_dir}/{trial_id}"
     pruned = _read_json_or_none(fs, f"{run_dir}/pruned.json")
     done = _read_json_or_none(fs, f"{run_dir}/done.json")
@@ -599,10 +606,10 @@ def _trial_row(fs: Any, trials_dir: str, trial_id: str, params: Mapping[str, Any
         status = "pruned"
     elif error:
         status = "error"
-    elif done is not None:
+    elif done is not None or (epochs is not None and len(history) >= epochs):
         status = "finished"
     else:
-        status = "stopped-early" if ended and history else "unfinished"
+        status = "stopped-early" if ended else "unfinished"
     row: dict[str, Any] = {"trial_id": trial_id, "status": status, "epochs_run": len(history),
                            "sessions": 1 + max((int(r.get("session", 0)) for r in history), default=-1)
                            if history else 0,
@@ -911,7 +918,7 @@ def _collect(space: SearchSpace, name: str, st: Any, grid: Any, elapsed: float, 
         trial_id = os.path.basename(str(res.path).rstrip("/"))
         params = {k: v for k, v in (res.config or {}).items() if k in {dm.key for dm in space.dims}}
         rows.append(_trial_row(st.fs, trials_dir, trial_id, params, space.metric, space.mode,
-                               error=res.error is not None, ended=True))
+                               error=res.error is not None, ended=True, epochs=space.max_t))
         if res.error is not None:
             rows[-1]["error"] = str(res.error).splitlines()[0][:300]
     rows.sort(key=lambda r: r["trial_id"])
