@@ -306,3 +306,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def absolute_local(uri: str) -> str:
+    """A local path made absolute (against this process's working directory); URIs with a scheme unchanged.
+
+    For configs handed to other processes: a Ray Tune trial runs in its own working directory (its trial
+    directory), where a relative `data.uri` or `run.storage_path` would name another place."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))

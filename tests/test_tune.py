@@ -104,9 +104,12 @@ def _grid_file(tmp_path: Path, shards: str, text_layers: list, epochs: int, sche
 
 
 @pytest.mark.integration
-def test_search_writes_every_output_and_prunes(ray_cluster, shards, tmp_path):
-    space = SearchSpace.from_yaml(_grid_file(tmp_path, shards, [1, 2], epochs=2, scheduler="asha", align=(1, 2)))
-    res = run_search(space, name="s3t", storage_path=str(tmp_path / "runs"))
+def test_search_writes_every_output_and_prunes(ray_cluster, shards, tmp_path, monkeypatch):
+    # relative paths, as `psamf demo` and users write them: trials run in other working directories
+    monkeypatch.chdir(tmp_path)
+    space = SearchSpace.from_yaml(_grid_file(tmp_path, os.path.relpath(shards, tmp_path), [1, 2], epochs=2,
+                                             scheduler="asha", align=(1, 2)))
+    res = run_search(space, name="s3t", storage_path="runs")
     d = tmp_path / "runs" / "s3t"
     table = pq.read_table(d / "trials.parquet").to_pylist()
     # 2 x 2 grid: (align 2, N 1) is rejected by the config, the other 3 trials train
