@@ -58,7 +58,6 @@ def _search(args: argparse.Namespace, shards: Path) -> None:
     if search_dir.exists() and "://" not in args.storage:
         shutil.rmtree(search_dir)  # the demo starts afresh; `psamf tune --resume NAME` continues a search
     result = run_search(SearchSpace.from_dict(d, source="psamf demo"), name=name, storage_path=args.storage)
-    print(result.summary, flush=True)
     print(f"search directory: {result.path}  (trials.csv, best.yaml, plots/; tensorboard --logdir {result.path})")
 
 
