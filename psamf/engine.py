@@ -431,9 +431,11 @@ class EpochStats:
 
 def train_epoch(model: nn.Module, batches: Iterable[Mapping[str, Any]], optimizer: torch.optim.Optimizer,
                 cfg: Config, *, device: torch.device | None = None, amp_dtype: torch.dtype | None = None,
-                after_first_step: Callable[[], None] | None = None, where: str = "") -> EpochStats:
+                after_first_step: Callable[[], None] | None = None, where: str = "",
+                on_step: Callable[[int, float], None] | None = None) -> EpochStats:
     """Run `train_step` over `batches` and collect this rank's statistics. `after_first_step` is a hook called
-    once after the first step (the fault-injection test hook uses it); `where` prefixes a non-finite-loss error."""
+    once after the first step (the fault-injection test hook uses it); `on_step(steps, seconds)` after every
+    step (progress reporting); `where` prefixes a non-finite-loss error."""
     model.train()
     st = EpochStats()
     t_epoch = time.perf_counter()
@@ -453,6 +455,8 @@ def train_epoch(model: nn.Module, batches: Iterable[Mapping[str, Any]], optimize
         st.steps += 1
         if st.steps == 1 and after_first_step is not None:
             after_first_step()
+        if on_step is not None:
+            on_step(st.steps, time.perf_counter() - t_epoch)
     st.time = time.perf_counter() - t_epoch
     return st
 

@@ -91,6 +91,22 @@ class ProgressFiles:
             st = resolve(storage[0], storage[1])
             self.target = (st.fs, st.run_dir(name))
 
+    def step(self, epoch: int, step: int, total: int | None, seconds: float) -> str:
+        """Within an epoch: progress.json for the driver's console, and the line for the job log."""
+        eta = seconds / step * (total - step) if total and step < total else 0.0
+        line = (f"epoch {epoch}: step {step}" + (f"/{total}" if total else "") + f", {seconds / step:.2f} s/step"
+                + (f", epoch ETA {_duration(eta)}" if total else ""))
+        if self.target is not None:
+            from psamf.storage import write_json
+
+            fs, run_dir = self.target
+            try:
+                write_json(fs, f"{run_dir}/progress.json", {"epoch": epoch, "step": step, "steps": total,
+                                                            "seconds": seconds, "eta_s": eta, "line": line})
+            except Exception as e:  # noqa: BLE001 - progress files must never kill training
+                log.warning("could not write %s/progress.json: %s", run_dir, e)
+        return line
+
     def write(self, history: Sequence[Mapping[str, Any]]) -> None:
         if self.target is None:
             return
@@ -113,6 +129,7 @@ class HistoryPrinter:
         import threading
 
         self.fs, self.path, self.select, self.interval_s = fs, f"{run_dir}/history.json", select, interval_s
+        self.progress_path, self.last_line = f"{run_dir}/progress.json", None
         self.name = run_dir.rstrip("/").rsplit("/", 1)[-1]
         self.out = out if out is not None else sys.stdout
         self._stop = threading.Event()
@@ -134,6 +151,20 @@ class HistoryPrinter:
             print(f"  [{self.name}] epoch {rec.get('epoch')} ({rec.get('time_train_s', math.nan):.1f} s train): "
                   f"{format_record(rec, self.select)}", file=self.out, flush=True)
         self.seen = max(self.seen, len(hist))
+        line = self._progress_line()
+        if line and line != self.last_line:
+            print(f"  [{self.name}] {line}", file=self.out, flush=True)
+            self.last_line = line
+
+    def _progress_line(self) -> str | None:
+        """rank 0's latest in-epoch progress line (progress.json), if it belongs to an epoch not yet printed."""
+        from psamf.storage import read_json
+
+        try:
+            p = read_json(self.fs, self.progress_path)
+        except Exception:  # noqa: BLE001 - not written yet
+            return None
+        return p.get("line") if isinstance(p, dict) and int(p.get("epoch", -1)) >= self.seen else None
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -147,6 +178,12 @@ class HistoryPrinter:
         self._stop.set()
         self._thread.join(timeout=10)
         self.poll()
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        (f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
 
 
 def git_sha() -> str | None:

@@ -206,6 +206,25 @@ def worker_device() -> torch.device:
     return dev[0] if isinstance(dev, list) else dev
 
 
+PROGRESS_INTERVAL_S = float(os.environ.get("PSAMF_PROGRESS_S", "30"))  # in-epoch progress lines, rank 0
+
+
+def _step_progress(progress: ProgressFiles | None, epoch: int, n_train: int | None, batch_size: int, world: int):
+    """Rank 0's in-epoch progress: every PROGRESS_INTERVAL_S seconds a line in the worker log (the job log on a
+    cluster) and progress.json (printed by the driver on the embedded Ray): step, s/step, the epoch's ETA."""
+    if progress is None:
+        return None
+    total = int(n_train) // (batch_size * world) if n_train else None  # full batches per rank (drop_last)
+    last = [0.0]
+
+    def on_step(step: int, seconds: float) -> None:
+        if seconds - last[0] >= PROGRESS_INTERVAL_S:
+            last[0] = seconds
+            log.info("%s", progress.step(epoch, step, total, seconds))
+
+    return on_step
+
+
 def _checkpoint_epoch(store: Any, rank: int, rec: dict, *, model, optimizer, scheduler, selector, history,
                       cfg: Config, session: int) -> None:
     """Rank 0 writes the epoch's checkpoint; every rank reports (a collective)."""
@@ -273,7 +292,9 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
             break
         batches = iter_batches(train_shard, cfg.data, cfg.optim.batch_size, epoch=epoch, train=True)
         mine = train_epoch(model, batches, optimizer, cfg, device=device, amp_dtype=amp_dtype,
-                           after_first_step=_fault_hook(loop_config.get("fault"), rank, epoch), where=f"epoch {epoch}, rank {rank}, ")
+                           after_first_step=_fault_hook(loop_config.get("fault"), rank, epoch),
+                           where=f"epoch {epoch}, rank {rank}, ",
+                           on_step=_step_progress(progress, epoch, counts.get("train"), cfg.optim.batch_size, world))
         rec = epoch_record(epoch, mine, all_gather(mine), optimizer)
         t_eval = time.perf_counter()
         rec.update(eval_metrics(run_eval("valid"), cfg.data.dataset, "val_"))

@@ -507,3 +507,35 @@ def test_history_printer_prints_each_new_epoch_once_and_skips_those_of_a_resumed
     lines = out.getvalue().splitlines()
     assert [ln.split(" (")[0] for ln in lines] == ["  [myrun] epoch 1", "  [myrun] epoch 2"]
     assert "val_loss=0.5" in lines[0] and lines[0].endswith("*best*") and not lines[1].endswith("*best*")
+
+
+def test_in_epoch_progress_reaches_the_job_log_line_and_the_driver_console(tmp_path, cfg):
+    """Issue 9 item 13: a long epoch shows its step, s/step and ETA (rank 0's log line for job logs, and
+    progress.json, which the driver's printer shows on the quiet embedded Ray), once per new line."""
+    import io
+
+    import pyarrow.fs as pafs
+
+    from psamf import train as T
+
+    pf = results.ProgressFiles((str(tmp_path), None), "prun")
+    seen = []
+    hook = T._step_progress(pf, 0, n_train=24, batch_size=6, world=2)  # 2 full batches per rank
+    T.PROGRESS_INTERVAL_S, old = 0.0, T.PROGRESS_INTERVAL_S
+    try:
+        model = _model(cfg)
+        stats = engine.train_epoch(model, [_batch(cfg, seed=i) for i in range(2)], engine.build_optimizer(model, cfg.optim),
+                                   cfg, on_step=lambda s, t: (seen.append(s), hook(s, t)))
+    finally:
+        T.PROGRESS_INTERVAL_S = old
+    assert seen == [1, 2] and stats.steps == 2
+    prog = json.loads((tmp_path / "prun" / "progress.json").read_text())
+    assert prog["step"] == 2 and prog["steps"] == 2 and prog["line"].startswith("epoch 0: step 2/2, ")
+    assert "ETA 0s" in prog["line"]
+    out = io.StringIO()
+    printer = results.HistoryPrinter(pafs.LocalFileSystem(), str(tmp_path / "prun"), "val_loss", out=out)
+    printer.poll()
+    printer.poll()  # the same line is not printed twice
+    assert out.getvalue().splitlines() == [f"  [prun] {prog['line']}"]
+    line = pf.step(0, 1, 10, 5.0)
+    assert line == "epoch 0: step 1/10, 5.00 s/step, epoch ETA 45s"
