@@ -910,6 +910,17 @@ def run_search(space: SearchSpace, *, name: str, storage_path: str | None = None
     return _collect(space, name, st, grid, elapsed, out)
 
 
+def _result_trial_id(res: Any) -> str:
+    """The trial id of a Tune `Result`. Its directory is named by the trial id (`trial_dirname_creator`), but a
+    trial restarted by `Tuner.restore` may get a suffixed directory (`<id>_6bd6`) when the old one exists."""
+    tid = (res.metrics or {}).get("trial_id") if isinstance(res.metrics, dict) else None
+    if tid:
+        return str(tid)
+    base = os.path.basename(str(res.path).rstrip("/"))
+    head, _, tail = base.rpartition("_")
+    return head if head and len(tail) == 4 else base  # trial ids end in 5 digits (variants) or are 8 hex chars
+
+
 def _collect(space: SearchSpace, name: str, st: Any, grid: Any, elapsed: float, out: Any) -> SearchResult:
     """Rows from the ResultGrid and the trials' files, then every search output (metrics.json last)."""
     from psamf.storage import read_json, write_bytes
@@ -918,7 +929,7 @@ def _collect(space: SearchSpace, name: str, st: Any, grid: Any, elapsed: float, 
     trials_dir = f"{search_dir}/trials"
     rows = []
     for res in grid:
-        trial_id = os.path.basename(str(res.path).rstrip("/"))
+        trial_id = _result_trial_id(res)
         params = {k: v for k, v in (res.config or {}).items() if k in {dm.key for dm in space.dims}}
         rows.append(_trial_row(st.fs, trials_dir, trial_id, params, space.metric, space.mode,
                                error=res.error is not None, ended=True, epochs=space.max_t))

@@ -212,3 +212,16 @@ def test_placement_groups_of_dead_actors_are_reclaimed_and_nothing_else(ray_clus
     assert state(alive_pg) == "CREATED" and state(mine.id.hex()) == "CREATED"
     remove_placement_group(mine)
     ray.kill(alive)
+
+
+def test_a_restarted_trials_suffixed_directory_maps_back_to_its_trial_id():
+    """`Tuner.restore` may give a restarted trial a suffixed directory (`<id>_6bd6`, seen in CI): the table must
+    still find that trial's files under its id."""
+    from types import SimpleNamespace
+
+    from psamf.tune import _result_trial_id
+
+    assert _result_trial_id(SimpleNamespace(metrics={}, path="/s/kill/79488_00001_6bd6")) == "79488_00001"
+    assert _result_trial_id(SimpleNamespace(metrics=None, path="/s/kill/79488_00001")) == "79488_00001"
+    assert _result_trial_id(SimpleNamespace(metrics={}, path="/s/kill/f31d138e_6bd6")) == "f31d138e"
+    assert _result_trial_id(SimpleNamespace(metrics={"trial_id": "f31d138e"}, path="/s/x")) == "f31d138e"
