@@ -1,7 +1,7 @@
 """Load checkpoints of the reference implementation (github.com/HensonXie/PSA-MF) into psamf.
 
 The reference model holds three BERT copies and keeps the pre-fusion modules inside its custom BERT
-encoder. Its state-dict keys (shared/docs/reference-checkpoint-keys.tsv) map onto a `reference`-preset
+encoder. Its state-dict keys (tests/fixtures/reference-checkpoint-keys.tsv) map onto a `reference`-preset
 `PSAMF` as follows; everything not listed keeps its name (the non-BERT modules use reference names).
 
     ss_text_enc.bertmodel.embeddings.*            -> text_bert.embeddings.*

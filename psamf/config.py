@@ -3,7 +3,7 @@
 One `Config` holds five sections:
 
 * `ModelConfig`  – the PSA-MF network, with one switch per paper-vs-reference difference
-  (see `shared/docs/psamf-reference.md` §6) and one per ablation row of the paper;
+  (see `docs/paper-vs-code.md` §4) and one per ablation row of the paper;
 * `LossConfig`   – the weights of the named loss terms;
 * `OptimConfig`  – optimiser, schedule, early stopping, seed, precision;
 * `DataConfig`   – where the shards live and how batches are built;
@@ -464,7 +464,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _reference() -> Config:
-    """What the official code computes (psamf-reference.md §3, §6), MOSI hyperparameters."""
+    """What the official code computes (docs/paper-vs-code.md §3, §4), MOSI hyperparameters."""
     return Config(
         model=ModelConfig(text_model=None, personality_model=None),  # set paths to load weights
         loss=LossConfig(w_l1=1.0, w_ccl=1.0, w_ps=0.1, w_clm=0.09),

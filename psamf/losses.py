@@ -9,7 +9,7 @@ clm  cross-modal contrastive loss: CLIP(CLS_s, a_tok) + CLIP(CLS_s, v_tok)
 
 "sim" (model.sim_mode):
   batch_dissimilarity  reference code: d = (1 - mean_batch cos(T_s, T_p)) / 2, one scalar per batch;
-                       ccl = d * CLIP, ps = (1 - d) * mean L1  (psamf-reference.md §4.4)
+                       ccl = d * CLIP, ps = (1 - d) * mean L1  (docs/paper-vs-code.md §3)
   per_sample_dissimilarity   (paper preset) the paper's per-sample weighting in the code's direction:
                        d_i = (1 - cos(T_s^i, T_p^i)) / 2 in [0, 1]; ccl = mean_i d_i * CLIP_i,
                        ps = mean_i (1 - d_i) * |W_y T_s^i - y_i|

@@ -2,14 +2,14 @@
 
 Public functions
 ----------------
-* `regression_metrics(pred, label)` – MOSI / MOSEI (§8.1, MMSA `metricsTop.__eval_mosei_regression`):
+* `regression_metrics(pred, label)` – MOSI / MOSEI (§7.1, MMSA `metricsTop.__eval_mosei_regression`):
   keys `mae, corr, acc7, acc5, acc2_has0, f1_has0, acc2_non0, f1_non0, n, n_non0`.
-* `sims_metrics(pred, label)` – CH-SIMS / SIMS v2 (§8.2, MMSA `__eval_sims_regression`):
+* `sims_metrics(pred, label)` – CH-SIMS / SIMS v2 (§7.2, MMSA `__eval_sims_regression`):
   keys `acc2, acc3, acc5, f1, mae, corr, n`.
 * `compute_metrics(pred, label, dataset)` – dispatch on the dataset name.
 * `summarize_seeds(list_of_metric_dicts)` – `{key: (mean, std)}`, **population** std (ddof=0) as MMSA.
 * `format_table(...)` – a readable mean ± std table (accuracies/F1 in % by default; MAE and Corr raw).
-* `trivial_baselines(label)` – majority-class accuracies and constant-prediction MAEs (§7 floors).
+* `trivial_baselines(label)` – majority-class accuracies and constant-prediction MAEs (§8 floors).
 
 All values are plain Python numbers in [0, 1] for accuracies and F1 (no ×100, no rounding: MMSA rounds to
 4 decimals, we leave that to `format_table`).
@@ -43,7 +43,7 @@ __all__ = [
 REGRESSION_KEYS = ("mae", "corr", "acc7", "acc5", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0")
 SIMS_KEYS = ("acc2", "acc3", "acc5", "f1", "mae", "corr")
 
-# SIMS bin edges (§8.2): lower-exclusive, upper-inclusive. Stored as float32 values (see module docstring).
+# SIMS bin edges (§7.2): lower-exclusive, upper-inclusive. Stored as float32 values (see module docstring).
 _SIMS_EDGES_2 = np.asarray([-1.01, 0.0, 1.01], dtype=np.float32).astype(np.float64)
 _SIMS_EDGES_3 = np.asarray([-1.01, -0.1, 0.1, 1.01], dtype=np.float32).astype(np.float64)
 _SIMS_EDGES_5 = np.asarray([-1.01, -0.7, -0.1, 0.1, 0.7, 1.01], dtype=np.float32).astype(np.float64)
@@ -281,12 +281,12 @@ def _majority(classes: np.ndarray) -> float:
 
 
 def trivial_baselines(label: Any, dataset: str = "mosi") -> dict[str, float]:
-    """Scores of predictions that ignore the input, as floors a trained model must beat (§7).
+    """Scores of predictions that ignore the input, as floors a trained model must beat (§8).
 
     MOSI/MOSEI/custom keys: `acc2_has0`, `acc2_non0`, `acc7`, `acc5` (accuracy of always predicting the most
     frequent class of that metric; each may be a different constant), `mae_zero` (predict 0), `mae_mean`
     (predict the label mean), `mae_median` (predict the median: the best constant for MAE), `n`, `n_non0`.
-    SIMS/SIMS v2 keys: `acc2`, `acc3`, `acc5` (majority class of the §8.2 bins, labels clipped to [-1, 1]),
+    SIMS/SIMS v2 keys: `acc2`, `acc3`, `acc5` (majority class of the §7.2 bins, labels clipped to [-1, 1]),
     `mae_zero`, `mae_mean`, `mae_median` (on clipped labels, as `sims_metrics`), `n`.
     """
     t = _as_float_array(label, "label")

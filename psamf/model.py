@@ -14,7 +14,7 @@ Notation (shape comments):
 Module names follow the reference implementation (github.com/HensonXie/PSA-MF, `src/model.py`,
 `src/modules/encoders.py`) wherever a module exists there, so `psamf.compat` maps its checkpoints
 with a short, explicit table. Every behaviour in which the reference code departs from the paper
-is a `ModelConfig` switch (see shared/docs/psamf-reference.md §6); the `reference` preset
+is a `ModelConfig` switch (see docs/paper-vs-code.md §4); the `reference` preset
 reproduces the code, the `paper` preset the text. The reference's third, unused BERT copy is not
 built.
 

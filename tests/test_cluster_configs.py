@@ -1,7 +1,7 @@
 """Lint the cluster configuration under cluster/ (CI can parse it, not launch it). See cluster/README.md.
 
 Checks: every YAML parses (multi-document for k8s), k8s manifests are well-formed KubeRay objects with the
-settings ray-notes.md §8.2/§9 require, launcher YAMLs validate against Ray's own cluster schema and keep the
+settings docs/ray-operations.md §3, §9 require, launcher YAMLs validate against Ray's own cluster schema and keep the
 CPU-0 head / scale-from-0 GPU layout with token auth and a loopback dashboard, the runtime env excludes what
 must not be uploaded and carries no secrets, the image is pinned and never a Ray ML image, and every job
 config referenced from cluster/ exists.

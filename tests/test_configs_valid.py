@@ -1,4 +1,4 @@
-"""Every shipped job config loads into the dataclasses (style.md §11).
+"""Every shipped job config loads into the dataclasses.
 
 Walks jobs/configs/ **recursively** (a non-recursive walk misses configs in subfolders) and loads each file
 with `Config.from_yaml`, where unknown keys, wrong types and inconsistent values are errors: a config that
@@ -55,7 +55,7 @@ def test_cluster_configs_use_gpu_and_object_storage():
     for name in ("mosi-reference.yaml", "mosei-reference.yaml", "mosi-paper.yaml"):
         cfg = Config.from_yaml(JOB_CONFIGS / name)
         assert cfg.run.use_gpu and cfg.run.num_workers >= 1, name
-        # multi-node clusters reject a local storage_path (ray-notes §5.2)
+        # multi-node clusters reject a local storage_path (docs/ray-operations.md §5)
         assert cfg.run.storage_path.startswith(("s3://", "gs://")), name
         assert cfg.data.uri.startswith(("s3://", "gs://")), name
         assert cfg.model.text_model, f"{name}: cluster runs load real BERT weights"

@@ -1,4 +1,4 @@
-"""Metrics against hand-computed values (data-formats.md §7–§8).
+"""Metrics against hand-computed values (docs/data-formats.md §7–§8).
 
 Every expected number below is worked out by hand in the comments; none comes from the function under test.
 Inputs are cast to float32 by the metrics (as MMSA does), so values such as 1.2 carry ~1e-7 error: MAE/Corr are
@@ -294,7 +294,7 @@ def test_trivial_baselines_hand_computed():
 
 
 def test_trivial_baselines_reproduce_mosi_test_floors():
-    # data-formats.md §7, MOSI test: 379 negative, 30 zero, 277 positive (n 686, Non0 n 656)
+    # docs/data-formats.md §8, MOSI test: 379 negative, 30 zero, 277 positive (n 686, Non0 n 656)
     t = np.array([-1.0] * 379 + [0.0] * 30 + [1.0] * 277)
     b = trivial_baselines(t)
     # Has0 majority = negative: 379/686 = 55.25 %; Non0 majority = negative: 379/656 = 57.77 %

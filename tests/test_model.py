@@ -78,7 +78,7 @@ def test_full_model_shapes(cfg):
 
 
 def test_reference_geometry_matches_published_parameter_count():
-    """psamf-reference.md §6 item 1: sentiment BERT copy 109,975,808 + non-BERT 1,192,844, minus the
+    """docs/paper-vs-code.md §4: sentiment BERT copy 109,975,808 + non-BERT 1,192,844, minus the
     unused pooler (590,592) and r_a (49,216) that psamf does not build."""
     with torch.device("meta"):
         m = build_model(Config.from_preset("reference").model)

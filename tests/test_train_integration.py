@@ -217,7 +217,7 @@ def test_bad_config_fails_before_any_worker_starts(ray_cluster, shards, tmp_path
 @pytest.mark.parametrize("kind, scale", [("sims", 0.15), ("simsv2", 0.08)])
 def test_sims_and_simsv2_train_on_two_workers_with_sims_metrics(ray_cluster, tmp_path, monkeypatch, kind, scale):
     """CH-SIMS / SIMS v2 end to end: synth (MMSA pickle) -> prepare with the precomputed personality [CLS] ->
-    2 DDP workers -> metrics on the SIMS bins (data-formats.md §8.2), every valid/test sample predicted once."""
+    2 DDP workers -> metrics on the SIMS bins (docs/data-formats.md §7.2), every valid/test sample predicted once."""
     import pyarrow.parquet as pq
 
     from psamf.prepare import prepare
