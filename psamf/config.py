@@ -334,14 +334,7 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Config":
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        return cls.from_dict(data or {}, source=str(p))
+        return cls.from_dict(read_yaml_file(path, "config"), source=str(path))
 
     def override(self, items: list[str] | tuple[str, ...]) -> "Config":
         """Apply `section.key=value` overrides (values parsed as YAML scalars). Returns a new config."""
@@ -373,6 +366,17 @@ class Config:
                 raise ConfigError(f"{source}: unknown key '{sec}.{fld}'; allowed: {sorted(d[sec])}")
             d[sec][fld] = value
         return _from_sections(self.preset, d, source)
+
+
+def read_yaml_file(path: str | Path, what: str) -> Any:
+    """A YAML file's content ({} when empty); a missing file or bad YAML is a ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} file not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
 
 
 def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -71,7 +71,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from psamf.config import Config, ConfigError
+from psamf.config import Config, ConfigError, read_yaml_file
 
 __all__ = ["SearchSpace", "SearchResult", "Dimension", "run_search", "load_search", "max_concurrent_trials",
            "SEARCHES", "SCHEDULERS", "TRIAL_STATUSES"]
@@ -193,14 +193,7 @@ class SearchSpace:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SearchSpace":
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"search file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        return cls.from_dict(data or {}, source=str(p), base_dir=p.parent)
+        return cls.from_dict(read_yaml_file(path, "search"), source=str(path), base_dir=Path(path).parent)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "search", base_dir: Path | None = None) -> "SearchSpace":

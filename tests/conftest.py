@@ -90,3 +90,18 @@ def ray_cluster():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory):
+    """Synthetic MOSI-shaped data set (about 190 / 34 / 100 utterances, `psamf:tiny` tokens, 32 per transcript),
+    prepared once for the session and shared read-only by the integration modules. Returns (uri, manifest)."""
+    from psamf.prepare import prepare
+    from psamf.synth import synthesize
+
+    root = tmp_path_factory.mktemp("data")
+    paths = synthesize("mosi", "mmsa", root / "synth", seed=0, scale=0.15)
+    out = str(root / "shards")
+    man = prepare({"format": "mmsa", "input": str(paths["pickle"]), "dataset": "mosi"}, out,
+                  tokenizer="psamf:tiny", personality_tokenizer="psamf:tiny", max_text_len=32)
+    return out, man

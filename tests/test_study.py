@@ -139,17 +139,8 @@ def test_terms_stuck_at_chance_are_detected():
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """Synthetic MOSI-shaped data set (about 190 / 34 / 100 utterances), prepared once for the module."""
-    from psamf.prepare import prepare
-    from psamf.synth import synthesize
-
-    root = tmp_path_factory.mktemp("data")
-    paths = synthesize("mosi", "mmsa", root / "synth", seed=0, scale=0.15)
-    out = str(root / "shards")
-    man = prepare({"format": "mmsa", "input": str(paths["pickle"]), "dataset": "mosi"}, out,
-                  tokenizer="psamf:tiny", personality_tokenizer="psamf:tiny", max_text_len=32)
-    return out, man
+def shards(synthetic_shards):
+    return synthetic_shards
 
 
 def test_ridge_baseline_beats_the_mean_predictor(shards):

@@ -83,16 +83,8 @@ def test_max_concurrent_trials_fits_the_cluster(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- Ray
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from psamf.prepare import prepare
-    from psamf.synth import synthesize
-
-    root = tmp_path_factory.mktemp("data")
-    paths = synthesize("mosi", "mmsa", root / "synth", seed=0, scale=0.15)
-    out = str(root / "shards")
-    prepare({"format": "mmsa", "input": str(paths["pickle"]), "dataset": "mosi"}, out,
-            tokenizer="psamf:tiny", personality_tokenizer="psamf:tiny", max_text_len=32)
-    return out
+def shards(synthetic_shards):
+    return synthetic_shards[0]
 
 
 def _grid_file(tmp_path: Path, shards: str, text_layers: list, epochs: int, scheduler: str,
