@@ -53,7 +53,10 @@ _DRIVER = textwrap.dedent(
         try:
             for c in p.net_connections(kind="tcp"):
                 if c.status == psutil.CONN_LISTEN:
-                    listeners.append([p.pid, " ".join(p.cmdline())[:80], c.laddr.ip, c.laddr.port])
+                    # The process name, then the command line's end: a deep checkout's path can push the binary's
+                    # name past any fixed-length prefix of the command line.
+                    listeners.append([p.pid, p.name() + " " + " ".join(p.cmdline())[-80:], c.laddr.ip,
+                                      c.laddr.port])
         except psutil.NoSuchProcess:
             pass
     token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")

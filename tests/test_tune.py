@@ -142,7 +142,9 @@ def test_search_writes_every_output_and_prunes(ray_cluster, shards, tmp_path, mo
 def test_killed_search_resumes_only_unfinished_trials(ray_cluster, shards, tmp_path):
     import ray
 
-    path = _grid_file(tmp_path, shards, [2, 3, 4], epochs=3, scheduler="none")
+    # two trials of two epochs, one at a time (the session Ray fits one): the first finishes, the kill lands in
+    # the second, and the resumed search must run only the second
+    path = _grid_file(tmp_path, shards, [2, 3], epochs=2, scheduler="none")
     storage = tmp_path / "runs"
     env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     code = ("import sys; from psamf.tune import SearchSpace, run_search; "
@@ -163,12 +165,12 @@ def test_killed_search_resumes_only_unfinished_trials(ray_cluster, shards, tmp_p
     before = json.loads((trials / first / "history.json").read_text())
     res = run_search(SearchSpace.from_yaml(path), name="kill", storage_path=str(storage), resume=True)
     rows = {r["trial_id"]: r for r in res.rows}
-    assert len(rows) == 3 and all(r["status"] == "finished" for r in rows.values())
+    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows.values())
     after = json.loads((trials / first / "history.json").read_text())
     assert after == before  # the finished trial was not rerun
     for tid, r in rows.items():
         hist = json.loads((trials / tid / "history.json").read_text())
-        assert [h["epoch"] for h in hist] == [0, 1, 2], tid  # every epoch once, resumed or fresh
+        assert [h["epoch"] for h in hist] == [0, 1], tid  # every epoch once, resumed or fresh
 
 
 @pytest.mark.integration
