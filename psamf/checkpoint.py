@@ -100,8 +100,9 @@ def _file_digests(path: str) -> dict[str, dict[str, Any]]:
 def save_checkpoint(path: str, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     selector: Selector, epoch: int, history: Sequence[Mapping[str, Any]], cfg: Config,
                     rng_states: Sequence[Mapping[str, Any]] | None = None, session: int = 0,
-                    metrics: Mapping[str, Any] | None = None) -> None:
-    """Write a checkpoint directory: model.pt (unwrapped state dict), train_state.pt, config.yaml, meta.json."""
+                    metrics: Mapping[str, Any] | None = None, scaler: Any = None) -> None:
+    """Write a checkpoint directory: model.pt (unwrapped state dict), train_state.pt, config.yaml, meta.json.
+    `scaler`: the float16 loss scaler, whose scale a resumed run continues from."""
     from psamf import __version__
 
     os.makedirs(path, exist_ok=True)
@@ -114,6 +115,7 @@ def save_checkpoint(path: str, *, model: nn.Module, optimizer: torch.optim.Optim
         "history": json.dumps(list(history)),  # a string: weights_only loading, NaN kept
         "rng": list(rng_states or []),
         "session": int(session),
+        "scaler": scaler.state_dict() if scaler is not None else None,
     }, os.path.join(path, "train_state.pt"))
     cfg.to_yaml(os.path.join(path, "config.yaml"))
     meta = {"epoch": int(epoch), "psamf_version": __version__, "select_metric": selector.metric,
@@ -271,7 +273,7 @@ def load_model_weights(path: str, model: nn.Module, *, name: str | None = None) 
 
 
 def load_checkpoint(path: str, *, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler: Any = None, selector: Selector | None = None) -> dict[str, Any]:
+                    scheduler: Any = None, selector: Selector | None = None, scaler: Any = None) -> dict[str, Any]:
     """Restore whatever is given from a checkpoint directory. Returns the train state
     (`epoch`, `history` as a list, `rng`, `session`, ...)."""
     if model is not None:
@@ -283,6 +285,8 @@ def load_checkpoint(path: str, *, model: nn.Module | None = None, optimizer: tor
         scheduler.load_state_dict(state["scheduler"])
     if selector is not None:
         selector.load_state_dict(state["selector"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     state["history"] = json.loads(state["history"])
     return state
 

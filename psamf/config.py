@@ -190,7 +190,13 @@ class OptimConfig:
     select_metric: str = "val_loss"  # model selection on validation only
     select_mode: Literal["min", "max"] = "min"
     seed: int = 1007
-    amp: Literal["auto", "bf16", "off"] = "auto"  # auto = bf16 on GPUs that support it, off on CPU
+    # auto = bf16 on GPUs that support it, off on CPU; fp16 = float16 autocast with dynamic loss scaling (GPUs
+    # without bf16: V100, T4)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    # micro-batches per optimiser step: the global batch is batch_size x run.num_workers x grad_accum, so the
+    # reference's 128 on 4 workers is batch_size=32 (x 4 workers) or batch_size=16 with grad_accum=2 on 4 workers
+    # of half the memory
+    grad_accum: int = 1
 
     def __post_init__(self) -> None:
         p = "optim."
@@ -201,6 +207,7 @@ class OptimConfig:
             _check(getattr(self, name) >= 0, f"{p}{name} must be >= 0")
         _check(self.batch_size >= 2, f"{p}batch_size must be >= 2 (in-batch contrastive losses), got {self.batch_size}")
         _check(self.epochs >= 1, f"{p}epochs must be >= 1")
+        _check(self.grad_accum >= 1, f"{p}grad_accum must be >= 1 (micro-batches per optimiser step), got {self.grad_accum}")
         _check(self.plateau_patience >= 0, f"{p}plateau_patience must be >= 0")
         _check(0 < self.plateau_factor < 1, f"{p}plateau_factor must be in (0, 1)")
         _check(self.early_stop_patience is None or self.early_stop_patience >= 1,

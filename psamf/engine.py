@@ -52,6 +52,7 @@ __all__ = [
     "move_to_device",
     "batch_ids",
     "train_step",
+    "make_scaler",
     "train_epoch",
     "epoch_record",
     "evaluate",
@@ -73,17 +74,28 @@ __all__ = [
 LOSS_TERMS = ("total", "l1", "ccl", "ps", "clm")
 
 def resolve_amp(amp: str, device: torch.device | str) -> torch.dtype | None:
-    """The autocast dtype for `optim.amp` on `device`: auto = bf16 on CUDA GPUs that support it, else off."""
+    """The autocast dtype for `optim.amp` on `device`: auto = bf16 on CUDA GPUs that support it, else off;
+    fp16 = float16 (train with `make_scaler`'s loss scaling)."""
     device = torch.device(device)
     if amp == "off":
         return None
     if amp == "bf16":
         return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
     if amp == "auto":
         if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return None
-    raise ConfigError(f"optim.amp must be auto, bf16 or off, got {amp!r}")
+    raise ConfigError(f"optim.amp must be auto, bf16, fp16 or off, got {amp!r}")
+
+
+def make_scaler(amp_dtype: torch.dtype | None, device: torch.device | str) -> torch.amp.GradScaler | None:
+    """A dynamic loss scaler for float16 autocast (its gradients underflow without one); None otherwise (bf16
+    has float32's range and needs none)."""
+    if amp_dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -129,33 +141,63 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def train_step(model: nn.Module, batch: Mapping[str, Any], optimizer: torch.optim.Optimizer, cfg: Config, *,
-               device: torch.device | None = None, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """One optimiser step on one batch. Returns every loss term (unweighted, plus `total`), `grad_norm`
-    (before clipping; NaN when clipping is off) and `batch_size`, as floats.
-
-    Forward under autocast when `amp_dtype` is set (bf16: no loss scaling needed); losses in float32;
-    `clip_grad_norm_(optim.grad_clip)` over all trainable parameters when grad_clip > 0.
-    A non-finite total loss raises FloatingPointError before the optimiser touches the weights.
-    """
-    device = device or next(model.parameters()).device
-    model.train()
-    batch = move_to_device(batch, device)
+def _forward_backward(model: nn.Module, batch: Mapping[str, Any], cfg: Config, device: torch.device,
+                      amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None,
+                      loss_scale: float) -> dict[str, float]:
+    """Forward, losses and backward of one (micro-)batch; gradients accumulate into `.grad`. The backward pass
+    sees `total x loss_scale` (1 / grad_accum), scaled further by `scaler` under float16."""
     with _autocast(device, amp_dtype):
         out = model(**model_inputs(batch))
     terms = compute_losses(_float32(out), batch["label"].float(), cfg.loss, cfg.model)
     total = terms["total"]
     if not torch.isfinite(total):
         raise FloatingPointError(f"non-finite training loss: { {k: float(v.detach()) for k, v in terms.items()} }")
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    scaled = total * loss_scale if loss_scale != 1.0 else total
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    stats = {k: float(v.detach()) for k, v in terms.items()}
+    stats["batch_size"] = int(batch["label"].shape[0])
+    return stats
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
+                    scaler: torch.amp.GradScaler | None, grad_factor: float = 1.0) -> float:
+    """Unscale (float16), rescale a short accumulation group (`grad_factor`), clip, step (the gradients stay
+    for inspection until the next group's first backward zeroes them).
+    Returns the gradient norm before clipping (NaN when clipping is off); under float16 a step whose gradients
+    overflowed is skipped by the scaler, which then lowers its scale."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if grad_factor != 1.0:
+        for p in _trainable(model):
+            if p.grad is not None:
+                p.grad.mul_(grad_factor)
     grad_norm = math.nan
     if cfg.optim.grad_clip > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(_trainable(model), cfg.optim.grad_clip))
-    optimizer.step()
-    stats = {k: float(v.detach()) for k, v in terms.items()}
-    stats["grad_norm"] = grad_norm
-    stats["batch_size"] = int(batch["label"].shape[0])
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return grad_norm
+
+
+def train_step(model: nn.Module, batch: Mapping[str, Any], optimizer: torch.optim.Optimizer, cfg: Config, *,
+               device: torch.device | None = None, amp_dtype: torch.dtype | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """One optimiser step on one batch. Returns every loss term (unweighted, plus `total`), `grad_norm`
+    (before clipping; NaN when clipping is off) and `batch_size`, as floats.
+
+    Forward under autocast when `amp_dtype` is set (bf16: no loss scaling needed; fp16: pass `make_scaler`'s
+    scaler); losses in float32; `clip_grad_norm_(optim.grad_clip)` over all trainable parameters when
+    grad_clip > 0. A non-finite total loss raises FloatingPointError before the optimiser touches the weights.
+    Gradient accumulation (`optim.grad_accum`) is `train_epoch`'s business: this is always one whole step.
+    """
+    device = device or next(model.parameters()).device
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    stats = _forward_backward(model, move_to_device(batch, device), cfg, device, amp_dtype, scaler, 1.0)
+    stats["grad_norm"] = _optimizer_step(model, optimizer, cfg, scaler)
     return stats
 
 
@@ -272,7 +314,9 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Adam:
     """Adam with two groups (psamf.model.param_groups): the sentiment BERT at lr_bert, the rest at lr_main.
     Coupled L2 weight decay, as the reference's Adam."""
     groups = [g for g in param_groups(model, optim) if g["params"]]
-    return torch.optim.Adam(groups)
+    # the fused CUDA kernel: one launch for the whole update instead of a few per parameter tensor
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.Adam(groups, fused=True) if fused else torch.optim.Adam(groups)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig):
@@ -422,38 +466,71 @@ class EpochStats:
 
     sums: dict[str, float] = field(default_factory=dict)  # loss term x batch size, summed
     n: int = 0  # samples
-    steps: int = 0
+    steps: int = 0  # batches
+    optimizer_steps: int = 0  # = steps / optim.grad_accum, rounded up
     wait: float = 0.0  # seconds spent waiting for batches
     compute: float = 0.0  # seconds in train_step
     time: float = 0.0  # wall time of the epoch's training part
     grad_norms: list[float] = field(default_factory=list)
 
 
+def _with_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """(item, is_last) pairs, one item of lookahead."""
+    it = iter(items)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
+
+
 def train_epoch(model: nn.Module, batches: Iterable[Mapping[str, Any]], optimizer: torch.optim.Optimizer,
                 cfg: Config, *, device: torch.device | None = None, amp_dtype: torch.dtype | None = None,
+                scaler: torch.amp.GradScaler | None = None,
                 after_first_step: Callable[[], None] | None = None, where: str = "",
                 on_step: Callable[[int, float], None] | None = None) -> EpochStats:
-    """Run `train_step` over `batches` and collect this rank's statistics. `after_first_step` is a hook called
-    once after the first step (the fault-injection test hook uses it); `on_step(steps, seconds)` after every
-    step (progress reporting); `where` prefixes a non-finite-loss error."""
+    """Train over `batches` and collect this rank's statistics. With `optim.grad_accum = k`, every k batches
+    make one optimiser step (the loss of each scaled by 1/k; under DDP the gradients of the first k - 1 are kept
+    local with `no_sync` and all-reduced once with the k-th); a shorter last group still steps, its gradients
+    rescaled to a mean over the batches it had. `after_first_step` is a hook called once after the first
+    optimiser step (the fault-injection test hook uses it); `on_step(steps, seconds)` after every batch
+    (progress reporting); `where` prefixes a non-finite-loss error. `steps` counts batches, `optimizer_steps`
+    optimiser steps."""
+    device = device or next(model.parameters()).device
+    accum = cfg.optim.grad_accum
+    no_sync = getattr(model, "no_sync", None)  # DDP only
     model.train()
     st = EpochStats()
     t_epoch = time.perf_counter()
-    for batch, waited in timed_batches(batches):
+    in_group = 0
+    for (batch, waited), last in _with_last(timed_batches(batches)):
         t1 = time.perf_counter()
+        step_now = last or in_group + 1 == accum
+        sync = contextlib.nullcontext() if step_now or no_sync is None else no_sync()
+        if in_group == 0:
+            optimizer.zero_grad(set_to_none=True)
         try:
-            stats = train_step(model, batch, optimizer, cfg, device=device, amp_dtype=amp_dtype)
+            with sync:
+                stats = _forward_backward(model, move_to_device(batch, device), cfg, device, amp_dtype, scaler,
+                                          1.0 / accum)
         except FloatingPointError as e:
             raise FloatingPointError(f"{where}step {st.steps}: {e}") from None
+        in_group += 1
+        if step_now:
+            st.grad_norms.append(_optimizer_step(model, optimizer, cfg, scaler, grad_factor=accum / in_group))
+            st.optimizer_steps += 1
+            in_group = 0
         st.compute += time.perf_counter() - t1
         st.wait += waited
         B = stats.pop("batch_size")
-        st.grad_norms.append(stats.pop("grad_norm"))
         for k, v in stats.items():
             st.sums[k] = st.sums.get(k, 0.0) + v * B
         st.n += B
         st.steps += 1
-        if st.steps == 1 and after_first_step is not None:
+        if st.optimizer_steps == 1 and step_now and after_first_step is not None:
             after_first_step()
         if on_step is not None:
             on_step(st.steps, time.perf_counter() - t_epoch)
@@ -475,6 +552,7 @@ def epoch_record(epoch: int, mine: EpochStats, parts: Sequence[EpochStats],
         rec[f"train_{k}"] = sum(p.sums.get(k, 0.0) for p in parts) / n_all
     rec["train_samples"] = n_all
     rec["train_steps"] = max(p.steps for p in parts)
+    rec["optimizer_steps"] = max(p.optimizer_steps for p in parts)
     finite = [g for g in mine.grad_norms if math.isfinite(g)]
     rec["grad_norm"] = float(np.mean(finite)) if finite else math.nan
     rec["samples_per_s_per_worker"] = float(np.mean([p.n / p.time for p in parts if p.time > 0]))

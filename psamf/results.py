@@ -248,6 +248,7 @@ def write_run_outputs(pf: "Preflight", ret: Mapping[str, Any]) -> TrainResult:
         "selected_epoch_record": next((r for r in history if r["epoch"] == sel), None),
         "checkpoint": checkpoint_uri(st, ret.get("checkpoint_path")),
         "world_size": ret.get("world_size"), "amp": ret.get("amp"), "device": ret.get("device"),
+        "batch": ret.get("batch"),  # per worker, gradient accumulation, workers, global
         "sessions": 1 + max((int(r.get("session", 0)) for r in history), default=0),
         **code_version(), "preset": cfg.preset,
     }

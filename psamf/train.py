@@ -44,6 +44,7 @@ from psamf.checkpoint import (CHECKPOINT_DIR, CheckpointError, LocalCheckpoints,
 from psamf.config import Config, ConfigError
 from psamf.data import iter_batches, load_datasets, split_config
 from psamf.engine import (EvalOutput, Selector, all_gather, build_optimizer, build_scheduler, epoch_record,
+                          make_scaler,
                           eval_metrics, eval_partition, evaluate, gather_eval, resolve_amp, rng_state,
                           seed_everything, set_rng_state, train_epoch)
 from psamf.model import build_model
@@ -161,14 +162,18 @@ def _restore(store: Any, model: torch.nn.Module, selector: Selector) -> _Resumed
                     resumed_from=int(state["epoch"]), history=json.loads(state["history"]), state=state)
 
 
-def _restore_optim(res: _Resumed, optimizer: Any, scheduler: Any, seed: int, rank: int, world: int) -> None:
-    """Optimizer, scheduler and this rank's RNG streams from the restored state (fresh streams without one)."""
+def _restore_optim(res: _Resumed, optimizer: Any, scheduler: Any, seed: int, rank: int, world: int,
+                   scaler: Any = None) -> None:
+    """Optimizer, scheduler, float16 loss scaler and this rank's RNG streams from the restored state (fresh
+    streams without one)."""
     if res.state is None:
         seed_everything(seed + rank)  # per-rank dropout streams
         return
     optimizer.load_state_dict(res.state["optimizer"])
     if res.state.get("scheduler") is not None:
         scheduler.load_state_dict(res.state["scheduler"])
+    if scaler is not None and res.state.get("scaler"):
+        scaler.load_state_dict(res.state["scaler"])
     rngs = res.state.get("rng") or []
     if len(rngs) == world:
         set_rng_state(rngs[rank])
@@ -226,14 +231,14 @@ def _step_progress(progress: ProgressFiles | None, epoch: int, n_train: int | No
 
 
 def _checkpoint_epoch(store: Any, rank: int, rec: dict, *, model, optimizer, scheduler, selector, history,
-                      cfg: Config, session: int) -> None:
+                      cfg: Config, session: int, scaler: Any = None) -> None:
     """Rank 0 writes the epoch's checkpoint; every rank reports (a collective)."""
     rngs = all_gather(rng_state())
     with tempfile.TemporaryDirectory(prefix="psamf-ckpt-") as tmp:
         if rank == 0:
             save_checkpoint(tmp, model=model, optimizer=optimizer, scheduler=scheduler, selector=selector,
                             epoch=rec["epoch"], history=history, cfg=cfg, rng_states=rngs, session=session,
-                            metrics=rec)
+                            metrics=rec, scaler=scaler)
         store.report({k: v for k, v in rec.items() if v is not None}, tmp if rank == 0 else None, rec["epoch"],
                      history)
 
@@ -252,6 +257,7 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = worker_device()
     amp_dtype = resolve_amp(cfg.optim.amp, device)
+    scaler = make_scaler(amp_dtype, device)
     counts = loop_config.get("counts") or {}
     if cfg.run.num_workers > 0:  # local mode runs in the driver, whose logging is the command's business
         configure_worker_logging()
@@ -266,7 +272,7 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
     model = ray.train.torch.prepare_model(raw)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)
-    _restore_optim(res, optimizer, scheduler, cfg.optim.seed, rank, world)
+    _restore_optim(res, optimizer, scheduler, cfg.optim.seed, rank, world, scaler)
     if rank == 0 and res.resumed_from is not None:
         log.info("resumed %s from epoch %d (session %d)", cfg.run.name, res.resumed_from, res.session)
 
@@ -291,7 +297,7 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
         if selector.should_stop:
             break
         batches = iter_batches(train_shard, cfg.data, cfg.optim.batch_size, epoch=epoch, train=True)
-        mine = train_epoch(model, batches, optimizer, cfg, device=device, amp_dtype=amp_dtype,
+        mine = train_epoch(model, batches, optimizer, cfg, device=device, amp_dtype=amp_dtype, scaler=scaler,
                            after_first_step=_fault_hook(loop_config.get("fault"), rank, epoch),
                            where=f"epoch {epoch}, rank {rank}, ",
                            on_step=_step_progress(progress, epoch, counts.get("train"), cfg.optim.batch_size, world))
@@ -307,7 +313,7 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
         if progress is not None:  # before the report: a Tune scheduler may stop the trial as soon as it reports
             progress.write(history)
         _checkpoint_epoch(store, rank, rec, model=raw, optimizer=optimizer, scheduler=scheduler, selector=selector,
-                          history=history, cfg=cfg, session=res.session)
+                          history=history, cfg=cfg, session=res.session, scaler=scaler)
         if progress is not None:
             log.info("epoch %d (%.1f s): %s", epoch, rec["time_train_s"] + rec["time_eval_s"],
                      format_record(rec, cfg.optim.select_metric))
@@ -330,6 +336,8 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
         "history": history, "selected_epoch": selector.best_epoch, "selector": selector.state_dict(),
         "early_stopped": selector.should_stop, "checkpoint_path": selected.path, "world_size": world,
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off", "device": str(device),
+        "batch": {"per_worker": cfg.optim.batch_size, "grad_accum": cfg.optim.grad_accum, "workers": world,
+                  "global": cfg.optim.batch_size * cfg.optim.grad_accum * world},
         **{split: {"ids": out.ids, "pred": out.pred.tolist(), "label": out.label.tolist(),
                    "metrics": eval_metrics(out, cfg.data.dataset, "")} for split, out in final.items()},
     }

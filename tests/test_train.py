@@ -135,6 +135,71 @@ def test_non_finite_loss_raises_before_the_update(cfg):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def _manual_accumulated_update(cfg, model, opt, groups):
+    """The update gradient accumulation must make: per group, the mean of each batch's gradient (each batch
+    its own forward and backward, as in the epoch loop), clipped, one Adam step."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for group in groups:
+        acc = [torch.zeros_like(p) for p in trainable]
+        for b in group:
+            opt.zero_grad(set_to_none=True)
+            out = model(**engine.model_inputs(engine.move_to_device(b, None)))
+            engine.compute_losses(out, b["label"].float(), cfg.loss, cfg.model)["total"].backward()
+            for a, p in zip(acc, trainable):
+                if p.grad is not None:
+                    a += p.grad
+        for a, p in zip(acc, trainable):
+            p.grad = a / len(group)
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+        opt.step()
+
+
+def test_gradient_accumulation_steps_once_per_group_on_the_mean_gradient(cfg):
+    """grad_accum=2 over 5 batches: steps after batches 2, 4 and 5 (a short last group steps on its own mean)."""
+    c = cfg.override(["optim.grad_accum=2"])
+    batches = [_batch(c, B=6, seed=s, start=6 * s) for s in range(5)]
+    model = _model(c)
+    opt = engine.build_optimizer(model, c.optim)
+    torch.manual_seed(3)
+    st = engine.train_epoch(model, batches, opt, c)
+    assert (st.steps, st.optimizer_steps, st.n, len(st.grad_norms)) == (5, 3, 30, 3)
+
+    ref = _model(c)
+    ref_opt = engine.build_optimizer(ref, c.optim)
+    ref.train()
+    torch.manual_seed(3)  # the same dropout draws, batch by batch
+    _manual_accumulated_update(c, ref, ref_opt, [batches[0:2], batches[2:4], batches[4:5]])
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    # and it differs from stepping after every batch
+    plain = _model(c)
+    engine.train_epoch(plain, batches, engine.build_optimizer(plain, c.optim), cfg)
+    assert any(not torch.allclose(a, b) for a, b in zip(model.parameters(), plain.parameters()))
+
+
+def test_fp16_steps_with_a_loss_scaler_whose_state_the_checkpoint_keeps(cfg, tmp_path):
+    c = cfg.override(["optim.amp=fp16"])
+    dtype = engine.resolve_amp(c.optim.amp, "cpu")
+    assert dtype == torch.float16 and engine.make_scaler(torch.bfloat16, "cpu") is None
+    model = _model(c)
+    opt = engine.build_optimizer(model, c.optim)
+    scaler = engine.make_scaler(dtype, "cpu")
+    before = _params(model)
+    st = engine.train_epoch(model, [_batch(c, seed=s) for s in range(3)], opt, c, amp_dtype=dtype, scaler=scaler)
+    assert st.optimizer_steps == 3 and all(math.isfinite(v / st.n) for v in st.sums.values())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the scaler let steps through
+    scaler.update(new_scale=1024.0)  # a scale that differs from a fresh scaler's
+    sched = engine.build_scheduler(opt, c.optim)
+    sel = engine.Selector(c.optim.select_metric, c.optim.select_mode, None)
+    sel.update(0, 1.0)
+    checkpoint.save_checkpoint(str(tmp_path), model=model, optimizer=opt, scheduler=sched, selector=sel, epoch=0,
+                               history=[{"epoch": 0}], cfg=c, scaler=scaler)
+    fresh = engine.make_scaler(dtype, "cpu")
+    assert fresh.get_scale() != 1024.0
+    checkpoint.load_checkpoint(str(tmp_path), scaler=fresh)
+    assert fresh.get_scale() == 1024.0
+
+
 # ----------------------------------------------------------------------------- evaluate
 def test_evaluate_is_deterministic_and_partitions_cover_each_sample_once(cfg):
     model = _model(cfg)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -205,10 +206,12 @@ def test_bad_config_fails_before_any_worker_starts(ray_cluster, shards, tmp_path
     assert not (tmp_path / "runs" / "bad").exists()
 
 
-@pytest.mark.parametrize("kind, scale", [("sims", 0.15), ("simsv2", 0.08)])
-def test_sims_and_simsv2_train_on_two_workers_with_sims_metrics(ray_cluster, tmp_path, monkeypatch, kind, scale):
+@pytest.mark.parametrize("kind, scale, knobs", [("sims", 0.15, ()), ("simsv2", 0.08, ("optim.grad_accum=2", "optim.amp=fp16"))])
+def test_sims_and_simsv2_train_on_two_workers_with_sims_metrics(ray_cluster, tmp_path, monkeypatch, kind, scale, knobs):
     """CH-SIMS / SIMS v2 end to end: synth (MMSA pickle) -> prepare with the precomputed personality [CLS] ->
-    2 DDP workers -> metrics on the SIMS bins (docs/data-formats.md §7.2), every valid/test sample predicted once."""
+    2 DDP workers -> metrics on the SIMS bins (docs/data-formats.md §7.2), every valid/test sample predicted once.
+    SIMS v2 also trains with gradient accumulation (DDP's no_sync between micro-batches) and float16 autocast
+    with a loss scaler, which the run's outputs record."""
     import pyarrow.parquet as pq
 
     from psamf.prepare import prepare
@@ -222,8 +225,15 @@ def test_sims_and_simsv2_train_on_two_workers_with_sims_metrics(ray_cluster, tmp
                   tokenizer="psamf:tiny", personality_tokenizer="psamf:tiny", max_text_len=32,
                   personality_model=tiny.model)
     assert man["personality_cls"]["dim"] == tiny.model.hidden_size
-    res = T.train(_cfg(shards, str(tmp_path / "runs"), kind, f"data.dataset={kind}", "optim.epochs=2"))
+    cfg = _cfg(shards, str(tmp_path / "runs"), kind, f"data.dataset={kind}", "optim.epochs=2", *knobs)
+    res = T.train(cfg)
     m = res.metrics
+    accum = 2 if knobs else 1
+    assert m["batch"] == {"per_worker": cfg.optim.batch_size, "grad_accum": accum, "workers": 2,
+                          "global": cfg.optim.batch_size * accum * 2}
+    assert m["amp"] == ("float16" if knobs else "off")
+    for rec in res.history:
+        assert rec["optimizer_steps"] == -(-rec["train_steps"] // accum) and math.isfinite(rec["train_total"])
     for split in ("valid", "test"):
         assert {"acc2", "acc3", "acc5", "f1", "mae", "corr"} <= set(m[split]), m[split]
         assert "acc2_has0" not in m[split] and "acc7" not in m[split]  # the MOSI/MOSEI contract does not apply
