@@ -56,6 +56,7 @@ __all__ = [
     "CHECKPOINT_DIR",
     "save_checkpoint",
     "write_inference_checkpoint",
+    "check_new_checkpoint_dir",
     "load_checkpoint",
     "load_model_weights",
     "checkpoint_config",
@@ -132,6 +133,24 @@ def save_checkpoint(path: str, *, model: nn.Module, optimizer: torch.optim.Optim
     os.replace(tmp, os.path.join(path, "meta.json"))  # last: the files it lists are complete
 
 
+def check_new_checkpoint_dir(uri: str, *, s3_endpoint: str | None = None) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) of a checkpoint directory about to be written; a `CheckpointError` if `uri`
+    already holds anything (checkpoints are never overwritten). Callers check before expensive work."""
+    import pyarrow.fs as pafs
+
+    from psamf.storage import resolve
+
+    st = resolve(uri, s3_endpoint)
+    fs, dest = st.fs, st.root
+    if fs is None:
+        raise ConfigError(f"{uri}: checkpoints can be written to local paths and s3:// (or other pyarrow) URIs only")
+    if fs.get_file_info(dest).type == pafs.FileType.File or \
+            any(True for _ in fs.get_file_info(pafs.FileSelector(dest, allow_not_found=True))):
+        raise CheckpointError(f"{uri} already exists and is not empty; a checkpoint is never overwritten: choose "
+                              "another directory or remove it")
+    return fs, dest
+
+
 def write_inference_checkpoint(uri: str, model: nn.Module, cfg: Config, *, s3_endpoint: str | None = None,
                                meta: Mapping[str, Any] | None = None) -> str:
     """Write a checkpoint directory holding only what inference needs: model.pt, config.yaml, meta.json.
@@ -144,16 +163,9 @@ def write_inference_checkpoint(uri: str, model: nn.Module, cfg: Config, *, s3_en
     import pyarrow.fs as pafs
 
     from psamf import __version__
-    from psamf.storage import json_safe, resolve, write_bytes
+    from psamf.storage import json_safe, write_bytes
 
-    st = resolve(uri, s3_endpoint)
-    fs, dest = st.fs, st.root
-    if fs is None:
-        raise ConfigError(f"{uri}: checkpoints can be written to local paths and s3:// (or other pyarrow) URIs only")
-    if any(True for _ in fs.get_file_info(pafs.FileSelector(dest, allow_not_found=True))) or \
-            fs.get_file_info(dest).type == pafs.FileType.File:
-        raise CheckpointError(f"{uri} already exists and is not empty; a checkpoint is never overwritten: choose "
-                              "another directory or remove it")
+    fs, dest = check_new_checkpoint_dir(uri, s3_endpoint=s3_endpoint)
     buf = io.BytesIO()
     torch.save(unwrap(model).state_dict(), buf)
     files = {"model.pt": buf.getvalue(), "config.yaml": cfg.to_yaml().encode()}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from psamf.checkpoint import write_inference_checkpoint
+from psamf.checkpoint import check_new_checkpoint_dir, write_inference_checkpoint
 from psamf.compat import ConversionReport, load_reference_checkpoint
 from psamf.config import Config
 from psamf.model import build_model
@@ -27,9 +27,10 @@ def convert_reference_checkpoint(source: str | Path, out_dir: str, cfg: Config, 
     """Load the reference state dict at `source` into a model built from `cfg` and write it to `out_dir`.
 
     The model is built with its personality BERT (as `evaluate` and `load_model` build it), so the written
-    model.pt loads strictly there. Errors (unreadable file, unknown or missing keys under `strict`, shape
-    mismatches, an existing `out_dir`) are raised before anything is written, except the last, which is checked
-    when writing."""
+    model.pt loads strictly there. Every error (a non-empty `out_dir`, checked first, before the model is built;
+    an unreadable file; unknown or missing keys under `strict`; shape mismatches) comes before anything is
+    written."""
+    check_new_checkpoint_dir(out_dir, s3_endpoint=s3_endpoint)
     model = build_model(cfg.model)
     report = load_reference_checkpoint(model, source, strict=strict, s3_endpoint=s3_endpoint)
     write_inference_checkpoint(out_dir, model, cfg, s3_endpoint=s3_endpoint, meta={
