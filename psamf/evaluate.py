@@ -192,7 +192,8 @@ def write_eval_plots(out_dir: str, results: Mapping[str, SplitEval], *, s3_endpo
         mae, acc7 = r.metrics.get("mae"), r.metrics.get("acc7")
         stats = ", ".join(f"{k} {v:.3f}" for k, v in (("MAE", mae), ("Acc-7", acc7)) if isinstance(v, float))
         head = f"{r.dataset} {split} (n={int(counts.sum())}{', ' + stats if stats else ''})"
-        files = ((f"{split}_confusion_7class.png", plot_confusion_7class(counts, f"7-class confusion: {head}")),
+        confusion_png = plot_confusion_7class(counts, f"7-class confusion matrix\n{head}")
+        files = ((f"{split}_confusion_7class.png", confusion_png),
                  (f"{split}_confusion_7class.csv", _confusion_csv(counts)),
                  (f"{split}_scatter.png", plot_scatter(r.pred, r.label, head, rng)))
         for name, data in files:

@@ -257,7 +257,7 @@ def plot_confusion_7class(counts: Any, title: str | None = None) -> bytes:
             for j in range(counts.shape[1]):
                 ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=8,
                         color="white" if counts[i, j] > high else "black")
-        ax.set_title(title or "7-class confusion matrix")
+        ax.set_title(title or "7-class confusion matrix", fontsize=10)
         return _png(fig)
 
 

@@ -201,7 +201,7 @@ def test_unknown_keys_fail_under_strict_and_are_reported_drops_otherwise():
     cfg = _tiny_reference_cfg()
     sd = _random_reference_state_dict()
     sd["fusion_prj.linear_4.weight"] = torch.zeros(1, 24)  # maps to nothing in psamf
-    sd["ss_text_enc.bertmodel.embeddings.position_ids"] = torch.arange(64)[None]  # older transformers: a documented drop
+    sd["ss_text_enc.bertmodel.embeddings.position_ids"] = torch.arange(64)[None]  # older transformers: dropped
     with pytest.raises(ReferenceCheckpointError, match=r"map to no parameter.*fusion_prj\.linear_4\.weight") as e:
         load_reference_checkpoint(build_model(cfg.model), sd)
     assert "position_ids" not in str(e.value)
