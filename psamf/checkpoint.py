@@ -25,12 +25,17 @@ writes the same directories with the same retention under the run directory, so 
 Reading: `open_checkpoint` gives a private local directory for a local or remote checkpoint (see its docstring
 for the race it avoids); `resolve_checkpoint` turns a run directory into its validation-selected checkpoint;
 `load_model` builds the model of a checkpoint's config and loads its weights for inference.
+
+Writing for inference only: `write_inference_checkpoint` writes model.pt, config.yaml and meta.json (no
+train_state.pt: nothing to resume) to a local or remote directory, for example a converted reference checkpoint
+(`psamf convert`); `evaluate`, `load_model` and `verify_checkpoint` take it like any other.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import math
@@ -38,6 +43,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -49,6 +55,8 @@ from psamf.engine import Selector, unwrap
 __all__ = [
     "CHECKPOINT_DIR",
     "save_checkpoint",
+    "write_inference_checkpoint",
+    "check_new_checkpoint_dir",
     "load_checkpoint",
     "load_model_weights",
     "checkpoint_config",
@@ -125,6 +133,58 @@ def save_checkpoint(path: str, *, model: nn.Module, optimizer: torch.optim.Optim
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=2, default=str)
     os.replace(tmp, os.path.join(path, "meta.json"))  # last: the files it lists are complete
+
+
+def check_new_checkpoint_dir(uri: str, *, s3_endpoint: str | None = None) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) of a checkpoint directory about to be written; a `CheckpointError` if `uri`
+    already holds anything (checkpoints are never overwritten). Callers check before expensive work."""
+    import pyarrow.fs as pafs
+
+    from psamf.storage import resolve
+
+    st = resolve(uri, s3_endpoint)
+    fs, dest = st.fs, st.root
+    if fs is None:
+        raise ConfigError(f"{uri}: checkpoints can be written to local paths and s3:// (or other pyarrow) URIs only")
+    if fs.get_file_info(dest).type == pafs.FileType.File or \
+            any(True for _ in fs.get_file_info(pafs.FileSelector(dest, allow_not_found=True))):
+        raise CheckpointError(f"{uri} already exists and is not empty; a checkpoint is never overwritten: choose "
+                              "another directory or remove it")
+    return fs, dest
+
+
+def write_inference_checkpoint(uri: str, model: nn.Module, cfg: Config, *, s3_endpoint: str | None = None,
+                               meta: Mapping[str, Any] | None = None) -> str:
+    """Write a checkpoint directory holding only what inference needs: model.pt, config.yaml, meta.json.
+
+    `uri` is a local path or a URI (`s3://...`) of a directory that must not exist yet (or be empty): a
+    checkpoint is never overwritten. Atomic: on a local disk the files are written into a temporary sibling
+    directory that is renamed to `uri` once complete; on an object store every file is one PUT and meta.json,
+    which lists the size and sha256 of the others, comes last (a directory without it reads as an interrupted
+    write). `meta`: extra fields for meta.json (where the weights came from). Returns the path written."""
+    import pyarrow.fs as pafs
+
+    from psamf import __version__
+    from psamf.storage import json_safe, write_bytes
+
+    fs, dest = check_new_checkpoint_dir(uri, s3_endpoint=s3_endpoint)
+    buf = io.BytesIO()
+    torch.save(unwrap(model).state_dict(), buf)
+    files = {"model.pt": buf.getvalue(), "config.yaml": cfg.to_yaml().encode()}
+    record = {"epoch": None, "psamf_version": __version__, **dict(meta or {}),
+              "files": {n: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for n, b in files.items()}}
+    files["meta.json"] = json.dumps(json_safe(record), indent=2).encode()  # last: the files it lists are complete
+    local = isinstance(fs, pafs.LocalFileSystem)
+    stage = f"{os.path.dirname(dest)}/.{os.path.basename(dest)}.tmp-{uuid.uuid4().hex[:8]}" if local else dest
+    try:
+        for name, data in files.items():
+            write_bytes(fs, f"{stage}/{name}", data)
+        if local:
+            os.replace(stage, dest)  # POSIX rename: onto a missing or empty directory, atomically
+    finally:
+        if local and os.path.isdir(stage):
+            shutil.rmtree(stage, ignore_errors=True)
+    return dest
 
 
 def verify_checkpoint(fs: Any, path: str) -> list[str]:

@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "prepare": "turn MMSA / MulT / custom corpora into Parquet shards plus manifest.json",
     "train": "train PSA-MF with Ray Train (embedded local Ray, or the cluster in RAY_ADDRESS)",
     "evaluate": "evaluate a run's selected checkpoint (or any checkpoint) on valid/test",
+    "convert": "turn a reference-implementation checkpoint (state dict) into a psamf checkpoint directory",
     "tune": "search hyperparameters with Ray Tune (search space as YAML; resumable; TensorBoard HParams)",
     "study": "the paper's ablation and layer studies as seed grids: mean ± std tables with paired tests",
 }

@@ -10,6 +10,13 @@ named, so a copied run directory evaluates its own checkpoint). The model and da
 split, gathers predictions, labels and ids from every rank, and checks that no sample is missing or counted twice:
 the same code path as the per-epoch validation in `psamf.train`. Both ways give the same prediction per sample (up
 to float round-off from batch padding).
+
+    write_eval_plots(out_dir, results) -> [paths]
+
+writes, per split, `<split>_confusion_7class.png` (the Acc-7 classes, counts in the cells), the same counts as
+`<split>_confusion_7class.csv`, and `<split>_scatter.png` (prediction against label with the identity line) into a
+local or `s3://` directory, each file atomically (`psamf.storage.write_bytes`); `psamf evaluate` puts them next to
+its metrics JSON.
 """
 
 from __future__ import annotations
@@ -25,14 +32,14 @@ import numpy as np
 
 from psamf.checkpoint import (CheckpointError, checkpoint_config, load_model_weights, open_checkpoint,
                               resolve_checkpoint, verify_checkpoint)
-from psamf.config import Config
+from psamf.config import Config, ConfigError
 from psamf.data import iter_batches, load_datasets
 from psamf.engine import EvalOutput, eval_metrics, eval_partition, evaluate, gather_eval, resolve_amp, \
     seed_everything
 from psamf.model import build_model
 from psamf.preflight import read_manifest
 
-__all__ = ["SplitEval", "evaluate_checkpoint"]
+__all__ = ["SplitEval", "evaluate_checkpoint", "write_eval_plots"]
 
 log = logging.getLogger("psamf.evaluate")
 
@@ -44,6 +51,7 @@ class SplitEval:
     ids: list[str] = field(default_factory=list)
     pred: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     label: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    dataset: str = "mosi"  # DataConfig.dataset of the evaluation: the label range of the plots
 
 
 def _result(out: EvalOutput, dataset: str, split: str, expected: int | None, world: int = 1) -> dict[str, Any]:
@@ -149,4 +157,46 @@ def evaluate_checkpoint(checkpoint: str, *, splits: Sequence[str] = ("valid", "t
             results = _evaluate_on_workers(cfg, ray.train.Checkpoint(ck_path, filesystem=fs), datasets, splits,
                                            counts, bs, num_workers)
     return {s: SplitEval(split=s, metrics=r["metrics"], ids=list(r["ids"]), pred=np.asarray(r["pred"], np.float32),
-                         label=np.asarray(r["label"], np.float32)) for s, r in results.items()}
+                         label=np.asarray(r["label"], np.float32), dataset=cfg.data.dataset)
+            for s, r in results.items()}
+
+
+def _confusion_csv(counts: np.ndarray) -> bytes:
+    from psamf.metrics import CLASSES_7
+
+    lines = ["label/pred," + ",".join(str(c) for c in CLASSES_7)]
+    lines += [f"{c}," + ",".join(str(int(v)) for v in row) for c, row in zip(CLASSES_7, counts)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def write_eval_plots(out_dir: str, results: Mapping[str, SplitEval], *, s3_endpoint: str | None = None) -> list[str]:
+    """Per split: `<split>_confusion_7class.png` / `.csv` and `<split>_scatter.png` in `out_dir` (local or a URI).
+
+    Returns the paths written. Each file is written atomically; a split without samples is skipped with a
+    warning (nothing to plot)."""
+    from psamf import datasets
+    from psamf.metrics import confusion_7class
+    from psamf.outputs import plot_confusion_7class, plot_scatter
+    from psamf.storage import resolve, write_bytes
+
+    st = resolve(out_dir, s3_endpoint)
+    if st.fs is None:
+        raise ConfigError(f"{out_dir}: plots can be written to local paths and s3:// (or other pyarrow) URIs only")
+    written = []
+    for split, r in results.items():
+        if r.pred.size == 0:
+            log.warning("%s: no samples, no plots", split)
+            continue
+        rng = datasets.get(r.dataset).label_range
+        counts = confusion_7class(r.pred, r.label, rng)
+        mae, acc7 = r.metrics.get("mae"), r.metrics.get("acc7")
+        stats = ", ".join(f"{k} {v:.3f}" for k, v in (("MAE", mae), ("Acc-7", acc7)) if isinstance(v, float))
+        head = f"{r.dataset} {split} (n={int(counts.sum())}{', ' + stats if stats else ''})"
+        confusion_png = plot_confusion_7class(counts, f"7-class confusion matrix\n{head}")
+        files = ((f"{split}_confusion_7class.png", confusion_png),
+                 (f"{split}_confusion_7class.csv", _confusion_csv(counts)),
+                 (f"{split}_scatter.png", plot_scatter(r.pred, r.label, head, rng)))
+        for name, data in files:
+            write_bytes(st.fs, st.join(name), data)
+            written.append(f"{st.uri.rstrip('/')}/{name}")
+    return written

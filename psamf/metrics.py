@@ -10,6 +10,7 @@ Public functions
 * `summarize_seeds(list_of_metric_dicts)` – `{key: (mean, std)}`, **population** std (ddof=0) as MMSA.
 * `format_table(...)` – a readable mean ± std table (accuracies/F1 in % by default; MAE and Corr raw).
 * `trivial_baselines(label)` – majority-class accuracies and constant-prediction MAEs (§8 floors).
+* `confusion_7class(pred, label, label_range)` – 7×7 counts of the Acc-7 classes (rows label, columns prediction).
 
 All values are plain Python numbers in [0, 1] for accuracies and F1 (no ×100, no rounding: MMSA rounds to
 4 decimals, we leave that to `format_table`).
@@ -38,6 +39,8 @@ __all__ = [
     "summarize_seeds",
     "format_table",
     "trivial_baselines",
+    "CLASSES_7",
+    "confusion_7class",
 ]
 
 REGRESSION_KEYS = ("mae", "corr", "acc7", "acc5", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0")
@@ -320,3 +323,28 @@ def trivial_baselines(label: Any, dataset: str = "mosi") -> dict[str, float]:
         "n": int(t.size),
         "n_non0": int(non0.size),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Confusion matrix of the 7 sentiment classes
+# --------------------------------------------------------------------------------------------
+
+CLASSES_7 = (-3, -2, -1, 0, 1, 2, 3)
+
+
+def confusion_7class(pred: Any, label: Any, label_range: tuple[float, float] = (-3.0, 3.0)) -> np.ndarray:
+    """(7, 7) int64 counts: row = label class, column = predicted class, classes `CLASSES_7`.
+
+    The classes are Acc-7's (clip to ±3, `np.round` half to even), so for MOSI/MOSEI the diagonal over the total
+    equals `regression_metrics(...)["acc7"]`. A corpus with another label range (SIMS: [-1, 1]) is scaled
+    linearly onto [-3, 3] first, so its plot reads the same way (SIMS has no official 7-class metric)."""
+    p, t = _prepare(pred, label)
+    lo, hi = float(label_range[0]), float(label_range[1])
+    if (lo, hi) != (-3.0, 3.0):
+        mid, half = (lo + hi) / 2.0, (hi - lo) / 2.0
+        p, t = (p - mid) / half * 3.0, (t - mid) / half * 3.0
+    pc = np.round(np.clip(p, -3.0, 3.0)).astype(np.int64) + 3
+    tc = np.round(np.clip(t, -3.0, 3.0)).astype(np.int64) + 3
+    counts = np.zeros((7, 7), dtype=np.int64)
+    np.add.at(counts, (tc, pc), 1)
+    return counts

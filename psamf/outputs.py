@@ -32,6 +32,8 @@ __all__ = [
     "write_tensorboard",
     "plot_curves",
     "write_predictions",
+    "plot_confusion_7class",
+    "plot_scatter",
 ]
 
 
@@ -214,3 +216,75 @@ def write_predictions(fs, path: str, parts: Iterable[tuple[str, Sequence[str], A
     buf = io.BytesIO()
     pq.write_table(table, buf)
     write_bytes(fs, path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation plots (`psamf evaluate`)
+# --------------------------------------------------------------------------------------------
+
+
+def _png(fig: Any) -> bytes:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return buf.getvalue()
+
+
+def plot_confusion_7class(counts: Any, title: str | None = None) -> bytes:
+    """A PNG (bytes) of a 7×7 confusion matrix (`psamf.metrics.confusion_7class`): counts in every cell, true
+    class on the y axis, predicted class on the x axis. Agg canvas, no pyplot (see `plot_curves`)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    import numpy as np
+
+    from psamf.metrics import CLASSES_7
+
+    counts = np.asarray(counts, dtype=np.int64)
+    with _PLOT_LOCK:
+        fig = Figure(figsize=(6.0, 5.2))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        im = ax.imshow(counts, cmap="Blues", vmin=0)
+        fig.colorbar(im, ax=ax, label="samples")
+        ticks = list(range(len(CLASSES_7)))
+        ax.set_xticks(ticks, [str(c) for c in CLASSES_7])
+        ax.set_yticks(ticks, [str(c) for c in CLASSES_7])
+        ax.set_xlabel("predicted class (rounded, clipped to ±3)")
+        ax.set_ylabel("true class (label rounded, clipped to ±3)")
+        high = counts.max() / 2 if counts.size and counts.max() > 0 else 0
+        for i in range(counts.shape[0]):
+            for j in range(counts.shape[1]):
+                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if counts[i, j] > high else "black")
+        ax.set_title(title or "7-class confusion matrix", fontsize=10)
+        return _png(fig)
+
+
+def plot_scatter(pred: Any, label: Any, title: str | None = None,
+                 label_range: tuple[float, float] = (-3.0, 3.0)) -> bytes:
+    """A PNG (bytes) of predictions against labels, one point per sample, with the identity line y = x (a perfect
+    model's points lie on it)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    import numpy as np
+
+    p = np.asarray(pred, dtype=np.float64).reshape(-1)
+    t = np.asarray(label, dtype=np.float64).reshape(-1)
+    lo = min(float(label_range[0]), float(p.min()) if p.size else 0.0)
+    hi = max(float(label_range[1]), float(p.max()) if p.size else 0.0)
+    with _PLOT_LOCK:
+        fig = Figure(figsize=(5.5, 5.5))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        ax.scatter(t, p, s=8, alpha=0.5, edgecolors="none")
+        ax.plot([lo, hi], [lo, hi], color="black", linewidth=1, linestyle="--", label="identity (y = x)")
+        ax.set_xlim(lo - 0.1, hi + 0.1)
+        ax.set_ylim(lo - 0.1, hi + 0.1)
+        ax.set_aspect("equal")
+        ax.set_xlabel("label")
+        ax.set_ylabel("prediction")
+        ax.legend(loc="upper left", fontsize=8)
+        ax.set_title(title or "prediction against label")
+        return _png(fig)

@@ -51,17 +51,21 @@ DIMS = {768: 32, 3072: 48, 30522: 512, 512: 64, 2: 2, 64: 16, 256: 64, 192: 48, 
 TEXT_LAYERS = 2
 
 
+# the reference geometry at the tiny sizes above, as `section.key=value` overrides of the `tiny` preset
+TINY_REFERENCE_OVERRIDES = [
+    "model.hidden_size=32", "model.intermediate_size=48", "model.num_attention_heads=2",
+    f"model.text_layers={TEXT_LAYERS}", "model.multimodal_layers=1", f"model.align_layer={TEXT_LAYERS - 1}",
+    "model.personality_layers=2", "model.lstm_hidden=16", "model.av_dim=16", "model.align_dim=16",
+    "model.clip_dim=24", "model.fusion_dim=24", "model.head_hidden=24", "model.serial_dim=40",
+    "model.cross_key_padding_mask=false", "model.cross_pad_to=500", "model.cross_block=bare",
+    "model.personality_tokens=true", "model.prefusion_input=sequence", "model.separate_queries=false",
+    "model.clip_norm=reference", "model.clip_logit_scale=2.6593", "model.max_position_embeddings=64",
+    "model.hidden_dropout=0.0", "model.attention_dropout=0.0", "model.head_dropout=0.0",
+]
+
+
 def _tiny_reference_cfg():
-    return Config.from_preset("tiny").override([
-        "model.hidden_size=32", "model.intermediate_size=48", "model.num_attention_heads=2",
-        f"model.text_layers={TEXT_LAYERS}", "model.multimodal_layers=1", f"model.align_layer={TEXT_LAYERS - 1}",
-        "model.personality_layers=2", "model.lstm_hidden=16", "model.av_dim=16", "model.align_dim=16",
-        "model.clip_dim=24", "model.fusion_dim=24", "model.head_hidden=24", "model.serial_dim=40",
-        "model.cross_key_padding_mask=false", "model.cross_pad_to=500", "model.cross_block=bare",
-        "model.personality_tokens=true", "model.prefusion_input=sequence", "model.separate_queries=false",
-        "model.clip_norm=reference", "model.clip_logit_scale=2.6593", "model.max_position_embeddings=64",
-        "model.hidden_dropout=0.0", "model.attention_dropout=0.0", "model.head_dropout=0.0",
-    ])
+    return Config.from_preset("tiny").override(TINY_REFERENCE_OVERRIDES)
 
 
 def _random_reference_state_dict(seed=0):
@@ -180,3 +184,147 @@ def test_precomputed_personality_model_reports_the_dropped_personality_bert():
     model = build_model(cfg.model, with_personality_encoder=False)
     report = load_reference_checkpoint(model, _random_reference_state_dict())
     assert any(k.startswith("p_text_enc.") and "precomputed" in r for k, r in report.dropped.items())
+
+
+# ---------------------------------------------------------------------------------------- the loader, tightened
+def test_every_reference_key_maps_back_to_its_own_name():
+    from psamf.compat import reference_key, rename_reference_key
+
+    keys = [k for k, _ in _tsv()]
+    assert all(reference_key(rename_reference_key(k)) == k for k in keys)
+    assert reference_key("mm_layers.0.output.dense.bias") == "ss_text_enc.bertmodel.encoder.layer2.0.output.dense.bias"
+
+
+def test_unknown_keys_fail_under_strict_and_are_reported_drops_otherwise():
+    from psamf.compat import ReferenceCheckpointError
+
+    cfg = _tiny_reference_cfg()
+    sd = _random_reference_state_dict()
+    sd["fusion_prj.linear_4.weight"] = torch.zeros(1, 24)  # maps to nothing in psamf
+    sd["ss_text_enc.bertmodel.embeddings.position_ids"] = torch.arange(64)[None]  # older transformers: dropped
+    with pytest.raises(ReferenceCheckpointError, match=r"map to no parameter.*fusion_prj\.linear_4\.weight") as e:
+        load_reference_checkpoint(build_model(cfg.model), sd)
+    assert "position_ids" not in str(e.value)
+    report = load_reference_checkpoint(build_model(cfg.model), sd, strict=False)
+    assert report.unknown == ["fusion_prj.linear_4.weight"]
+    assert "unknown: fusion_prj.linear_4.weight" in report.summary()
+    assert "position_ids" in report.dropped["ss_text_enc.bertmodel.embeddings.position_ids"]
+
+
+def test_a_missing_key_is_named_as_in_the_reference_file():
+    from psamf.compat import ReferenceCheckpointError
+
+    cfg = _tiny_reference_cfg()
+    sd = _random_reference_state_dict()
+    del sd["ss_text_enc.bertmodel.encoder.hus.linear_v.0.weight"]  # psamf: token_v.weight
+    with pytest.raises(ReferenceCheckpointError, match=r"lacks 1 parameter.*hus\.linear_v\.0\.weight") as e:
+        load_reference_checkpoint(build_model(cfg.model), sd)
+    assert "token_v" not in str(e.value)
+    report = load_reference_checkpoint(build_model(cfg.model), sd, strict=False)
+    assert report.missing == ["ss_text_enc.bertmodel.encoder.hus.linear_v.0.weight"]
+    assert "(psamf token_v.weight)" in report.summary()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_state_dict_is_upcast_with_a_warning(dtype):
+    cfg = _tiny_reference_cfg()
+    sd = {k: v.to(dtype) for k, v in _random_reference_state_dict().items()}
+    model = build_model(cfg.model).eval()
+    with pytest.warns(UserWarning, match=f"half-precision.*{str(dtype)[6:]}.*upcast to float32"):
+        report = load_reference_checkpoint(model, sd)
+    assert len(report.upcast) == len(sd) - sum(k.startswith("text_enc.") or ".pooler." in k or k.startswith("r_a.")
+                                               for k in sd)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    batch = make_batch(cfg.model, B=3, L=10, T_a=7, T_v=8, seed=1)
+    with torch.no_grad():
+        expected = reference_forward({k: v.float() for k, v in sd.items()}, batch)
+        got = model(**model_inputs(batch)).prediction
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- psamf convert
+def _saved(tmp_path, form: str, sd):
+    if form == "module":
+        obj = {f"module.{k}": v for k, v in sd.items()}  # saved from a DataParallel model
+    elif form == "wrapped":
+        obj = {"state_dict": sd, "epoch": 7}
+    else:
+        obj = sd
+    path = tmp_path / f"ref-{form}.pt"
+    torch.save(obj, path)
+    return path
+
+
+@pytest.mark.parametrize("form", ["bare", "module", "wrapped"])
+def test_convert_round_trips_a_reference_state_dict(tmp_path, capsys, form):
+    """psamf convert writes a checkpoint directory that load_model (and so evaluate) takes as it is: every
+    parameter equals the reference tensor of the same (reference) name, predictions equal the reference's."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    from psamf.checkpoint import load_model, verify_checkpoint
+    from psamf.cli import main
+    from psamf.compat import reference_key
+
+    sd = _random_reference_state_dict(seed=4)
+    out = tmp_path / "converted"
+    assert main(["convert", str(_saved(tmp_path, form, sd)), str(out), "--preset", "tiny",
+                 *TINY_REFERENCE_OVERRIDES]) == 0
+    printed = capsys.readouterr().out
+    assert "loaded" in printed and "missing 0" in printed and "vanilla BERT" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "meta.json", "model.pt"]
+    assert verify_checkpoint(pafs.LocalFileSystem(), str(out)) == []
+    assert json.loads((out / "meta.json").read_text())["converted_from"].endswith(f"ref-{form}.pt")
+    model, cfg = load_model(str(out))
+    state = model.state_dict()
+    assert all(torch.equal(v, sd[reference_key(k)]) for k, v in state.items())
+    batch = make_batch(cfg.model, B=4, L=10, T_a=7, T_v=9, seed=2)
+    with torch.no_grad():
+        assert torch.allclose(model(**model_inputs(batch)).prediction, reference_forward(sd, batch), atol=1e-5)
+
+
+def test_convert_refuses_a_truncated_file_an_unknown_key_and_an_existing_directory(tmp_path, capsys):
+    from psamf.cli import main
+
+    args = ["--preset", "tiny", *TINY_REFERENCE_OVERRIDES]
+    sd = _random_reference_state_dict()
+    path = _saved(tmp_path, "bare", sd)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert main(["convert", str(truncated), str(tmp_path / "a"), *args]) == 2
+    err = capsys.readouterr().err
+    assert f"{truncated}: not a loadable state dict, truncated or corrupt?" in err
+
+    sd["ss_text_enc.bertmodel.encoder.layer2.1.output.dense.bias"] = torch.zeros(32)  # a 2nd multimodal layer
+    assert main(["convert", str(_saved(tmp_path, "wrapped", sd)), str(tmp_path / "b"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "ref-wrapped.pt" in err and "ss_text_enc.bertmodel.encoder.layer2.1.output.dense.bias" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging directory left
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    assert main(["convert", str(path), str(tmp_path / "c"), *args]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.integration
+def test_convert_reads_and_writes_s3(tmp_path, s3_bucket, capsys):
+    import boto3
+
+    from psamf.checkpoint import load_model
+    from psamf.cli import main
+    from psamf.compat import reference_key
+    from tests.conftest import S3_ENDPOINT
+
+    sd = _random_reference_state_dict(seed=5)
+    boto3.client("s3", endpoint_url=S3_ENDPOINT, region_name="us-east-1").upload_file(
+        str(_saved(tmp_path, "module", sd)), s3_bucket, "ref/psamf_ref.pt")
+    out = f"s3://{s3_bucket}/converted/mosi"
+    assert main(["convert", f"s3://{s3_bucket}/ref/psamf_ref.pt", out, "--preset", "tiny",
+                 *TINY_REFERENCE_OVERRIDES]) == 0
+    assert "missing 0" in capsys.readouterr().out
+    model, _ = load_model(out)
+    assert all(torch.equal(v, sd[reference_key(k)]) for k, v in model.state_dict().items())

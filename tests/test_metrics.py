@@ -383,3 +383,39 @@ def test_matches_mmsa_transcription_on_random_data(seed):
     ours, ref = sims_metrics(ps, ts), _mmsa_sims(ps, ts)
     for k in SIMS_KEYS:
         assert ours[k] == pytest.approx(ref[k], abs=1e-6), k
+
+
+# ---------------------------------------------------------------------------------------- evaluation plots
+def test_confusion_7class_counts_are_the_acc7_classes():
+    from psamf.metrics import confusion_7class, regression_metrics
+
+    rng = np.random.default_rng(0)
+    label = rng.uniform(-3.2, 3.2, 200)
+    pred = label + rng.normal(0, 0.8, 200)
+    counts = confusion_7class(pred, label)
+    assert counts.shape == (7, 7) and counts.sum() == 200
+    assert np.trace(counts) / 200 == pytest.approx(regression_metrics(pred, label)["acc7"])
+    assert counts[6].sum() == np.sum(np.round(np.clip(label, -3, 3)) == 3)  # row = label class
+    # SIMS labels in [-1, 1] are scaled onto the same 7 classes: -1 -> -3, 1/3 -> 1, 1 -> 3
+    sims = confusion_7class([-1.0, 0.34, 1.0], [-1.0, 0.34, 1.0], (-1.0, 1.0))
+    assert [sims[i, i] for i in (0, 4, 6)] == [1, 1, 1]
+
+
+def test_evaluation_plots_are_pngs_and_the_confusion_counts_sum_to_the_split(tmp_path):
+    from psamf.evaluate import SplitEval, write_eval_plots
+
+    rng = np.random.default_rng(1)
+    res = {}
+    for split, n in (("valid", 37), ("test", 53)):
+        label = rng.uniform(-3, 3, n).astype(np.float32)
+        res[split] = SplitEval(split, {"mae": 0.5, "acc7": 0.3}, [f"{split}{i}" for i in range(n)],
+                               label + rng.normal(0, 0.5, n).astype(np.float32), label, "mosi")
+    written = write_eval_plots(str(tmp_path / "plots"), res)
+    assert len(written) == 6
+    for split, r in res.items():
+        for name in (f"{split}_confusion_7class.png", f"{split}_scatter.png"):
+            assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        rows = (tmp_path / "plots" / f"{split}_confusion_7class.csv").read_text().splitlines()
+        assert rows[0] == "label/pred,-3,-2,-1,0,1,2,3" and len(rows) == 8
+        assert sum(int(v) for row in rows[1:] for v in row.split(",")[1:]) == len(r.ids)
+    assert not [p for p in (tmp_path / "plots").iterdir() if ".tmp" in p.name]  # atomic writes leave no temp files

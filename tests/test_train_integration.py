@@ -254,9 +254,8 @@ def test_sims_and_simsv2_train_on_two_workers_with_sims_metrics(ray_cluster, tmp
 def test_local_mode_checkpoints_and_resumes_like_ray_train(ray_cluster, shards, tmp_path, monkeypatch):
     """run.num_workers=0 (Ray Train local mode: the loop runs in this process) writes the same checkpoint
     directories, keeps the latest + best k, and a re-run of the name resumes. Re-running a finished run trains
-    nothing and re-evaluates the selected checkpoint read back from disk: the same test metrics exactly."""
-    from psamf.evaluate import evaluate_checkpoint
-
+    nothing and re-evaluates the selected checkpoint read back from disk: the same test metrics exactly, and so
+    does `psamf evaluate` (every metric of metrics.json, plus its plots)."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     local, _ = shards
     storage = tmp_path / "runs"
@@ -282,5 +281,20 @@ def test_local_mode_checkpoints_and_resumes_like_ray_train(ray_cluster, shards, 
     assert _epochs(third.history) == [0, 1, 2] and third.metrics["selection"]["selected_epoch"] == sel2
     for split in ("valid", "test"):
         assert third.metrics[split]["mae"] == pytest.approx(second.metrics[split]["mae"], abs=1e-6)
-    again = evaluate_checkpoint(str(run), num_workers=0)
-    assert again["test"].metrics["mae"] == pytest.approx(second.metrics["test"]["mae"], abs=1e-5)
+    # `psamf evaluate RUN --out` reproduces the run's metrics.json, every metric of both splits, and writes the
+    # plots next to its metrics; the confusion counts cover every sample of the split once
+    from psamf.cli import main
+
+    out = tmp_path / "eval" / "eval.json"
+    assert main(["evaluate", str(run), "--out", str(out)]) == 0
+    again, recorded = json.loads(out.read_text()), json.loads((run / "metrics.json").read_text())
+    for split in ("valid", "test"):
+        assert set(again[split]) == set(recorded[split])
+        for k, v in recorded[split].items():
+            assert again[split][k] == pytest.approx(v, abs=1e-5, nan_ok=True), (split, k)
+        for name in ("confusion_7class.png", "scatter.png"):
+            assert (out.parent / f"{split}_{name}").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        rows = (out.parent / f"{split}_confusion_7class.csv").read_text().splitlines()[1:]
+        counts = np.array([[int(v) for v in r.split(",")[1:]] for r in rows])
+        assert counts.sum() == len(_split_ids(local, split)) == recorded[split]["n"]
+        assert np.trace(counts) / counts.sum() == pytest.approx(recorded[split]["acc7"], abs=1e-9)

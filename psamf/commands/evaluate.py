@@ -1,5 +1,8 @@
 """`psamf evaluate` and `jobs/evaluate.py`: evaluate a run's selected checkpoint (or any checkpoint) on valid/test.
 
+With `--out m.json`, the per-split plots (`<split>_confusion_7class.png` / `.csv`, `<split>_scatter.png`) are
+written next to it; `--plots-dir` puts them elsewhere (local or s3://).
+
 Exit status: 0 done, 2 bad input.
 """
 
@@ -8,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from psamf.config import ConfigError
-from psamf.evaluate import evaluate_checkpoint
+from psamf.evaluate import evaluate_checkpoint, write_eval_plots
 from psamf.results import metrics_table
-from psamf.storage import json_safe
+from psamf.storage import atomic_open, json_safe
 
 HELP = "evaluate a run's selected checkpoint (or any checkpoint) on valid/test"
 
@@ -26,7 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="0 = in this process; N = N Ray Train workers (predictions gathered from every rank)")
     p.add_argument("--s3-endpoint", default=None, help="custom S3 endpoint (else AWS_ENDPOINT_URL_S3)")
     p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: the run's)")
-    p.add_argument("--out", default=None, help="write the metrics as JSON here (local path)")
+    p.add_argument("--out", default=None, help="write the metrics as JSON here (local path); the plots go next to "
+                                               "it unless --plots-dir says otherwise")
+    p.add_argument("--plots-dir", default=None,
+                   help="write <split>_confusion_7class.png/.csv and <split>_scatter.png here (local or s3://; "
+                        "default: the directory of --out; neither given: no plots)")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to the checkpoint's config "
                                                 "(e.g. data.uri=...)")
 
@@ -46,6 +54,14 @@ def run(args: argparse.Namespace) -> int:
         for s, r in res.items():
             print(s, json.dumps(json_safe(r.metrics), indent=1))
     if args.out:
-        with open(args.out, "w") as f:
+        with atomic_open(args.out, "w") as f:
             json.dump(json_safe({s: r.metrics for s, r in res.items()}), f, indent=2)
+    plots = args.plots_dir or (os.path.dirname(os.path.abspath(args.out)) if args.out else None)
+    if plots:
+        try:
+            for path in write_eval_plots(plots, res, s3_endpoint=args.s3_endpoint):
+                print(f"wrote {path}")
+        except ConfigError as e:
+            print(f"psamf evaluate: {e}", file=sys.stderr)
+            return 2
     return 0
