@@ -65,6 +65,11 @@ What a model can observe:
   infers ``e_v`` from the wording can weight the audio/visual evidence per speaker; removing the personality
   signal measurably hurts (tests/test_synth.py checks this with a ridge regression).
 
+**Big Five corpus** (``--kind bigfive``, `synthesize_bigfive`): new speakers from the same prior, written by the same
+`_transcript`, with five trait scores per speaker; extraversion is e_v itself (see `bigfive_traits`). It is what
+`psamf personality pretrain` fine-tunes a personality encoder on, so that the encoder learns to read e_v from the
+style words; that encoder's CLS is then what `prepare --personality-model` stores for PSA-MF.
+
 Defects planted like the real files': in ≈4 % of clips (at least one per split) some audio values are ``-inf``
 (COVAREP), and in ≈4 % a short run of visual frames is all ``NaN`` (face lost). Frames are never all-zero, so
 zero rows are always padding.
