@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "convert": "turn a reference-implementation checkpoint (state dict) into a psamf checkpoint directory",
     "tune": "search hyperparameters with Ray Tune (search space as YAML; resumable; TensorBoard HParams)",
     "study": "the paper's ablation and layer studies as seed grids: mean ± std tables with paired tests",
+    "personality": "pretrain a personality encoder on Big Five data (Ray Train) for prepare --personality-model",
 }
 
 DESCRIPTION = ("Train and tune PSA-MF (Personality-Sentiment Aligned Multi-Level Fusion) multimodal sentiment "

@@ -65,6 +65,11 @@ What a model can observe:
   infers ``e_v`` from the wording can weight the audio/visual evidence per speaker; removing the personality
   signal measurably hurts (tests/test_synth.py checks this with a ridge regression).
 
+**Big Five corpus** (``--kind bigfive``, `synthesize_bigfive`): new speakers from the same prior, written by the same
+`_transcript`, with five trait scores per speaker; extraversion is e_v itself (see `bigfive_traits`). It is what
+`psamf personality pretrain` fine-tunes a personality encoder on, so that the encoder learns to read e_v from the
+style words; that encoder's CLS is then what `prepare --personality-model` stores for PSA-MF.
+
 Defects planted like the real files': in ≈4 % of clips (at least one per split) some audio values are ``-inf``
 (COVAREP), and in ≈4 % a short run of visual frames is all ``NaN`` (face lost). Frames are never all-zero, so
 zero rows are always padding.
@@ -108,6 +113,12 @@ __all__ = [
     "LEXICON",
     "generate",
     "synthesize",
+    "BIGFIVE_TRAITS",
+    "BIGFIVE_FORMATS",
+    "BigFiveSplit",
+    "bigfive_traits",
+    "generate_bigfive",
+    "synthesize_bigfive",
     "add_arguments",
     "run",
 ]
@@ -699,6 +710,114 @@ def synthesize(
         paths = _write_custom(corpus, out, progress)
     note(f"synth: done ({time.perf_counter() - t0:.1f} s)", enabled=progress)
     return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# Big Five corpus (`psamf synth --kind bigfive`): the personality side of the same generative story
+# ------------------------------------------------------------------------------------------------
+
+#: the five trait columns of a Big Five corpus, in this order (ChaLearn First Impressions' order)
+BIGFIVE_TRAITS: tuple[str, ...] = ("openness", "conscientiousness", "extraversion", "agreeableness", "neuroticism")
+BIGFIVE_FORMATS: tuple[str, ...] = ("csv", "parquet")
+#: clips and speakers per split at scale 1 (ChaLearn First Impressions: 6000 / 2000 / 2000 clips)
+BIGFIVE_SPLIT_SIZES: tuple[int, int, int] = (6000, 2000, 2000)
+BIGFIVE_SPLIT_SPEAKERS: tuple[int, int, int] = (1200, 400, 400)
+_BIGFIVE_KEY = 100  # the `kind` slot of the seed key (after the sentiment kinds' indices)
+_AGREEABLE_SHIFT = 1.0  # mean verbal sentiment of a clip: _AGREEABLE_SHIFT * (2 a_v - 1)
+
+
+@dataclass
+class BigFiveSplit:
+    """One split of a Big Five corpus: one row per clip, trait scores are the speaker's (as in ChaLearn)."""
+
+    ids: list[str]
+    speakers: list[str]
+    text: list[str]
+    traits: np.ndarray  # (N, 5) float32 in [0, 1], columns BIGFIVE_TRAITS
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def bigfive_traits(e: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """(N, 5) trait scores from the expressiveness `e` (N,) and four further latents `z` (N, 4) in [0, 1].
+
+    extraversion IS e_v (the latent the sentiment corpora gate the nonverbal cues with); agreeableness is z_1,
+    which the transcripts show through the sentiment words' polarity; the other three mix e_v with a latent the
+    text never shows (so no encoder can predict them perfectly: openness 0.6 e + 0.4 z_0, conscientiousness
+    0.3 (1 - e) + 0.7 z_2, neuroticism 0.5 (1 - e) + 0.5 z_3)."""
+    out = np.stack([0.6 * e + 0.4 * z[:, 0], 0.3 * (1 - e) + 0.7 * z[:, 2], e, z[:, 1],
+                    0.5 * (1 - e) + 0.5 * z[:, 3]], axis=1)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def generate_bigfive(seed: int = 0, scale: float = 1.0) -> dict[str, BigFiveSplit]:
+    """A Big Five corpus in memory (see `synthesize_bigfive`). Speakers are split-disjoint."""
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"synth: scale must be a finite number > 0, got {scale}")
+    out: dict[str, BigFiveSplit] = {}
+    first = 0
+    for s_idx, split in enumerate(SPLITS):
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, _BIGFIVE_KEY, s_idx + 1]))
+        n = scaled_size(BIGFIVE_SPLIT_SIZES[s_idx], scale, 2)
+        counts = _clip_counts(n, scaled_size(BIGFIVE_SPLIT_SPEAKERS[s_idx], scale, 1), rng)
+        e_spk = rng.beta(_BETA_E, _BETA_E, len(counts))  # the sentiment corpora's personality prior
+        z_spk = rng.beta(2.0, 2.0, (len(counts), 4))
+        of = np.repeat(np.arange(len(counts)), counts)
+        e, z = e_spk[of], z_spk[of]
+        t = rng.standard_normal(n) + _AGREEABLE_SHIFT * (2 * z[:, 1] - 1)
+        text = [_transcript(float(t[i]), float(e[i]), rng) for i in range(n)]
+        speakers = [f"speaker_{first + k + 1:05d}" for k in of]
+        clips = np.concatenate([np.arange(c) for c in counts])
+        out[split] = BigFiveSplit(ids=[f"{s}$_${c + 1}" for s, c in zip(speakers, clips)], speakers=speakers,
+                                  text=text, traits=bigfive_traits(e, z))
+        first += len(counts)
+    return out
+
+
+def synthesize_bigfive(out_dir: str | os.PathLike, fmt: str = "csv", seed: int = 0, scale: float = 1.0) -> dict[str, Path]:
+    """Write a seeded Big Five corpus: ``bigfive.csv`` or ``bigfive.parquet`` under `out_dir`, columns
+    ``id, split, speaker, text`` and the five `BIGFIVE_TRAITS` (float, [0, 1]).
+
+    The same generative story as the sentiment corpora, from the personality side: each speaker draws the
+    expressiveness ``e_v ~ Beta(0.6, 0.6)`` that the sentiment corpora plant (their gate g_v = 0.2 + 1.6 e_v), and
+    every transcript is written by the same `_transcript` (same lexicon, ``Poisson(2.5 e_v)`` expressive and
+    ``Poisson(2.5 (1 - e_v))`` reserved style words), so an encoder that learns to read extraversion here reads
+    e_v in MOSI/MOSEI/SIMS transcripts. The speakers are new ones drawn from the same prior, not the sentiment
+    corpora's (pretraining on them would leak the test speakers' personality). See `bigfive_traits` for the other
+    four traits. Sizes: ``max(2, round(n * scale))`` clips per split (6000 / 2000 / 2000 at scale 1, as ChaLearn)
+    over ``round(speakers * scale)`` speakers (1200 / 400 / 400). Same arguments => identical bytes; atomic write.
+    """
+    if fmt not in BIGFIVE_FORMATS:
+        raise ValueError(f"synth: --kind bigfive writes {' or '.join(BIGFIVE_FORMATS)}, not {fmt!r}")
+    splits = generate_bigfive(seed, scale)
+    cols: dict[str, list[Any]] = {"id": [], "split": [], "speaker": [], "text": []}
+    cols.update({t: [] for t in BIGFIVE_TRAITS})
+    for split, s in splits.items():
+        cols["id"] += s.ids
+        cols["split"] += [split] * len(s)
+        cols["speaker"] += s.speakers
+        cols["text"] += s.text
+        for j, t in enumerate(BIGFIVE_TRAITS):
+            cols[t] += s.traits[:, j].tolist()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bigfive.{fmt}"
+    if fmt == "csv":
+        header = list(cols)
+        rows = [[str(v) if k not in BIGFIVE_TRAITS else _fmt_float(v) for k, v in zip(header, r)]
+                for r in zip(*cols.values())]
+        _atomic_write_bytes(path, _csv_bytes(header, rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({k: pa.array(v, pa.float32() if k in BIGFIVE_TRAITS else pa.string())
+                          for k, v in cols.items()})
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        _atomic_write_bytes(path, buf.getvalue().to_pybytes())
+    return {"corpus": path}
 
 
 # ------------------------------------------------------------------------------------------------

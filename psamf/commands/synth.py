@@ -1,15 +1,23 @@
-"""`psamf synth`: write a seeded synthetic MOSI/MOSEI/SIMS-shaped data set (`psamf.synth`)."""
+"""`psamf synth`: write a seeded synthetic MOSI/MOSEI/SIMS-shaped data set, or a Big Five corpus (`psamf.synth`)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
-from psamf.synth import FORMATS, KINDS, SPLITS, synthesize, scaled_size
+from psamf.synth import (BIGFIVE_FORMATS, BIGFIVE_SPLIT_SIZES, FORMATS, KINDS, SPLITS, scaled_size, synthesize,
+                         synthesize_bigfive)
+
+BIGFIVE = "bigfive"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kind", choices=sorted(KINDS), default="mosi", help="which release to imitate")
-    parser.add_argument("--format", dest="fmt", choices=FORMATS, default="mmsa", help="output format")
+    parser.add_argument("--kind", choices=[*sorted(KINDS), BIGFIVE], default="mosi",
+                        help="which release to imitate; bigfive = a Big Five personality corpus (text + five "
+                             "trait scores) from the same speakers' personality model")
+    parser.add_argument("--format", dest="fmt", choices=[*FORMATS, *BIGFIVE_FORMATS], default=None,
+                        help=f"output format: {', '.join(FORMATS)} (default mmsa) for the sentiment kinds, "
+                             f"{' or '.join(BIGFIVE_FORMATS)} (default csv) for bigfive")
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed => identical bytes)")
     parser.add_argument("--scale", type=float, default=1.0,
@@ -21,10 +29,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    paths = synthesize(args.kind, args.fmt, args.out, seed=args.seed, scale=args.scale,
-                       full_text_features=args.full_text_features, progress=not args.no_progress)
-    corpus_sizes = {s: scaled_size(n, args.scale, 2) for s, n in zip(SPLITS, KINDS[args.kind].split_sizes)}
-    print(f"psamf synth: {args.kind} ({args.fmt}, seed {args.seed}, scale {args.scale}) sizes {corpus_sizes}")
+    if args.kind == BIGFIVE:
+        fmt = args.fmt or BIGFIVE_FORMATS[0]
+        if fmt not in BIGFIVE_FORMATS:
+            print(f"psamf synth: error: --kind bigfive writes --format {' or '.join(BIGFIVE_FORMATS)}, not {fmt}",
+                  file=sys.stderr)
+            return 2
+        paths = synthesize_bigfive(args.out, fmt, seed=args.seed, scale=args.scale)
+        sizes = BIGFIVE_SPLIT_SIZES
+    else:
+        fmt = args.fmt or FORMATS[0]
+        if fmt not in FORMATS:
+            print(f"psamf synth: error: --kind {args.kind} writes --format {', '.join(FORMATS)}, not {fmt}",
+                  file=sys.stderr)
+            return 2
+        paths = synthesize(args.kind, fmt, args.out, seed=args.seed, scale=args.scale,
+                           full_text_features=args.full_text_features, progress=not args.no_progress)
+        sizes = KINDS[args.kind].split_sizes
+    corpus_sizes = {s: scaled_size(n, args.scale, 2) for s, n in zip(SPLITS, sizes)}
+    print(f"psamf synth: {args.kind} ({fmt}, seed {args.seed}, scale {args.scale}) sizes {corpus_sizes}")
     for key, path in paths.items():
         print(f"  {key}: {path}")
     return 0

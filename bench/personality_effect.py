@@ -1,0 +1,93 @@
+"""Does a pretrained personality encoder help PSA-MF? (issue 12; docs/benchmarks.md "Personality pretraining").
+
+The whole offline chain on synthetic data: `synth --kind bigfive` -> `personality pretrain` (tiny config, Ray
+Train local mode) -> `synth --kind mosi` -> `prepare` twice (CLS_p from the pretrained encoder; from the untrained
+one, the tiny preset's seeded random BERT) -> the tiny preset trained per seed in local mode for three rows:
+full model with the pretrained encoder, full model with the untrained encoder, "w/o personality".
+Prints and writes (``--out``) test MAE / Corr / Acc-2 per row as mean ± population std over seeds.
+
+    PYTHONPATH=. .venv/bin/python bench/personality_effect.py --work /tmp/psamf-effect --scale 0.5 --seeds 1,2,3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import psamf  # noqa: E402,F401  (before ray)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", required=True)
+    p.add_argument("--scale", type=float, default=0.5, help="MOSI scale")
+    p.add_argument("--bigfive-scale", type=float, default=0.3)
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--epochs", type=int, default=6, help="PSA-MF epochs (tiny preset: 6)")
+    p.add_argument("--pretrain-epochs", type=int, default=6)
+    p.add_argument("--encoder", default=None, help="an already pretrained encoder directory (skips pretraining)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    from psamf.config import Config, ablate
+    from psamf.prepare import prepare
+    from psamf.pretrain import PretrainConfig, format_report, pretrain
+    from psamf.synth import synthesize, synthesize_bigfive
+    from psamf.train import train
+
+    w = os.path.abspath(args.work)
+    os.makedirs(w, exist_ok=True)
+    enc = args.encoder
+    pre_metrics = None
+    if enc is None:
+        bf = synthesize_bigfive(f"{w}/bigfive", "csv", seed=0, scale=args.bigfive_scale)["corpus"]
+        res = pretrain(PretrainConfig(data=str(bf), model="psamf:tiny-config", out=f"{w}/encoder",
+                                      storage_path=f"{w}/runs", epochs=args.pretrain_epochs, lr=1e-3,
+                                      num_workers=0, max_len=32))
+        print(format_report(res.metrics))
+        enc, pre_metrics = res.out, {k: res.metrics[k]["mean_r"] for k in ("untrained", "pretrained_ridge", "pretrained")}
+    pkl = synthesize("mosi", "mmsa", f"{w}/mosi", seed=0, scale=args.scale)["pickle"]
+    src = {"format": "mmsa", "input": str(pkl), "dataset": "mosi"}
+    tiny = Config.from_preset("tiny")
+    shards = {}
+    for row, model in (("pretrained", dataclasses.replace(tiny.model, personality_model=enc)),
+                       ("untrained", tiny.model)):
+        shards[row] = f"{w}/shards-{row}"
+        if not os.path.exists(f"{shards[row]}/manifest.json"):
+            prepare(src, shards[row], tokenizer="psamf:tiny", personality_tokenizer="psamf:tiny", max_text_len=32,
+                    personality_model=model)
+    base = tiny.replace({"run.num_workers": 0, "run.storage_path": f"{w}/runs", "optim.epochs": args.epochs})
+    rows = {
+        "full, pretrained encoder": base.replace({"data.uri": shards["pretrained"], "model.personality_model": enc}),
+        "full, untrained encoder": base.replace({"data.uri": shards["untrained"]}),
+        "w/o personality": ablate(base.replace({"data.uri": shards["untrained"]}), "no_personality"),
+    }
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out: dict = {"scale": args.scale, "seeds": seeds, "epochs": args.epochs, "encoder": enc,
+                 "encoder_test_mean_r": pre_metrics, "rows": {}}
+    for label, cfg in rows.items():
+        per = []
+        for s in seeds:
+            slug = label.replace(",", "").replace(" ", "-").replace("/", "")
+            r = train(cfg.replace({"optim.seed": s, "run.name": f"{slug}-seed{s}"}))
+            per.append({k: r.metrics["test"][k] for k in ("mae", "corr", "acc2_non0")})
+            print(label, s, per[-1], flush=True)
+        import numpy as np
+
+        out["rows"][label] = {"per_seed": per, **{k: [float(np.mean([q[k] for q in per])), float(np.std([q[k] for q in per]))]
+                                                  for k in ("mae", "corr", "acc2_non0")}}
+    for label, r in out["rows"].items():
+        print(f"{label:28s} MAE {r['mae'][0]:.3f} ± {r['mae'][1]:.3f}  Corr {r['corr'][0]:.3f} ± {r['corr'][1]:.3f}  "
+              f"Acc-2 {r['acc2_non0'][0]:.3f} ± {r['acc2_non0'][1]:.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""`psamf personality pretrain` on Ray Train (local mode): it beats the untrained encoder, it resumes by name,
+and its export is a personality encoder that `psamf prepare --personality-model` and `model.personality_model`
+take as they are."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from psamf import personality as P
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pretrained(ray_cluster, tmp_path_factory):
+    """One pretraining run on a small synthetic Big Five corpus (tiny config, local mode) through the CLI."""
+    from psamf.cli import main
+    from psamf.synth import synthesize_bigfive
+
+    root = tmp_path_factory.mktemp("persona")
+    corpus = synthesize_bigfive(root / "bigfive", "parquet", seed=0, scale=0.1)["corpus"]
+    argv = ["personality", "pretrain", "--data", str(corpus), "--model", P.TINY_CONFIG, "--out", str(root / "enc"),
+            "--num-workers", "0", "--epochs", "4", "--lr", "1e-3", "--max-len", "32", "--storage-path",
+            str(root / "runs"), "--name", "pt"]
+    assert main(argv) == 0
+    return root, argv
+
+
+def test_pretraining_raises_mean_trait_r_well_above_the_untrained_encoder(pretrained):
+    root, _ = pretrained
+    m = json.loads((root / "enc" / P.METRICS_FILE).read_text())
+    assert m["split"] == "test" and m["counts"]["test"] == 200 and len(m["history"]) == 4
+    for key in ("untrained", "pretrained", "pretrained_ridge"):
+        assert set(m[key]["mae"]) == set(m[key]["pearson_r"]) == set(P.TRAITS)
+    # the frozen CLS (what PSA-MF reads) of the pretrained encoder carries the traits; the untrained one's barely
+    assert m["pretrained_ridge"]["mean_r"] > m["untrained"]["mean_r"] + 0.15
+    assert m["pretrained"]["mean_r"] > m["untrained"]["mean_r"] + 0.15
+    assert m["pretrained_ridge"]["pearson_r"]["extraversion"] > 0.4  # e_v, the planted personality
+    # validation-only selection: the selected epoch is the best val_mean_mae
+    hist = m["history"]
+    assert m["selected_epoch"] == min(hist, key=lambda r: (r["val_mean_mae"], -r["epoch"]))["epoch"]
+
+
+def test_rerun_of_the_same_name_resumes_and_a_changed_one_is_refused(pretrained, capsys):
+    from psamf.cli import main
+
+    root, argv = pretrained
+    before = json.loads((root / "enc" / P.METRICS_FILE).read_text())
+    assert main(argv) == 0  # finished run: no further epoch, same selection
+    after = json.loads((root / "enc" / P.METRICS_FILE).read_text())
+    assert after["history"] == before["history"] and after["selected_epoch"] == before["selected_epoch"]
+    changed = [a if a != "32" else "24" for a in argv]  # --max-len
+    assert main(changed) == 2
+    assert "was started with other settings" in capsys.readouterr().err
+
+
+def test_export_is_accepted_by_prepare_and_by_the_model_config(pretrained, tmp_path):
+    from transformers import AutoModel
+
+    from psamf.config import Config
+    from psamf.model import build_model
+    from psamf.prepare import prepare
+    from psamf.synth import synthesize
+    from psamf.tokenizers import load_tokenizer
+
+    root, _ = pretrained
+    enc_dir = str(root / "enc")
+    assert {"config.json", P.METRICS_FILE}.issubset({p.name for p in (root / "enc").iterdir()})
+    enc = AutoModel.from_pretrained(enc_dir).eval()
+    assert not any("head" in k for k in enc.state_dict())  # the regression head is not exported
+    # psamf prepare --personality-model DIR: the shards' CLS is the exported encoder's CLS
+    pkl = synthesize("mosi", "mmsa", tmp_path / "mosi", seed=0, scale=0.02)["pickle"]
+    cfg = Config.from_preset("tiny").override([f"model.personality_model={enc_dir}"])
+    man = prepare({"format": "mmsa", "input": str(pkl), "dataset": "mosi"}, str(tmp_path / "shards"),
+                  tokenizer="psamf:tiny", personality_tokenizer=enc_dir, max_text_len=32,
+                  personality_model=cfg.model)
+    assert man["personality_cls"]["dim"] == 32 and man["personality_cls"]["model"] == enc_dir
+    import pyarrow.dataset as pads
+
+    files = sorted(str(f) for f in (tmp_path / "shards").rglob("*.parquet"))
+    tbl = pads.dataset(files, format="parquet").to_table(
+        columns=["p_input_ids", "p_attention_mask", "p_token_type_ids", "personality_cls"])
+    toks = {c: np.stack(tbl.column(f"p_{c}").to_numpy(zero_copy_only=False)).astype(np.int64)
+            for c in P.TOKEN_COLUMNS}
+    cls = np.stack(tbl.column("personality_cls").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(P.cls_features(enc, toks), cls, atol=1e-4)
+    assert load_tokenizer(enc_dir).get_vocab() == load_tokenizer("psamf:tiny").get_vocab()
+    # model.personality_model=DIR: PSA-MF builds with the exported encoder as its frozen personality BERT
+    model = build_model(cfg.model)
+    assert model.personality_dim == 32
+    for k, v in enc.state_dict().items():
+        if not k.startswith("pooler"):
+            assert torch.equal(model.personality_enc.state_dict()[k], v), k
