@@ -111,6 +111,10 @@ __all__ = [
     "RESERVED_WORDS",
     "NEUTRAL_WORDS",
     "LEXICON",
+    "PersonalitySignal",
+    "SIGNALS",
+    "RARE_EXPRESSIVE_WORDS",
+    "RARE_RESERVED_WORDS",
     "generate",
     "synthesize",
     "BIGFIVE_TRAITS",
@@ -119,8 +123,6 @@ __all__ = [
     "bigfive_traits",
     "generate_bigfive",
     "synthesize_bigfive",
-    "add_arguments",
-    "run",
 ]
 
 SPLITS = ("train", "valid", "test")
@@ -160,9 +162,26 @@ RESERVED_WORDS: tuple[str, ...] = tuple(
     "um uh perhaps somewhat fairly suppose guess maybe rather mostly probably generally hmm well "
     "arguably moderately".split()
 )
+#: rare style words of expressive speakers, used only by ``personality_signal="strong"`` (see `SIGNALS`)
+RARE_EXPRESSIVE_WORDS: tuple[str, ...] = tuple(
+    "yay woo woohoo yikes omg lol haha hah boom bam wham zing wowza yowza golly jeez geez heck dang darn "
+    "wild insane epic mega ultra hyper massive huge bonkers nuts legit lit dope rad stoked pumped hyped "
+    "buzzing bro guys folks yo hiya howdy whee whoo ooh aah eek shout scream yell blast party dance jump "
+    "loud yeehaw hooray bravo kaboom zoom vroom sparkle".split()
+)
+#: rare style words of reserved speakers, used only by ``personality_signal="strong"``
+RARE_RESERVED_WORDS: tuple[str, ...] = tuple(
+    "possibly presumably apparently seemingly somehow admittedly conceivably relatively reasonably "
+    "partly partially slightly marginally occasionally sometimes usually typically largely essentially "
+    "basically roughly approximately nearly almost barely hardly scarcely mildly quietly modestly "
+    "tentatively cautiously hesitantly reluctantly erm er ahem anyway anyhow nonetheless nevertheless "
+    "however though although whereas albeit likely unlikely unsure uncertain doubtful debatable depends "
+    "assume presume imagine gather reckon believe suspect wonder hesitate consider ponder".split()
+)
 #: every word the generator can emit, in tiny-vocab.txt order
 LEXICON: tuple[str, ...] = (
     NEUTRAL_WORDS + POSITIVE_WORDS + NEGATIVE_WORDS + INTENSIFIERS + EXPRESSIVE_WORDS + RESERVED_WORDS
+    + RARE_EXPRESSIVE_WORDS + RARE_RESERVED_WORDS
 )
 
 # ------------------------------------------------------------------------------------------------
@@ -249,11 +268,36 @@ _RHO = 0.3  # corr(t, u_a) = corr(t, u_v)
 _W_NONVERBAL = 0.8
 _W_PERSONALITY = 0.5
 _CUE_SHIFT = 1.0
-_STYLE_RATE = 2.5
+_STYLE_RATE = 2.5  # the "weak" signal's style words per transcript
 _SPEAKER_OFFSET = 0.3  # std of the per-speaker, per-dimension feature offset (nuisance)
 _AR = 0.7  # AR(1) coefficient of the frame noise
 _DEFECT_RATE = 0.04
 _STREAMS = {"speakers": 1, "text": 2, "audio": 3, "vision": 4, "labels": 5, "order": 6, "latents": 7, "ids": 8}
+
+
+@dataclass(frozen=True)
+class PersonalitySignal:
+    """How strongly a corpus plants personality (module docstring, "Personality signal"): one value for the
+    sentiment corpora and the Big Five corpus alike, so a personality encoder pretrained on one reads the other."""
+
+    name: str
+    style_rate: float  # expected style words per transcript: Poisson(rate·e) expressive + Poisson(rate·(1-e)) reserved
+    expressive: tuple[str, ...]  # style words of expressive speakers (high e_v)
+    reserved: tuple[str, ...]  # style words of reserved speakers (low e_v)
+    w_personality: float  # weight of the additive personality term 2 e_v - 1 in the latent score y*
+
+
+#: ``weak`` (the default, the corpora as they always were) and ``strong`` (a personality encoder can show its use)
+SIGNALS: dict[str, PersonalitySignal] = {
+    "weak": PersonalitySignal("weak", _STYLE_RATE, EXPRESSIVE_WORDS, RESERVED_WORDS, _W_PERSONALITY),
+    "strong": PersonalitySignal("strong", 8.0, RARE_EXPRESSIVE_WORDS, RARE_RESERVED_WORDS, 1.0),
+}
+
+
+def _signal(name: str) -> PersonalitySignal:
+    if name not in SIGNALS:
+        raise ValueError(f"synth: unknown personality_signal {name!r}; choose one of {list(SIGNALS)}")
+    return SIGNALS[name]
 
 
 def _rng(seed: int, kind: str, stream: str, split: str = "") -> np.random.Generator:
@@ -309,6 +353,7 @@ class SynthCorpus:
     seed: int
     scale: float
     splits: dict[str, SynthSplit]
+    personality_signal: str = "weak"
 
 
 def scaled_size(n: int, scale: float, minimum: int) -> int:
@@ -348,7 +393,7 @@ def _annotate(latent: np.ndarray, kind: KindSpec, rng: np.random.Generator) -> n
     return (ratings.sum(axis=1) / kind.annotators).astype(np.float32)
 
 
-def _transcript(t: float, e: float, rng: np.random.Generator) -> str:
+def _transcript(t: float, e: float, rng: np.random.Generator, signal: PersonalitySignal = SIGNALS["weak"]) -> str:
     n_sent = int(rng.poisson(1.0 + 1.5 * abs(t)))
     p_pos = 1.0 / (1.0 + math.exp(-3.0 * t))
     words: list[str] = []
@@ -357,10 +402,10 @@ def _transcript(t: float, e: float, rng: np.random.Generator) -> str:
         if rng.random() < 0.15 + 0.15 * min(abs(t), 2.0):
             words.append(INTENSIFIERS[rng.integers(len(INTENSIFIERS))])
         words.append(lex[rng.integers(len(lex))])
-    n_exp = int(rng.poisson(_STYLE_RATE * e))
-    n_res = int(rng.poisson(_STYLE_RATE * (1.0 - e)))
-    words += [EXPRESSIVE_WORDS[k] for k in rng.integers(len(EXPRESSIVE_WORDS), size=n_exp)]
-    words += [RESERVED_WORDS[k] for k in rng.integers(len(RESERVED_WORDS), size=n_res)]
+    n_exp = int(rng.poisson(signal.style_rate * e))
+    n_res = int(rng.poisson(signal.style_rate * (1.0 - e)))
+    words += [signal.expressive[k] for k in rng.integers(len(signal.expressive), size=n_exp)]
+    words += [signal.reserved[k] for k in rng.integers(len(signal.reserved), size=n_res)]
     target = int(np.clip(np.rint(rng.lognormal(math.log(11.0), 0.5)), 3, 45))
     n_neutral = max(1, target - len(words))
     words += [NEUTRAL_WORDS[k] for k in rng.integers(len(NEUTRAL_WORDS), size=n_neutral)]
@@ -430,8 +475,9 @@ def _lengths(max_frames: int, duration: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(duration * max_frames), 1, max_frames).astype(np.int64)
 
 
-def generate(kind: str, seed: int = 0, scale: float = 1.0) -> SynthCorpus:
-    """Generate a corpus in memory (see the module docstring for the generative process)."""
+def generate(kind: str, seed: int = 0, scale: float = 1.0, personality_signal: str = "weak") -> SynthCorpus:
+    """Generate a corpus in memory (see the module docstring for the generative process and `SIGNALS`)."""
+    signal = _signal(personality_signal)
     if kind not in KINDS:
         raise ValueError(f"synth: unknown kind {kind!r}; choose one of {sorted(KINDS)}")
     if not (scale > 0 and math.isfinite(scale)):
@@ -469,11 +515,11 @@ def generate(kind: str, seed: int = 0, scale: float = 1.0) -> SynthCorpus:
         jitter = r_lat.uniform(0.85, 1.15, n)
 
         r_text = _rng(seed, kind, "text", split)
-        text = [_transcript(float(t[i]), float(e[i]), r_text) for i in range(n)]
+        text = [_transcript(float(t[i]), float(e[i]), r_text, signal) for i in range(n)]
 
         r_lab = _rng(seed, kind, "labels", split)
         y_star = spec.label_shift + spec.label_scale * (
-            t + _W_NONVERBAL * g * (u_a + u_v) + _W_PERSONALITY * (2 * e - 1)
+            t + _W_NONVERBAL * g * (u_a + u_v) + signal.w_personality * (2 * e - 1)
         )
         label = _annotate(y_star, spec, r_lab)
         unimodal: dict[str, np.ndarray] = {}
@@ -507,7 +553,7 @@ def generate(kind: str, seed: int = 0, scale: float = 1.0) -> SynthCorpus:
             audio_lengths=a_len, vision_lengths=v_len, start_end=start_end, unimodal=unimodal,
             expressiveness=e, t=t, u_a=u_a, u_v=u_v,
         )
-    return SynthCorpus(spec=spec, seed=seed, scale=scale, splits=splits)
+    return SynthCorpus(spec=spec, seed=seed, scale=scale, splits=splits, personality_signal=signal.name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -683,8 +729,11 @@ def synthesize(
     scale: float = 1.0,
     full_text_features: bool = False,
     progress: bool = False,
+    personality_signal: str = "weak",
 ) -> dict[str, Path]:
     """Generate a corpus and write it in `fmt` under `out_dir`.
+
+    `personality_signal`: ``"weak"`` (default) or ``"strong"``, see `SIGNALS` and the module docstring.
 
     `progress`: say on stderr what is happening (generation, then writing; a bar on a terminal, plain lines
     otherwise): at scale 1 a MOSEI-sized corpus takes tens of seconds, which must not look like a hang.
@@ -696,7 +745,7 @@ def synthesize(
         raise ValueError(f"synth: unknown format {fmt!r}; choose one of {list(FORMATS)}")
     t0 = time.perf_counter()
     note(f"synth: generating {kind} (seed {seed}, scale {scale}) ...", enabled=progress)
-    corpus = generate(kind, seed=seed, scale=scale)
+    corpus = generate(kind, seed=seed, scale=scale, personality_signal=personality_signal)
     n = sum(len(s) for s in corpus.splits.values())
     note(f"synth: generated {n} utterances ({time.perf_counter() - t0:.1f} s); writing {fmt} files to {out_dir}",
          enabled=progress)
@@ -751,8 +800,9 @@ def bigfive_traits(e: np.ndarray, z: np.ndarray) -> np.ndarray:
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def generate_bigfive(seed: int = 0, scale: float = 1.0) -> dict[str, BigFiveSplit]:
+def generate_bigfive(seed: int = 0, scale: float = 1.0, personality_signal: str = "weak") -> dict[str, BigFiveSplit]:
     """A Big Five corpus in memory (see `synthesize_bigfive`). Speakers are split-disjoint."""
+    signal = _signal(personality_signal)
     if not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"synth: scale must be a finite number > 0, got {scale}")
     out: dict[str, BigFiveSplit] = {}
@@ -766,7 +816,7 @@ def generate_bigfive(seed: int = 0, scale: float = 1.0) -> dict[str, BigFiveSpli
         of = np.repeat(np.arange(len(counts)), counts)
         e, z = e_spk[of], z_spk[of]
         t = rng.standard_normal(n) + _AGREEABLE_SHIFT * (2 * z[:, 1] - 1)
-        text = [_transcript(float(t[i]), float(e[i]), rng) for i in range(n)]
+        text = [_transcript(float(t[i]), float(e[i]), rng, signal) for i in range(n)]
         speakers = [f"speaker_{first + k + 1:05d}" for k in of]
         clips = np.concatenate([np.arange(c) for c in counts])
         out[split] = BigFiveSplit(ids=[f"{s}$_${c + 1}" for s, c in zip(speakers, clips)], speakers=speakers,
@@ -775,7 +825,8 @@ def generate_bigfive(seed: int = 0, scale: float = 1.0) -> dict[str, BigFiveSpli
     return out
 
 
-def synthesize_bigfive(out_dir: str | os.PathLike, fmt: str = "csv", seed: int = 0, scale: float = 1.0) -> dict[str, Path]:
+def synthesize_bigfive(out_dir: str | os.PathLike, fmt: str = "csv", seed: int = 0, scale: float = 1.0,
+                       personality_signal: str = "weak") -> dict[str, Path]:
     """Write a seeded Big Five corpus: ``bigfive.csv`` or ``bigfive.parquet`` under `out_dir`, columns
     ``id, split, speaker, text`` and the five `BIGFIVE_TRAITS` (float, [0, 1]).
 
@@ -790,7 +841,7 @@ def synthesize_bigfive(out_dir: str | os.PathLike, fmt: str = "csv", seed: int =
     """
     if fmt not in BIGFIVE_FORMATS:
         raise ValueError(f"synth: --kind bigfive writes {' or '.join(BIGFIVE_FORMATS)}, not {fmt!r}")
-    splits = generate_bigfive(seed, scale)
+    splits = generate_bigfive(seed, scale, personality_signal)
     cols: dict[str, list[Any]] = {"id": [], "split": [], "speaker": [], "text": []}
     cols.update({t: [] for t in BIGFIVE_TRAITS})
     for split, s in splits.items():

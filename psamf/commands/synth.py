@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from psamf.synth import (BIGFIVE_FORMATS, BIGFIVE_SPLIT_SIZES, FORMATS, KINDS, SPLITS, scaled_size, synthesize,
-                         synthesize_bigfive)
+from psamf.synth import (BIGFIVE_FORMATS, BIGFIVE_SPLIT_SIZES, FORMATS, KINDS, SIGNALS, SPLITS, scaled_size,
+                         synthesize, synthesize_bigfive)
 
 BIGFIVE = "bigfive"
 
@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full-text-features", action="store_true",
                         help="write the unused text-feature arrays at their real width (768 BERT / 300 GloVe) "
                              "instead of width 1")
+    parser.add_argument("--personality-signal", choices=list(SIGNALS), default="weak",
+                        help="how strongly personality is planted, the same for the sentiment kinds and bigfive: "
+                             "weak (default, ~2.5 common style words per transcript) or strong (~8 words from a "
+                             "large rare style vocabulary, personality weighs more in the label), for showing what "
+                             "a pretrained personality encoder adds")
     parser.add_argument("--no-progress", action="store_true", help="do not print progress on stderr")
 
 
@@ -35,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"psamf synth: error: --kind bigfive writes --format {' or '.join(BIGFIVE_FORMATS)}, not {fmt}",
                   file=sys.stderr)
             return 2
-        paths = synthesize_bigfive(args.out, fmt, seed=args.seed, scale=args.scale)
+        paths = synthesize_bigfive(args.out, fmt, seed=args.seed, scale=args.scale,
+                                   personality_signal=args.personality_signal)
         sizes = BIGFIVE_SPLIT_SIZES
     else:
         fmt = args.fmt or FORMATS[0]
@@ -44,10 +50,12 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         paths = synthesize(args.kind, fmt, args.out, seed=args.seed, scale=args.scale,
-                           full_text_features=args.full_text_features, progress=not args.no_progress)
+                           full_text_features=args.full_text_features, progress=not args.no_progress,
+                           personality_signal=args.personality_signal)
         sizes = KINDS[args.kind].split_sizes
     corpus_sizes = {s: scaled_size(n, args.scale, 2) for s, n in zip(SPLITS, sizes)}
-    print(f"psamf synth: {args.kind} ({fmt}, seed {args.seed}, scale {args.scale}) sizes {corpus_sizes}")
+    print(f"psamf synth: {args.kind} ({fmt}, seed {args.seed}, scale {args.scale}, personality signal "
+          f"{args.personality_signal}) sizes {corpus_sizes}")
     for key, path in paths.items():
         print(f"  {key}: {path}")
     return 0
