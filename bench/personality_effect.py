@@ -1,12 +1,13 @@
 """Does a pretrained personality encoder help PSA-MF? (issue 12; docs/benchmarks.md "Personality pretraining").
 
-The whole offline chain on synthetic data: `synth --kind bigfive` -> `personality pretrain` (tiny config, Ray
-Train local mode) -> `synth --kind mosi` -> `prepare` twice (CLS_p from the pretrained encoder; from the untrained
+The whole offline chain on synthetic data, both corpora with the same `--personality-signal` (default strong,
+the planting under which the effect shows; weak = the default corpora): `synth --kind bigfive` -> `personality
+pretrain` (tiny config, Ray Train local mode) -> `synth --kind mosi` -> `prepare` twice (CLS_p from the pretrained encoder; from the untrained
 one, the tiny preset's seeded random BERT) -> the tiny preset trained per seed in local mode for three rows:
 full model with the pretrained encoder, full model with the untrained encoder, "w/o personality".
 Prints and writes (``--out``) test MAE / Corr / Acc-2 per row as mean ± population std over seeds.
 
-    PYTHONPATH=. .venv/bin/python bench/personality_effect.py --work /tmp/psamf-effect --scale 0.5 --seeds 1,2,3
+    PYTHONPATH=. .venv/bin/python bench/personality_effect.py --work /tmp/psamf-effect --scale 0.3 --seeds 1,2,3
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,6 +29,9 @@ def main() -> int:
     p.add_argument("--work", required=True)
     p.add_argument("--scale", type=float, default=0.5, help="MOSI scale")
     p.add_argument("--bigfive-scale", type=float, default=0.3)
+    p.add_argument("--personality-signal", choices=("weak", "strong"), default="strong")
+    p.add_argument("--rows", default="pretrained,untrained,none",
+                   help="which rows: pretrained (full, pretrained encoder), untrained, none (w/o personality)")
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--epochs", type=int, default=6, help="PSA-MF epochs (tiny preset: 6)")
     p.add_argument("--pretrain-epochs", type=int, default=6)
@@ -44,13 +49,16 @@ def main() -> int:
     enc = args.encoder
     pre_metrics = None
     if enc is None:
-        bf = synthesize_bigfive(f"{w}/bigfive", "csv", seed=0, scale=args.bigfive_scale)["corpus"]
+        t0 = time.perf_counter()
+        bf = synthesize_bigfive(f"{w}/bigfive", "csv", seed=0, scale=args.bigfive_scale,
+                                personality_signal=args.personality_signal)["corpus"]
         res = pretrain(PretrainConfig(data=str(bf), model="psamf:tiny-config", out=f"{w}/encoder",
                                       storage_path=f"{w}/runs", epochs=args.pretrain_epochs, lr=1e-3,
                                       num_workers=0, max_len=32))
-        print(format_report(res.metrics))
+        print(format_report(res.metrics), f"\npretraining took {time.perf_counter() - t0:.0f} s", flush=True)
         enc, pre_metrics = res.out, {k: res.metrics[k]["mean_r"] for k in ("untrained", "pretrained_ridge", "pretrained")}
-    pkl = synthesize("mosi", "mmsa", f"{w}/mosi", seed=0, scale=args.scale)["pickle"]
+    pkl = synthesize("mosi", "mmsa", f"{w}/mosi", seed=0, scale=args.scale,
+                     personality_signal=args.personality_signal)["pickle"]
     src = {"format": "mmsa", "input": str(pkl), "dataset": "mosi"}
     tiny = Config.from_preset("tiny")
     shards = {}
@@ -61,13 +69,16 @@ def main() -> int:
             prepare(src, shards[row], tokenizer="psamf:tiny", personality_tokenizer="psamf:tiny", max_text_len=32,
                     personality_model=model)
     base = tiny.replace({"run.num_workers": 0, "run.storage_path": f"{w}/runs", "optim.epochs": args.epochs})
-    rows = {
-        "full, pretrained encoder": base.replace({"data.uri": shards["pretrained"], "model.personality_model": enc}),
-        "full, untrained encoder": base.replace({"data.uri": shards["untrained"]}),
-        "w/o personality": ablate(base.replace({"data.uri": shards["untrained"]}), "no_personality"),
+    all_rows = {
+        "pretrained": ("full, pretrained encoder",
+                       base.replace({"data.uri": shards["pretrained"], "model.personality_model": enc})),
+        "untrained": ("full, untrained encoder", base.replace({"data.uri": shards["untrained"]})),
+        "none": ("w/o personality", ablate(base.replace({"data.uri": shards["untrained"]}), "no_personality")),
     }
+    rows = dict(all_rows[k] for k in args.rows.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
     out: dict = {"scale": args.scale, "seeds": seeds, "epochs": args.epochs, "encoder": enc,
+                 "personality_signal": args.personality_signal, "bigfive_scale": args.bigfive_scale,
                  "encoder_test_mean_r": pre_metrics, "rows": {}}
     for label, cfg in rows.items():
         per = []
@@ -76,6 +87,9 @@ def main() -> int:
             r = train(cfg.replace({"optim.seed": s, "run.name": f"{slug}-seed{s}"}))
             per.append({k: r.metrics["test"][k] for k in ("mae", "corr", "acc2_non0")})
             print(label, s, per[-1], flush=True)
+            if args.out:  # partial results survive an interrupted run
+                with open(args.out + ".partial", "a") as f:
+                    f.write(json.dumps({"row": label, "seed": s, **per[-1]}) + "\n")
         import numpy as np
 
         out["rows"][label] = {"per_seed": per, **{k: [float(np.mean([q[k] for q in per])), float(np.std([q[k] for q in per]))]
