@@ -56,7 +56,7 @@ What a model can observe:
 * **Words.** A transcript of ~lognormal length mixes neutral words, ``Poisson(1 + 1.5 |t|)`` sentiment words
   (each positive with probability ``sigmoid(3 t)``, drawn from `POSITIVE_WORDS` / `NEGATIVE_WORDS`), occasional
   intensifiers, and **style words** revealing personality: ``Poisson(2.5 e_v)`` words from `EXPRESSIVE_WORDS`
-  and ``Poisson(2.5 (1 - e_v))`` from `RESERVED_WORDS`. Every word is in ``psamf/assets/tiny-vocab.txt``.
+  and ``Poisson(2.5 (1 - e_v))`` from `RESERVED_WORDS` (``--personality-signal strong``: see below). Every word is in ``psamf/assets/tiny-vocab.txt``.
 * **Audio / vision.** Frames are AR(1)-smoothed Gaussian noise plus the speaker offset; on a fixed set of "cue"
   dimensions (the first ``max(1, d // 4)``) the frame mean is shifted by ``±1.0·u_a`` (audio) or ``±1.0·u_v``
   (vision); then each dimension gets a fixed scale and offset (features are not standardised, as in COVAREP /
@@ -64,6 +64,25 @@ What a model can observe:
 * **Personality** only through the style words. Because ``g_v`` multiplies the nonverbal cues, a model that
   infers ``e_v`` from the wording can weight the audio/visual evidence per speaker; removing the personality
   signal measurably hurts (tests/test_synth.py checks this with a ridge regression).
+
+**Personality signal** (``--personality-signal``, `SIGNALS`). ``weak`` is everything above and the default: the
+corpora as they always were (their demo metrics are pinned in the tests). Under it a pretrained personality
+encoder cannot show its use: ~2.5 style words per transcript leave e_v barely identifiable per clip, and the 30
+style words are frequent enough that the sentiment BERT learns them from the sentiment labels itself. ``strong`` is
+the deliberate alternative for showing what personality pretraining buys (docs/benchmarks.md, "Personality
+pretraining"); it changes three things, identically in the sentiment corpora and in ``--kind bigfive``:
+
+* **denser**: ``Poisson(8 e_v)`` expressive + ``Poisson(8 (1 - e_v))`` reserved style words per transcript (they
+  replace neutral words, so transcripts keep their length), which makes e_v identifiable from one clip (the
+  expressive share of a clip's style words correlates ≈ 0.88 with e_v, against ≈ 0.70 under ``weak``);
+* **rarer**: the style words come from `RARE_EXPRESSIVE_WORDS` / `RARE_RESERVED_WORDS`, 64 each, instead of the
+  15 + 15 common ones. In a small sentiment corpus each appears only a few dozen times, over few speakers (MOSI
+  at scale 0.3 has 16 training speakers), so the sentiment BERT can hardly learn what they mean from sentiment
+  labels, while a Big Five corpus (thousands of clips, over hundreds of speakers, labelled with the trait itself)
+  teaches it to a personality encoder: the situation of the paper, where the personality BERT is fine-tuned on
+  a separate personality corpus;
+* **weightier**: the additive personality term of the latent score is ``1.0 (2 e_v - 1)`` instead of
+  ``0.5 (2 e_v - 1)`` (the gate g_v is unchanged), so knowing e_v is worth more test MAE.
 
 **Big Five corpus** (``--kind bigfive``, `synthesize_bigfive`): new speakers from the same prior, written by the same
 `_transcript`, with five trait scores per speaker; extraversion is e_v itself (see `bigfive_traits`). It is what
@@ -833,7 +852,8 @@ def synthesize_bigfive(out_dir: str | os.PathLike, fmt: str = "csv", seed: int =
     The same generative story as the sentiment corpora, from the personality side: each speaker draws the
     expressiveness ``e_v ~ Beta(0.6, 0.6)`` that the sentiment corpora plant (their gate g_v = 0.2 + 1.6 e_v), and
     every transcript is written by the same `_transcript` (same lexicon, ``Poisson(2.5 e_v)`` expressive and
-    ``Poisson(2.5 (1 - e_v))`` reserved style words), so an encoder that learns to read extraversion here reads
+    ``Poisson(2.5 (1 - e_v))`` reserved style words; with ``personality_signal="strong"`` the strong signal's, which
+    must then be the sentiment corpora's signal too), so an encoder that learns to read extraversion here reads
     e_v in MOSI/MOSEI/SIMS transcripts. The speakers are new ones drawn from the same prior, not the sentiment
     corpora's (pretraining on them would leak the test speakers' personality). See `bigfive_traits` for the other
     four traits. Sizes: ``max(2, round(n * scale))`` clips per split (6000 / 2000 / 2000 at scale 1, as ChaLearn)

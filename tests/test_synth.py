@@ -277,3 +277,62 @@ def test_planted_signal_is_learnable_and_needs_personality():
     mae_without, mae_with = mae(False), mae(True)
     assert mae_without < mae_mean - 0.3, (mae_mean, mae_without)
     assert mae_with < mae_without - 0.05, (mae_without, mae_with)
+
+
+# ------------------------------------------------------------------------------------------------
+# --personality-signal strong
+# ------------------------------------------------------------------------------------------------
+
+
+def _style_share(texts: list[str], sig: "synth.PersonalitySignal") -> np.ndarray:
+    exp, res = set(sig.expressive), set(sig.reserved)
+    counts = np.array([(sum(w in exp for w in t.split()), sum(w in res for w in t.split())) for t in texts])
+    return (counts[:, 0] + 0.5) / (counts.sum(axis=1) + 1.0)
+
+
+def test_weak_is_the_default_and_strong_plants_a_denser_rarer_weightier_signal():
+    weak, strong = synth.SIGNALS["weak"], synth.SIGNALS["strong"]
+    default = generate("mosi", seed=0, scale=0.2)
+    assert default.personality_signal == "weak"
+    assert default.splits["train"].text == generate("mosi", seed=0, scale=0.2, personality_signal="weak").splits[
+        "train"].text
+    corpus = generate("mosi", seed=0, scale=0.2, personality_signal="strong")
+    tr, d = corpus.splits["train"], default.splits["train"]
+    # same latents and audio/visual features, other words and labels
+    np.testing.assert_array_equal(tr.expressiveness, d.expressiveness)
+    np.testing.assert_array_equal(tr.audio, d.audio)
+    assert tr.text != d.text and not np.array_equal(tr.label, d.label)
+    # the strong style vocabulary is disjoint from everything the weak corpora use, and larger
+    words = {w for t in tr.text for w in t.split()}
+    assert words.isdisjoint(weak.expressive + weak.reserved)
+    assert len(strong.expressive) >= 4 * len(weak.expressive) and set(strong.expressive).isdisjoint(strong.reserved)
+    # one transcript reveals e_v much better than under the weak signal
+    r_strong = np.corrcoef(_style_share(tr.text, strong), tr.expressiveness)[0, 1]
+    r_weak = np.corrcoef(_style_share(d.text, weak), d.expressiveness)[0, 1]
+    assert r_strong > 0.8 and r_strong > r_weak + 0.1, (r_weak, r_strong)
+    # personality weighs more in the label: the label's regression on 2e-1 (given t) has the larger slope
+    def slope(split) -> float:
+        x = np.stack([split.t, 2 * split.expressiveness - 1, np.ones(len(split))], axis=1)
+        return float(np.linalg.lstsq(x, split.label, rcond=None)[0][1])
+    assert slope(tr) > slope(d) + 0.25
+    with pytest.raises(ValueError, match="personality_signal 'loud'"):
+        generate("mosi", seed=0, scale=0.02, personality_signal="loud")
+
+
+def test_cli_personality_signal_applies_to_sentiment_and_bigfive_corpora(tmp_path, capsys):
+    from psamf.cli import main
+    from psamf.synth import generate_bigfive
+
+    assert main(["synth", "--kind", "mosi", "--out", str(tmp_path / "m"), "--scale", "0.02",
+                 "--personality-signal", "strong", "--no-progress"]) == 0
+    with open(tmp_path / "m" / "unaligned_50.pkl", "rb") as f:
+        raw = pickle.load(f)["train"]["raw_text"]
+    assert list(raw) == generate("mosi", seed=0, scale=0.02, personality_signal="strong").splits["train"].text
+    assert main(["synth", "--kind", "bigfive", "--out", str(tmp_path / "b"), "--scale", "0.01",
+                 "--personality-signal", "strong"]) == 0
+    assert "personality signal strong" in capsys.readouterr().out
+    with open(tmp_path / "b" / "bigfive.csv", newline="") as f:
+        texts = [r["text"] for r in csv.DictReader(f) if r["split"] == "train"]
+    assert texts == generate_bigfive(seed=0, scale=0.01, personality_signal="strong")["train"].text
+    strong = synth.SIGNALS["strong"]
+    assert any(w in strong.expressive + strong.reserved for t in texts for w in t.split())
