@@ -40,10 +40,13 @@ def test_pretraining_raises_mean_trait_r_well_above_the_untrained_encoder(pretra
     assert m["split"] == "test" and m["counts"]["test"] == 200 and len(m["history"]) == 2
     for key in ("untrained", "pretrained", "pretrained_ridge"):
         assert set(m[key]["mae"]) == set(m[key]["pearson_r"]) == set(P.TRAITS)
-    # the frozen CLS (what PSA-MF reads) of the pretrained encoder carries the traits; the untrained one's barely
+    # the frozen CLS (what PSA-MF reads) of the pretrained encoder carries the traits, the untrained one's much less
+    # (measured on this fixture: mean r 0.27 untrained, 0.51 pretrained)
     assert m["pretrained_ridge"]["mean_r"] > m["untrained"]["mean_r"] + 0.15
     assert m["pretrained"]["mean_r"] > m["untrained"]["mean_r"] + 0.15
-    assert m["pretrained_ridge"]["pearson_r"]["extraversion"] > 0.4  # e_v, the planted personality
+    # extraversion is e_v, the planted personality (measured: untrained 0.48, pretrained 0.79)
+    ext = {k: m[k]["pearson_r"]["extraversion"] for k in ("untrained", "pretrained_ridge")}
+    assert ext["pretrained_ridge"] > 0.6 and ext["pretrained_ridge"] > ext["untrained"] + 0.15, ext
     # validation-only selection: the selected epoch is the best val_mean_mae
     hist = m["history"]
     assert m["selected_epoch"] == min(hist, key=lambda r: (r["val_mean_mae"], -r["epoch"]))["epoch"]
