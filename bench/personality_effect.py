@@ -97,6 +97,14 @@ def main() -> int:
     for label, r in out["rows"].items():
         print(f"{label:28s} MAE {r['mae'][0]:.3f} ± {r['mae'][1]:.3f}  Corr {r['corr'][0]:.3f} ± {r['corr'][1]:.3f}  "
               f"Acc-2 {r['acc2_non0'][0]:.3f} ± {r['acc2_non0'][1]:.3f}")
+    from psamf.study import paired_test
+
+    ref = next(iter(out["rows"]))  # paired by seed against the first row, with psamf study's flag rule
+    for label, r in out["rows"].items():
+        if label != ref:
+            c = paired_test([q["mae"] for q in out["rows"][ref]["per_seed"]], [q["mae"] for q in r["per_seed"]], "mae")
+            r["vs_first_row"] = {"mae_diff": c.diff, "p": c.p, "flag": c.flag}
+            print(f"{label} vs {ref}: MAE {c.diff:+.3f} (p={c.p:.2g}), flag: {c.flag or 'within the seed spread'}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)
