@@ -102,3 +102,81 @@ def test_export_is_accepted_by_prepare_and_by_the_model_config(pretrained, tmp_p
     for k, v in enc.state_dict().items():
         if not k.startswith("pooler"):
             assert torch.equal(model.personality_enc.state_dict()[k], v), k
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the effect on PSA-MF (issue 12 item 5): the full measurement, on Ray Train, is bench/personality_effect.py
+# --------------------------------------------------------------------------------------------------------------
+
+EFFECT_SCALE = 0.2  # synthetic MOSI with the strong personality signal: 257 / 46 / 137 clips
+EFFECT_EPOCHS = 8
+EFFECT_SEEDS = (1, 2)
+
+
+def _split_batches(table, batch_size: int, collate, rng: np.random.Generator | None):
+    """Batches of a split in memory: shuffled, full batches only when `rng` is given (training), else in order."""
+    idx = rng.permutation(table.num_rows) if rng is not None else np.arange(table.num_rows)
+    for lo in range(0, len(idx), batch_size):
+        sel = idx[lo:lo + batch_size]
+        if rng is not None and len(sel) < batch_size:
+            return
+        yield collate(table.take(sel))
+
+
+def _train_and_test(cfg, seed: int, epochs: int) -> float:
+    """Test MAE of the validation-selected epoch: psamf's own training step, evaluation and plateau schedule on the
+    prepared shards, in this process. The Ray Train wrapper (`psamf.train`) adds nothing to what is measured here
+    and costs seconds per run, which CI cannot pay for 6 runs; bench/personality_effect.py runs the real thing."""
+    import copy
+
+    import pyarrow.parquet as pq
+
+    from psamf.data import PadCollate
+    from psamf.engine import build_optimizer, build_scheduler, eval_metrics, evaluate, seed_everything, train_epoch
+    from psamf.model import build_model
+    from psamf.shards import read_manifest
+
+    man = read_manifest(cfg.data.uri)
+    tables = {s: pq.read_table([f"{cfg.data.uri}/{sh['path']}" for sh in man["shards"] if sh["split"] == s])
+              for s in ("train", "valid", "test")}
+    collate = PadCollate(cfg.data, manifest=man, sample_ids=True)
+    seed_everything(seed)
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.optim)
+    rng = np.random.default_rng(seed)
+    best_mae, best_state = float("inf"), None
+    for _ in range(epochs):
+        train_epoch(model, _split_batches(tables["train"], cfg.optim.batch_size, collate, rng), opt, cfg)
+        val = eval_metrics(evaluate(model, _split_batches(tables["valid"], 64, collate, None), cfg), "mosi")
+        sched.step(val["val_loss"])
+        if val["val_mae"] <= best_mae:
+            best_mae, best_state = val["val_mae"], copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    test = eval_metrics(evaluate(model, _split_batches(tables["test"], 64, collate, None), cfg), "mosi", "test_")
+    return float(test["test_mae"])
+
+
+def test_pretrained_encoder_makes_psamf_better_beyond_the_seed_spread(pretrained, tmp_path):
+    """On the strong-signal corpus, PSA-MF with the pretrained encoder's CLS_p beats the same model with the
+    untrained encoder and the model without personality (`no_personality`, the ablation of `psamf study
+    ablations`), in every seed and by more than the seed spread (`psamf.study.paired_test`'s flag rule)."""
+    from psamf.config import Config, ablate
+    from psamf.prepare import prepare
+    from psamf.study import paired_test
+    from psamf.synth import synthesize
+
+    torch.set_num_threads(1)
+    root, _ = pretrained
+    pkl = synthesize("mosi", "mmsa", tmp_path / "mosi", seed=0, scale=EFFECT_SCALE,
+                     personality_signal="strong")["pickle"]
+    shards = str(tmp_path / "shards")  # no precomputed CLS: each model runs its own frozen personality encoder
+    prepare({"format": "mmsa", "input": str(pkl), "dataset": "mosi"}, shards, tokenizer="psamf:tiny",
+            personality_tokenizer="psamf:tiny", max_text_len=32)
+    base = Config.from_preset("tiny").replace({"data.uri": shards})
+    rows = {"pretrained": base.replace({"model.personality_model": str(root / "enc")}), "untrained": base,
+            "no_personality": ablate(base, "no_personality")}
+    mae = {row: [_train_and_test(cfg, s, EFFECT_EPOCHS) for s in EFFECT_SEEDS] for row, cfg in rows.items()}
+    for row in ("untrained", "no_personality"):
+        c = paired_test(mae["pretrained"], mae[row], "mae")
+        assert c.flag == "worse", (row, mae)
