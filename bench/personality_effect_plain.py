@@ -93,7 +93,8 @@ def main() -> int:
         t0 = time.perf_counter()
         mae, epoch = train_and_test(cfg, seed, args.epochs)
         maes.append(mae)
-        print(f"{args.row} seed {seed}: test MAE {mae:.4f} (epoch {epoch}, {time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"{args.row} seed {seed}: test MAE {mae:.4f} (epoch {epoch}, {time.perf_counter() - t0:.0f} s)",
+              flush=True)
     print(f"{args.row}: test MAE {np.mean(maes):.3f} ± {np.std(maes):.3f} over {len(maes)} seeds", flush=True)
     return 0
 

@@ -56,7 +56,8 @@ What a model can observe:
 * **Words.** A transcript of ~lognormal length mixes neutral words, ``Poisson(1 + 1.5 |t|)`` sentiment words
   (each positive with probability ``sigmoid(3 t)``, drawn from `POSITIVE_WORDS` / `NEGATIVE_WORDS`), occasional
   intensifiers, and **style words** revealing personality: ``Poisson(2.5 e_v)`` words from `EXPRESSIVE_WORDS`
-  and ``Poisson(2.5 (1 - e_v))`` from `RESERVED_WORDS` (``--personality-signal strong``: see below). Every word is in ``psamf/assets/tiny-vocab.txt``.
+  and ``Poisson(2.5 (1 - e_v))`` from `RESERVED_WORDS` (``--personality-signal strong``: see
+  below). Every word is in ``psamf/assets/tiny-vocab.txt``.
 * **Audio / vision.** Frames are AR(1)-smoothed Gaussian noise plus the speaker offset; on a fixed set of "cue"
   dimensions (the first ``max(1, d // 4)``) the frame mean is shifted by ``±1.0·u_a`` (audio) or ``±1.0·u_v``
   (vision); then each dimension gets a fixed scale and offset (features are not standardised, as in COVAREP /
@@ -302,7 +303,7 @@ class PersonalitySignal:
     sentiment corpora and the Big Five corpus alike, so a personality encoder pretrained on one reads the other."""
 
     name: str
-    style_rate: float  # expected style words per transcript: Poisson(rate·e) expressive + Poisson(rate·(1-e)) reserved
+    style_rate: float  # style words per transcript: Poisson(rate·e) expressive + Poisson(rate·(1-e)) reserved
     expressive: tuple[str, ...]  # style words of expressive speakers (high e_v)
     reserved: tuple[str, ...]  # style words of reserved speakers (low e_v)
     w_personality: float  # weight of the additive personality term 2 e_v - 1 in the latent score y*
