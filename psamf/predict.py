@@ -210,9 +210,8 @@ def _prepare_manifest(path: str, cfg: Config, out_dir: str) -> tuple[str, bool]:
     return PREDICT_SPLIT, raw.labelled
 
 
-def _input_dataset(cfg: Config, uri: str, split: str, s3_endpoint: str | None) -> tuple[Config, Any, int]:
-    """(config reading `uri`, the split as a Ray dataset, its row count), after the prediction preflight."""
-    from psamf.data import load_datasets
+def _check_input(cfg: Config, uri: str, split: str, s3_endpoint: str | None) -> tuple[Config, dict[str, Any]]:
+    """(config reading `uri`, its manifest), after the prediction preflight (no Ray needed yet)."""
     from psamf.preflight import check_prediction_inputs
     from psamf.shards import read_manifest
 
@@ -220,7 +219,7 @@ def _input_dataset(cfg: Config, uri: str, split: str, s3_endpoint: str | None) -
                       source="psamf predict")
     man = read_manifest(uri, cfg.data.s3_endpoint)
     check_prediction_inputs(cfg, man, split)
-    return cfg, load_datasets(cfg.data, man, (split,))[split], int(man["counts"][split])
+    return cfg, man
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +251,24 @@ def _write_file(preds: Any, out: str, s3_endpoint: str | None, expected: int) ->
     return [out]
 
 
+def _is_file_output(out: str) -> bool:
+    return out.rstrip("/").endswith(".parquet")
+
+
+def _check_output(out: str, s3_endpoint: str | None) -> None:
+    """An output directory must be new or empty (checked before Ray starts; nothing is ever overwritten there)."""
+    import pyarrow.fs as pafs
+
+    from psamf.storage import resolve
+
+    if _is_file_output(out):
+        return
+    st = resolve(out, s3_endpoint)
+    if st.fs.get_file_info(pafs.FileSelector(st.root, allow_not_found=True)):
+        raise ConfigError(f"--out {out}: the directory is not empty; predictions go into a new or empty directory "
+                          "(or name a .parquet file)")
+
+
 def _write_dir(preds: Any, out: str, s3_endpoint: str | None, expected: int, summary: dict[str, Any]) -> list[str]:
     """Ray Data's write_parquet into a new or empty directory, then `_predictions.json` (last)."""
     import pyarrow.fs as pafs
@@ -260,10 +277,6 @@ def _write_dir(preds: Any, out: str, s3_endpoint: str | None, expected: int, sum
     from psamf.storage import resolve, write_json
 
     st = resolve(out, s3_endpoint)
-    present = st.fs.get_file_info(pafs.FileSelector(st.root, allow_not_found=True))
-    if present:
-        raise ConfigError(f"--out {out}: the directory is not empty; predictions go into a new or empty directory "
-                          "(or name a .parquet file)")
     done = preds.materialize()  # predictions only (five small columns): checked before anything is written
     _check_complete([i for t in ray.get(done.select_columns(["id"]).to_arrow_refs())
                      for i in t.column("id").to_pylist()], expected)
@@ -289,6 +302,7 @@ def predict(source: str, out: str, *, shards: str | None = None, split: str = "t
     import ray
 
     from psamf import runtime
+    from psamf.data import load_datasets
 
     if (shards is None) == (manifest is None):
         raise ConfigError("give exactly one input: --shards URI or --manifest CSV")
@@ -296,22 +310,23 @@ def predict(source: str, out: str, *, shards: str | None = None, split: str = "t
     ck = resolve_source(source, storage_path=storage_path, s3_endpoint=s3_endpoint)
     cfg = checkpoint_config_at(ck, s3_endpoint=s3_endpoint, overrides=overrides)
     normalization = _training_normalization(cfg)
-    runtime.init_ray(actors)
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    what = manifest if manifest is not None else f"{shards} (split {split})"
+    _check_output(out, s3_endpoint)
     with tempfile.TemporaryDirectory(prefix="psamf-predict-") as tmp:
-        labelled = True
-        if manifest is not None:
-            split, labelled = _prepare_manifest(manifest, cfg, os.path.join(tmp, "shards"))
+        labelled, uri = True, shards
+        if manifest is not None:  # everything that can refuse the input runs before Ray starts
             uri = os.path.join(tmp, "shards")
-        else:
-            uri = shards
-        cfg, ds, n = _input_dataset(cfg, uri, split, s3_endpoint)
+            split, labelled = _prepare_manifest(manifest, cfg, uri)
+        cfg, man = _check_input(cfg, str(uri), split, s3_endpoint)
+        n = int(man["counts"][split])
+        runtime.init_ray(actors)
+        if use_gpu is None:
+            use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+        ds = load_datasets(cfg.data, man, (split,))[split]
         preds = predict_dataset(ds, ck, batch_size=batch_size, actors=actors, use_gpu=use_gpu,
                                 s3_endpoint=s3_endpoint, overrides=overrides, normalization=normalization,
                                 labelled=labelled)
-        what = manifest if manifest is not None else f"{shards} (split {split})"
-        if out.rstrip("/").endswith(".parquet"):
+        if _is_file_output(out):
             files = _write_file(preds, out, s3_endpoint, n)
         else:
             files = _write_dir(preds, out, s3_endpoint, n, {"checkpoint": ck, "input": what})
