@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import tempfile
 import time
@@ -117,6 +118,15 @@ def checkpoint_config_at(checkpoint: str, *, s3_endpoint: str | None = None,
     return Config.from_dict(raw, source=f"{checkpoint}/config.yaml").override(list(overrides))
 
 
+def _assigned_cpus() -> int:
+    """Whole CPUs Ray assigned to this actor (0 outside Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0
+    return int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
+
+
 class BatchPredictor:
     """The `map_batches` callable: loads the model once per actor, scores one Arrow batch per call.
 
@@ -131,6 +141,9 @@ class BatchPredictor:
         from psamf.data import PadCollate
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        threads = _assigned_cpus()
+        if threads:  # torch's intra-op threads = the CPUs Ray gave this actor (Ray's OMP_NUM_THREADS may say 1)
+            torch.set_num_threads(threads)
         self.model, self.cfg = load_model(checkpoint, s3_endpoint=s3_endpoint, overrides=overrides, device=device)
         self.device = torch.device(device)
         manifest = {"normalization": dict(normalization)} if normalization else None
@@ -160,14 +173,17 @@ class BatchPredictor:
 
 
 def predict_dataset(ds: Any, checkpoint: str, *, batch_size: int = 64, actors: int = 1, use_gpu: bool = False,
-                    s3_endpoint: str | None = None, overrides: Sequence[str] = (),
+                    cpus_per_actor: float = 1, s3_endpoint: str | None = None, overrides: Sequence[str] = (),
                     normalization: Mapping[str, Any] | None = None, labelled: bool = True) -> Any:
     """`ds` (rows in the shard schema) -> a lazy `ray.data.Dataset` of predictions (OUTPUT_SCHEMA + `index`)."""
     import ray.data
 
-    if batch_size < 1 or actors < 1:
-        raise ConfigError(f"--batch-size and --actors must be >= 1, got {batch_size} and {actors}")
-    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    if batch_size < 1 or actors < 1 or cpus_per_actor <= 0:
+        raise ConfigError(f"--batch-size and --actors must be >= 1 and --cpus-per-actor > 0, got {batch_size}, "
+                          f"{actors} and {cpus_per_actor}")
+    resources: dict[str, float] = {"num_cpus": cpus_per_actor}
+    if use_gpu:
+        resources["num_gpus"] = 1
     return ds.map_batches(
         BatchPredictor, batch_size=batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -294,8 +310,9 @@ def _write_dir(preds: Any, out: str, s3_endpoint: str | None, expected: int, sum
 
 
 def predict(source: str, out: str, *, shards: str | None = None, split: str = "test", manifest: str | None = None,
-            batch_size: int = 64, actors: int = 1, use_gpu: bool | None = None, s3_endpoint: str | None = None,
-            storage_path: str | None = None, overrides: Sequence[str] = ()) -> PredictionReport:
+            batch_size: int = 64, actors: int = 1, use_gpu: bool | None = None, cpus_per_actor: float = 1,
+            s3_endpoint: str | None = None, storage_path: str | None = None,
+            overrides: Sequence[str] = ()) -> PredictionReport:
     """Score `shards` (one split) or `manifest` with the model `source` names; write `out`. See the module
     docstring. `use_gpu=None`: one GPU per actor when the Ray cluster has GPUs. Raises ConfigError (bad input,
     naming the field and file) or ValueError (a bad manifest row, from the reader and prepare)."""
@@ -319,12 +336,12 @@ def predict(source: str, out: str, *, shards: str | None = None, split: str = "t
             split, labelled = _prepare_manifest(manifest, cfg, uri)
         cfg, man = _check_input(cfg, str(uri), split, s3_endpoint)
         n = int(man["counts"][split])
-        runtime.init_ray(actors)
+        runtime.init_ray(math.ceil(actors * cpus_per_actor))
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
         ds = load_datasets(cfg.data, man, (split,))[split]
         preds = predict_dataset(ds, ck, batch_size=batch_size, actors=actors, use_gpu=use_gpu,
-                                s3_endpoint=s3_endpoint, overrides=overrides, normalization=normalization,
+                                cpus_per_actor=cpus_per_actor, s3_endpoint=s3_endpoint, overrides=overrides, normalization=normalization,
                                 labelled=labelled)
         if _is_file_output(out):
             files = _write_file(preds, out, s3_endpoint, n)

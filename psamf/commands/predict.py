@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "then _predictions.json); local or s3://")
     p.add_argument("--batch-size", type=int, default=64, help="rows per inference batch (default 64)")
     p.add_argument("--actors", type=int, default=1, help="inference actors, each loading the model once (default 1)")
+    p.add_argument("--cpus-per-actor", type=float, default=1,
+                   help="CPUs each actor holds; torch runs that many threads in it (default 1)")
     gpu = p.add_mutually_exclusive_group()
     gpu.add_argument("--gpu", dest="use_gpu", action="store_const", const=True, default=None,
                      help="one GPU per actor (default: when the Ray cluster has GPUs)")
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         rep = predict(args.source, args.out, shards=args.shards, split=args.split, manifest=args.manifest,
                       batch_size=args.batch_size, actors=args.actors, use_gpu=args.use_gpu,
+                      cpus_per_actor=args.cpus_per_actor,
                       s3_endpoint=args.s3_endpoint, storage_path=args.storage_path, overrides=args.overrides or [])
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"psamf predict: error: {e}", file=sys.stderr)
