@@ -119,10 +119,10 @@ def checkpoint_config_at(checkpoint: str, *, s3_endpoint: str | None = None,
 
 
 def _assigned_cpus() -> int:
-    """Whole CPUs Ray assigned to this actor (0 outside Ray)."""
+    """Whole CPUs Ray assigned to this actor (0 outside a Ray worker: the driver keeps torch's default)."""
     import ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
         return 0
     return int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
 
