@@ -83,14 +83,20 @@ def _forward_labels(shards: str, manifest: dict, split: str) -> list[float]:
 
 
 def _forward_scores(run_dir, shards: str, split: str, batch_size: int) -> dict[str, float]:
-    """The evaluation path in this process: iter_batches (PadCollate) -> PSAMF.predict, per sample id."""
-    from psamf.data import iter_batches, load_datasets
+    """The model's own forward in this process, per sample id: the split's shards in order, cut into batches of
+    `batch_size` (other boundaries than the actors saw), collated by PadCollate, scored by PSAMF.predict."""
+    import pyarrow as pa
+
+    from psamf.data import PadCollate
     from psamf.shards import read_manifest
 
-    model, cfg = checkpoint.load_model(str(run_dir), overrides=[f"data.uri={shards}"])
-    ds = load_datasets(cfg.data, read_manifest(shards), (split,))[split]
+    model, cfg = checkpoint.load_model(str(run_dir))
+    collate = PadCollate(cfg.data, sample_ids=True)
+    table = pa.concat_tables([pq.read_table(os.path.join(shards, s["path"])) for s in read_manifest(shards)["shards"]
+                              if s["split"] == split])
     out = {}
-    for b in iter_batches(ds, cfg.data, batch_size, epoch=0, train=False, device="cpu"):
+    for i in range(0, table.num_rows, batch_size):
+        b = collate(table.slice(i, batch_size))
         out.update(zip(b["sample_id"], model.predict(**model_inputs(b)).prediction.tolist()))
     return out
 
