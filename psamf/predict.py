@@ -323,6 +323,10 @@ def predict(source: str, out: str, *, shards: str | None = None, split: str = "t
 
     if (shards is None) == (manifest is None):
         raise ConfigError("give exactly one input: --shards URI or --manifest CSV")
+    fixed = [o for o in overrides if not o.split("=", 1)[0].startswith(("data.", "run."))]
+    if fixed:
+        raise ConfigError(f"overrides {fixed}: only data.* and run.* keys can change for prediction (the model, its "
+                          "loss and optimiser are the checkpoint's)")
     t0 = time.perf_counter()
     ck = resolve_source(source, storage_path=storage_path, s3_endpoint=s3_endpoint)
     cfg = checkpoint_config_at(ck, s3_endpoint=s3_endpoint, overrides=overrides)
