@@ -345,8 +345,8 @@ def predict(source: str, out: str, *, shards: str | None = None, split: str = "t
             use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
         ds = load_datasets(cfg.data, man, (split,))[split]
         preds = predict_dataset(ds, ck, batch_size=batch_size, actors=actors, use_gpu=use_gpu,
-                                cpus_per_actor=cpus_per_actor, s3_endpoint=s3_endpoint, overrides=overrides, normalization=normalization,
-                                labelled=labelled)
+                                cpus_per_actor=cpus_per_actor, s3_endpoint=s3_endpoint, overrides=overrides,
+                                normalization=normalization, labelled=labelled)
         if _is_file_output(out):
             files = _write_file(preds, out, s3_endpoint, n)
         else:
