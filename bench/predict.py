@@ -9,8 +9,8 @@ the preset's text length), saves a randomly initialised model of the preset as a
 scores the test split
 
 * **bare**: in this process, `load_model` once, the split's Parquet shards read with pyarrow, `PadCollate` per
-  batch, forward under `torch.inference_mode` on `--threads` torch threads (default: every core); the time
-  covers collate + forward, after one warm-up batch; model loading is reported separately;
+  batch, forward under `torch.inference_mode` for each `--threads` count of torch threads (default: 1 and every
+  core); the time covers collate + forward, after one warm-up batch; model loading is reported separately;
 * **predict**: `psamf.predict.predict(...)` end to end on an already running embedded Ray (the call a user makes:
   checkpoint and shard checks, actor start-up, one model load per actor, Ray Data streaming, Parquet output), for
   each `--actors` value; an actor holds one CPU and runs torch on one thread, so 2 actors use the 2 cores.
@@ -111,11 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--actors", default="1,2", help="comma-separated actor counts")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the bare forward")
+    ap.add_argument("--threads", default=f"1,{os.cpu_count() or 1}",
+                    help="comma-separated torch thread counts of the bare forward (default: 1 and every core)")
     args = ap.parse_args(argv)
     import torch
-
-    torch.set_num_threads(args.threads)
 
     from psamf import runtime
 
@@ -123,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         shards, ck, n = build(work, args.preset, args.scale, args.seed)
         common = {"preset": args.preset, "batch_size": args.batch_size}
         print(json.dumps({"machine": _machine(), **common, "test_rows": n}), flush=True)
-        print(json.dumps({**common, **bare_forward(shards, ck, args.batch_size)}), flush=True)
+        for t in sorted({int(x) for x in args.threads.split(",")}):
+            torch.set_num_threads(t)
+            print(json.dumps({**common, "threads": t, **bare_forward(shards, ck, args.batch_size)}), flush=True)
         runtime.init_ray(max(int(a) for a in args.actors.split(",")))
         for a in (int(x) for x in args.actors.split(",")):
             print(json.dumps({**common, **via_predict(shards, ck, work, args.batch_size, a)}), flush=True)
