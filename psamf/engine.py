@@ -62,6 +62,7 @@ __all__ = [
     "eval_metrics",
     "selectable_metrics",
     "build_optimizer",
+    "maybe_compile",
     "build_scheduler",
     "group_lrs",
     "seed_everything",
@@ -320,6 +321,15 @@ def selectable_metrics(dataset: str) -> list[str]:
     keys = compute_metrics(rng.uniform(-1, 1, 8), rng.uniform(-1, 1, 8), dataset).keys()
     return sorted({"val_loss", *(f"val_{t}" for t in LOSS_TERMS), *(f"val_{k}" for k in keys)}
                   - {"val_n", "val_n_non0"})
+
+
+def maybe_compile(model: nn.Module, optim: OptimConfig) -> nn.Module:
+    """`torch.compile` the model in place when `optim.compile` (nn.Module.compile: the module, its parameters and
+    state_dict names stay the same, so checkpoints, DDP and `param_groups` are unaffected). Compilation happens
+    lazily, at the first forward of each new shape. Returns the model."""
+    if optim.compile:
+        model.compile()
+    return model
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Adam:
