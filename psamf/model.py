@@ -573,7 +573,8 @@ class PSAMF(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def _bert_config(cfg: ModelConfig, num_layers: int, vocab_size: int):
+def bert_config(cfg: ModelConfig, num_layers: int, vocab_size: int):
+    """The HF BertConfig of the model's geometry (public: the benchmarks build a bare BERT of the same shape)."""
     from transformers import BertConfig
 
     return BertConfig(
@@ -600,7 +601,7 @@ def build_text_bert(cfg: ModelConfig) -> nn.Module:
             raise ConfigError(f"model.hidden_size={cfg.hidden_size} but {cfg.text_model} has width "
                               f"{bert.config.hidden_size}; set model.hidden_size to match")
         return bert
-    return BertModel(_bert_config(cfg, cfg.bert_layers, cfg.vocab_size), add_pooling_layer=False)
+    return BertModel(bert_config(cfg, cfg.bert_layers, cfg.vocab_size), add_pooling_layer=False)
 
 
 def load_personality_encoder(cfg: ModelConfig) -> nn.Module:
@@ -616,7 +617,7 @@ def load_personality_encoder(cfg: ModelConfig) -> nn.Module:
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(PERSONALITY_INIT_SEED)
-            enc = BertModel(_bert_config(cfg, cfg.personality_layers, cfg.personality_vocab_size),
+            enc = BertModel(bert_config(cfg, cfg.personality_layers, cfg.personality_vocab_size),
                             add_pooling_layer=False)
     enc.requires_grad_(False)
     return enc.eval()
