@@ -42,8 +42,8 @@ Evaluate with the unwrapped model (`model.module`) so that no DDP collective run
 
 Batches (`iter_batches`) are dicts (B = rows, L_b / L_pb = the batch's longest transcript per
 tokenizer rounded up to `data.token_pad_multiple` (at most max_text_len), T_a / T_v = the batch's longest
-audio / visual sequence rounded up to `data.frame_pad_multiple`: a run then sees a handful of shapes, and
-since every pad position is masked the predictions do not depend on it). On a GPU the tensors are moved to
+audio / visual sequence rounded up to `data.frame_pad_multiple`; both 1 by default. With buckets a run sees a
+handful of shapes, and since every pad position is masked one forward's predictions do not depend on them). On a GPU the tensors are moved to
 the device except `audio_lengths` / `visual_lengths`, which the model needs on the host (LSTM packing):
 
     input_ids, attention_mask, token_type_ids          (B, L_b)  int64
@@ -291,7 +291,7 @@ class PadCollate(ArrowBatchCollateFn):
                  sample_ids: bool = False, token_pad_multiple: int | None = None,
                  frame_pad_multiple: int | None = None):
         super().__init__()
-        # shape buckets: the DataConfig's (default 8 tokens, 32 frames); without one, the exact batch maximum
+        # shape buckets: the DataConfig's (default 1: the exact batch maximum), or these arguments
         self.token_multiple = token_pad_multiple or (data_cfg.token_pad_multiple if data_cfg is not None else 1)
         self.frame_multiple = frame_pad_multiple or (data_cfg.frame_pad_multiple if data_cfg is not None else 1)
         self.use_personality_cls = (data_cfg.use_precomputed_personality if data_cfg is not None else True) \
