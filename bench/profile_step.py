@@ -120,7 +120,7 @@ class SyncCensus(TorchDispatchMode):
 
 def call_site() -> str:
     """The innermost frame in psamf/ or transformers/ (else torch/nn) that led here."""
-    frames = traceback.extract_stack()[:-3]
+    frames = traceback.extract_stack()[:-1]  # without this frame; the innermost psamf frame is the caller
     for want in ("psamf" + os.sep, "transformers" + os.sep, os.sep.join(("torch", "nn"))):
         for f in reversed(frames):
             if want in f.filename and "bench" + os.sep not in f.filename:

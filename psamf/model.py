@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from psamf.config import ConfigError, ModelConfig, OptimConfig
 
@@ -173,7 +173,10 @@ class RNNEncoder(nn.Module):
         T = x.shape[1]
         packed = pack_padded_sequence(x.transpose(0, 1), _on_host(lengths), enforce_sorted=False)  # time-major
         out, (h_n, _) = self.rnn(packed)
-        seq, _ = pad_packed_sequence(out, total_length=T)  # (T, B, hidden)
+        # unpad in sorted order and restore the batch order here: pad_packed_sequence would also reorder the
+        # lengths it returns (unused) with `unsorted_indices.cpu()`, a device->host sync on a GPU
+        seq, _ = pad_packed_sequence(PackedSequence(out.data, out.batch_sizes), total_length=T)  # (T, B, hidden)
+        seq = seq.index_select(1, out.unsorted_indices)
         h = self.linear_1(h_n[-1]) if self.linear_1 is not None else None  # (B, A)
         return h, seq.transpose(0, 1)  # (B, T, hidden)
 
