@@ -3,6 +3,11 @@
     python bench/step.py --preset tiny --batch-size 16
     python bench/step.py --preset paper --batch-size 16 --steps 3
     python bench/step.py --preset paper --batch-size 16 --device cuda --amp bf16
+    python bench/step.py --preset paper --batch-size 128 --device cuda --amp fp16 --only precomputed --out r.jsonl
+
+Each run goes through the real `psamf.engine.train_step` and then times the bare-BERT limit (a plain HF BertModel
+of the same geometry, forward + backward + Adam at the same padded length); it prints samples/s, step time and
+model FLOPs utilisation (psamf.flops: the FLOP count used is in `flops_by_part`) side by side.
 
 Runs each configuration twice: with the frozen personality BERT in the step (CLS_p computed every
 step) and with a precomputed CLS_p (the shards' `personality_cls` column). Inputs are MOSI-shaped:
@@ -24,9 +29,10 @@ import time
 
 import torch
 
+from psamf import engine
 from psamf.config import Config
-from psamf.losses import compute_losses
-from psamf.model import build_model, load_personality_encoder, model_inputs, param_groups
+from psamf.flops import bare_bert_step_flops, mfu, peak_tflops, step_flops
+from psamf.model import additive_mask, build_model, load_personality_encoder
 
 
 def synthetic_batch(cfg, B: int, L: int, T_a: int, T_v: int, device, seed: int = 0) -> dict:
@@ -57,57 +63,118 @@ def _rss_bytes() -> int:
     return 0
 
 
-def run(preset: str, batch_size: int, steps: int, warmup: int, precomputed: bool, device: str, amp: str,
-        text_len: int, t_a: int, t_v: int) -> dict:
-    cfg = Config.from_preset(preset)
+def bare_bert_step_s(cfg, batch: dict, dev: torch.device, amp_dtype, steps: int, warmup: int) -> float:
+    """The bare-BERT limit: a plain HF BertModel with all of the sentiment BERT's layers, forward + backward +
+    Adam at the same padded length and autocast, timed like the PSA-MF step."""
+    from transformers import BertModel
+
+    from psamf.model import bert_config
+
     torch.manual_seed(0)
-    dev = torch.device(device)
-    model = build_model(cfg.model, with_personality_encoder=not precomputed).to(dev).train()
-    opt = torch.optim.Adam(param_groups(model, cfg.optim))
-    batch = synthetic_batch(cfg.model, batch_size, text_len, t_a, t_v, dev)
-    inputs = model_inputs(batch)
-    if precomputed:
-        enc = load_personality_encoder(cfg.model).to(dev)
-        with torch.no_grad():
-            cls_p = enc(input_ids=batch["p_input_ids"], attention_mask=batch["p_attention_mask"]).last_hidden_state[:, 0]
-        inputs = {k: v for k, v in inputs.items() if not k.startswith("p_")} | {"personality_cls": cls_p}
-        del enc
-    use_bf16 = amp == "bf16" and dev.type == "cuda"
+    bert = BertModel(bert_config(cfg.model, cfg.model.bert_layers, cfg.model.vocab_size),
+                     add_pooling_layer=False).to(dev).train()
+    opt = torch.optim.Adam(bert.parameters(), lr=1e-5, **({"fused": True} if dev.type == "cuda" else {}))
+    scaler = engine.make_scaler(amp_dtype, dev)
+    ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+    mask4 = additive_mask(mask, torch.float32)
 
-    def step():
+    def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = model(**inputs)
-            loss = compute_losses(out, batch["label"], cfg.loss, cfg.model)["total"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
+        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = bert(input_ids=ids, attention_mask=mask4).last_hidden_state[:, 0].float().pow(2).mean()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
 
+    return _timed(step, dev, steps, warmup)
+
+
+def _timed(step, dev: torch.device, steps: int, warmup: int) -> float:
     for _ in range(warmup):
         step()
     if dev.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    rss0 = _rss_bytes()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+    return (time.perf_counter() - t0) / steps
+
+
+def run(preset: str, batch_size: int, steps: int, warmup: int, precomputed: bool, device: str, amp: str,
+        text_len: int, t_a: int, t_v: int, *, compile_model: bool = False, bare: bool = True,
+        peak: float | None = None) -> dict:
+    """One configuration through the real `engine.train_step` (its autocast, float16 scaling, fused Adam on CUDA,
+    clipping), then the bare-BERT limit at the same shapes; step time, samples/s and MFU side by side."""
+    cfg = Config.from_preset(preset).override([f"optim.batch_size={batch_size}", f"optim.amp='{amp}'",
+                                               f"optim.compile={str(compile_model).lower()}"])
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = build_model(cfg.model, with_personality_encoder=not precomputed).to(dev).train()
+    engine.maybe_compile(model, cfg.optim)
+    opt = engine.build_optimizer(model, cfg.optim)
+    amp_dtype = engine.resolve_amp(cfg.optim.amp, dev)
+    scaler = engine.make_scaler(amp_dtype, dev)
+    batch = synthetic_batch(cfg.model, batch_size, text_len, t_a, t_v, "cpu")
+    if precomputed:
+        enc = load_personality_encoder(cfg.model)
+        with torch.no_grad():
+            batch["personality_cls"] = enc(input_ids=batch["p_input_ids"],
+                                           attention_mask=batch["p_attention_mask"]).last_hidden_state[:, 0]
+        batch = {k: v for k, v in batch.items() if not k.startswith("p_")}
+        del enc
+    peak_mem = {}
     if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-        mem = {"peak_gpu_mem_gib": round(peak / 2**30, 3)}
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = _rss_bytes()
+    t_first = time.perf_counter()
+    engine.train_step(model, batch, opt, cfg, device=dev, amp_dtype=amp_dtype, scaler=scaler)
+    first_s = time.perf_counter() - t_first  # includes compilation when optim.compile
+    step_s = _timed(lambda: engine.train_step(model, batch, opt, cfg, device=dev, amp_dtype=amp_dtype,
+                                              scaler=scaler), dev, steps, max(0, warmup - 1))
+    if dev.type == "cuda":
+        peak_mem = {"peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        mem = {"peak_rss_gib": round(peak / 2**30, 3), "rss_before_steps_gib": round(rss0 / 2**30, 3)}
-    return {
+        peak_mem = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+                    "rss_before_steps_gib": round(rss0 / 2**30, 3)}
+    L = batch["input_ids"].shape[1]
+    mean_frames = (batch["audio_lengths"].float().mean().item(), batch["visual_lengths"].float().mean().item())
+    fl = step_flops(cfg.model, batch_size, L, round(mean_frames[0]), round(mean_frames[1]),
+                    precomputed_personality=precomputed)
+    peak_tf, peak_src = peak_tflops(dev, "off" if amp_dtype is None else str(amp_dtype).replace("torch.float16", "fp16")
+                                    .replace("torch.bfloat16", "bf16"), peak)
+    out = {
         "preset": preset, "batch_size": batch_size, "precomputed_personality_cls": precomputed,
         "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
-        "amp": "bf16" if use_bf16 else "off", "steps": steps,
-        "step_s": round(dt / steps, 4), "samples_per_s": round(steps * batch_size / dt, 2), **mem,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off", "compile": compile_model,
+        "steps": steps, "padded_text_len": L, "first_step_s": round(first_s, 4),
+        "step_s": round(step_s, 4), "samples_per_s": round(batch_size / step_s, 2),
+        "step_tflop": round(fl["total"] / 1e12, 4), "flops_by_part": fl,
+        "peak_tflops": round(peak_tf, 3), "peak_source": peak_src, "mfu": round(mfu(fl["total"], step_s, peak_tf), 4),
+        **peak_mem, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
+    if bare:
+        del model, opt
+        b_s = bare_bert_step_s(cfg, batch, dev, amp_dtype, steps, warmup)
+        b_fl = bare_bert_step_flops(cfg.model, batch_size, L)
+        out |= {"bare_bert_step_s": round(b_s, 4), "bare_bert_samples_per_s": round(batch_size / b_s, 2),
+                "bare_bert_tflop": round(b_fl / 1e12, 4), "bare_bert_mfu": round(mfu(b_fl, b_s, peak_tf), 4),
+                "step_over_bare_bert": round(step_s / b_s, 3)}
+    return out
+
+
+def side_by_side(r: dict) -> str:
+    """One line: the PSA-MF step and the bare-BERT limit, samples/s, step time and MFU."""
+    line = (f"{r['preset']} B={r['batch_size']} L={r['padded_text_len']} amp={r['amp']}: psamf {r['samples_per_s']} "
+            f"samples/s, {r['step_s']} s/step, {r['step_tflop']} TFLOP/step, MFU {r['mfu']:.2%}")
+    if "bare_bert_step_s" in r:
+        line += (f" | bare BERT {r['bare_bert_samples_per_s']} samples/s, {r['bare_bert_step_s']} s/step, "
+                 f"MFU {r['bare_bert_mfu']:.2%} | step / bare = {r['step_over_bare_bert']}")
+    return line + f"  (peak {r['peak_tflops']} TFLOP/s: {r['peak_source']})"
 
 
 def main() -> None:
@@ -117,20 +184,34 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--amp", choices=["off", "bf16"], default="off")
+    ap.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="fp16: with loss scaling")
+    ap.add_argument("--compile", action="store_true", help="optim.compile (first_step_s includes compiling)")
+    ap.add_argument("--no-bare-bert", action="store_true", help="skip the bare-BERT limit")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="peak for MFU (default: H200/H100 989, A100 312 bf16; V100 125, T4 65 fp16; CPU measured)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     ap.add_argument("--text-len", type=int, default=50)
     ap.add_argument("--audio-frames", type=int, default=375, help="MOSI audio max 375")
     ap.add_argument("--visual-frames", type=int, default=500, help="MOSI vision max 500")
     ap.add_argument("--only", choices=["both", "with-bert", "precomputed"], default="both")
+    ap.add_argument("--out", default=None, help="append each result as a JSON line to this file")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.only == "both":  # one process per mode: the CPU peak-RSS figure is per process
         print(json.dumps({"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__}))
         for mode in ("with-bert", "precomputed"):
             argv = [a for a in sys.argv[1:] if not a.startswith("--only")] + ["--only", mode]
             subprocess.run([sys.executable, __file__, *argv], check=True)
         return
-    print(json.dumps(run(args.preset, args.batch_size, args.steps, args.warmup, args.only == "precomputed",
-                         args.device, args.amp, args.text_len, args.audio_frames, args.visual_frames)), flush=True)
+    r = run(args.preset, args.batch_size, args.steps, args.warmup, args.only == "precomputed", args.device,
+            args.amp, args.text_len, args.audio_frames, args.visual_frames, compile_model=args.compile,
+            bare=not args.no_bare_bert, peak=args.peak_tflops)
+    print(json.dumps(r), flush=True)
+    print(side_by_side(r), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -32,12 +33,18 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # bench/step.py
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from psamf import train as T  # noqa: E402
+from psamf import data, engine, runtime  # noqa: E402
+from psamf import flops as flops_mod  # noqa: E402
 from psamf.config import Config  # noqa: E402
+from psamf.model import build_model  # noqa: E402
+from psamf.preflight import preflight  # noqa: E402
+from psamf.train import worker_device  # noqa: E402
+from step import bare_bert_step_s  # noqa: E402  (bench/step.py)
 
 MOSI_SHAPES = {"L": 50, "T_a": 375, "T_v": 500}
 
@@ -64,7 +71,7 @@ def bench_fn_per_worker(config: dict) -> list[dict] | None:
     shard = ray.train.get_dataset_shard("train")
     need = config["warmup"] + config["steps"]
     wait = comp = 0.0
-    n = timed = 0
+    n = timed = flops = bare_flops = 0
     first_batch_s = None
     t_start = time.perf_counter()
     step = 0
@@ -81,10 +88,23 @@ def bench_fn_per_worker(config: dict) -> list[dict] | None:
             comp += t2 - t1
             n += int(batch["label"].shape[0])
             timed += 1
+            fl, bare = batch_flops(cfg, batch)
+            flops += fl
+            bare_flops += bare
         step += 1
     stats = engine.all_gather({"rank": rank, "steps": timed, "samples": n, "wait_s": wait, "compute_s": comp,
-                          "first_batch_s": first_batch_s})
+                          "first_batch_s": first_batch_s, "flops": flops, "bare_bert_flops": bare_flops})
     return stats if rank == 0 else None
+
+
+def batch_flops(cfg: Config, batch: dict) -> tuple[int, int]:
+    """(PSA-MF step FLOPs, bare-BERT step FLOPs) of one batch at its padded token width and mean true frame
+    counts (psamf.flops)."""
+    B, L = int(batch["input_ids"].shape[0]), int(batch["input_ids"].shape[1])
+    a, v = (int(batch[k].float().mean().item()) for k in ("audio_lengths", "visual_lengths"))
+    pre = "personality_cls" in batch
+    return (flops_mod.step_flops(cfg.model, B, L, a, v, precomputed_personality=pre)["total"],
+            flops_mod.bare_bert_step_flops(cfg.model, B, L))
 
 
 def prepare_data(workdir: str, rows_needed: int, max_text_len: int) -> tuple[str, dict]:
@@ -144,6 +164,12 @@ def run_ray(preset: str, workers: int, batch_size: int, steps: int, warmup: int,
             "samples_per_s_per_worker": float(np.mean(per_worker)),
             "samples_per_s_total": float(np.sum(per_worker)), "step_s": step_s,
             "data_wait_frac": float(wait_frac),
+            # per worker: the step's FLOPs over its compute time (data wait excluded), and the bare-BERT FLOPs of
+            # the same batches (the limit: a plain BERT at the same padded lengths)
+            "tflop_per_step": sum(s["flops"] for s in stats) / sum(s["steps"] for s in stats) / 1e12,
+            "achieved_tflops_per_worker": float(np.mean([s["flops"] / s["compute_s"] / 1e12 for s in stats
+                                                        if s["steps"]])),
+            "bare_bert_tflop_per_step": sum(s["bare_bert_flops"] for s in stats) / sum(s["steps"] for s in stats) / 1e12,
             "first_batch_s": float(np.mean([s["first_batch_s"] for s in stats if s["first_batch_s"] is not None])),
             "fit_wall_s": wall}
 
@@ -175,13 +201,15 @@ def synthetic_batch(cfg: Config, B: int, seed: int) -> dict:
             "label": torch.empty(B).uniform_(-3, 3, generator=g)}
 
 
-def run_inproc(preset: str, device: str, amp: str, batch_size: int, steps: int, warmup: int) -> dict:
+def run_inproc(preset: str, device: str, amp: str, batch_size: int, steps: int, warmup: int,
+               bare: bool = True) -> dict:
     dev = torch.device(device)
     cfg = Config.from_preset(preset).override([f"optim.batch_size={batch_size}", f"optim.amp='{amp}'"])
     engine.seed_everything(0)
     model = build_model(cfg.model).to(dev)
     opt = engine.build_optimizer(model, cfg.optim)
     amp_dtype = engine.resolve_amp(cfg.optim.amp, dev)
+    scaler = engine.make_scaler(amp_dtype, dev)
     batches = [synthetic_batch(cfg, batch_size, s) for s in range(4)]
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -189,7 +217,7 @@ def run_inproc(preset: str, device: str, amp: str, batch_size: int, steps: int, 
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        engine.train_step(model, batches[i % len(batches)], opt, cfg, device=dev, amp_dtype=amp_dtype)
+        engine.train_step(model, batches[i % len(batches)], opt, cfg, device=dev, amp_dtype=amp_dtype, scaler=scaler)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
@@ -203,6 +231,14 @@ def run_inproc(preset: str, device: str, amp: str, batch_size: int, steps: int, 
     if dev.type == "cuda":
         out["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["gpu"] = torch.cuda.get_device_name(dev)
+    fl = [batch_flops(cfg, b) for b in batches]
+    out["tflop_per_step"] = float(np.mean([f for f, _ in fl])) / 1e12
+    out["achieved_tflops_per_worker"] = out["tflop_per_step"] / out["step_s"]
+    if bare:  # the bare-BERT limit at the first batch's padded length (all four are padded to L = 50)
+        del model, opt
+        b_s = bare_bert_step_s(cfg, batches[0], dev, amp_dtype, steps, warmup)
+        out |= {"bare_bert_step_s": b_s, "bare_bert_tflop_per_step": fl[0][1] / 1e12,
+                "bare_bert_samples_per_s": batch_size / b_s}
     return out
 
 
@@ -217,10 +253,23 @@ def machine() -> str:
             f" load average at start {load:.1f}")
 
 
+def mfu_cell(r: dict) -> str:
+    peak = r.get("peak_tflops")
+    return f"{r['achieved_tflops_per_worker'] / peak:.2%}" if peak and "achieved_tflops_per_worker" in r else "–"
+
+
+def bare_cell(r: dict) -> str:
+    if "bare_bert_step_s" not in r:
+        return "–"
+    peak = r.get("peak_tflops")
+    m = f" ({r['bare_bert_tflop_per_step'] / r['bare_bert_step_s'] / peak:.2%})" if peak else ""
+    return f"{r['bare_bert_step_s']:.3f}{m}"
+
+
 def table(rows: list[dict]) -> str:
     head = ("| preset | mode | workers x threads | batch | samples/s per worker | samples/s total | step (s) | "
-            "data wait | first batch (s) | peak GPU mem |")
-    lines = [head, "|" + "---|" * 10]
+            "data wait | first batch (s) | peak GPU mem | TFLOP/step | MFU | bare BERT s/step (MFU) |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         mem = f"{r['peak_gpu_mem_gib']:.1f} GiB" if "peak_gpu_mem_gib" in r else "–"
         total = r.get("samples_per_s_total", r["samples_per_s_per_worker"])
@@ -228,7 +277,8 @@ def table(rows: list[dict]) -> str:
         first = f"{r['first_batch_s']:.2f}" if "first_batch_s" in r else "–"
         lines.append(f"| {r['preset']} | {mode} | {r['workers']} x {r.get('threads_per_worker', '-')} | "
                      f"{r['batch_size']} | {r['samples_per_s_per_worker']:.1f} | {total:.1f} | "
-                     f"{r['step_s']:.2f} | {100 * r['data_wait_frac']:.1f} % | {first} | {mem} |")
+                     f"{r['step_s']:.2f} | {100 * r['data_wait_frac']:.1f} % | {first} | {mem} | "
+                     f"{r.get('tflop_per_step', math.nan):.4f} | {mfu_cell(r)} | {bare_cell(r)} |")
     return "\n".join(lines)
 
 
@@ -237,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default="tiny,paper")
     p.add_argument("--workers", default="1,2", help="Ray path: worker counts to compare")
     p.add_argument("--device", default="cpu", help="cpu (Ray Train workers) or cuda (one process, no Ray)")
-    p.add_argument("--amp", default="off", choices=["off", "bf16", "auto"])
+    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16", "auto"], help="fp16: with loss scaling")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak for MFU (default: H200/H100 989, A100 312 bf16; V100 125, T4 65 fp16; CPU measured)")
+    p.add_argument("--no-bare-bert", action="store_true", help="in-process path: skip the bare-BERT limit")
     p.add_argument("--batch-size", type=int, default=None, help="default: tiny 32, paper 8 on CPU / 32 on GPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps per worker (default: tiny 20, paper 3)")
     p.add_argument("--warmup", type=int, default=2)
@@ -262,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     if gpu or args.inproc:
         for preset in presets:
-            r = run_inproc(preset, args.device, args.amp, bs(preset), steps(preset), args.warmup)
+            r = run_inproc(preset, args.device, args.amp, bs(preset), steps(preset), args.warmup,
+                           bare=not args.no_bare_bert)
             print(json.dumps(r), flush=True)
             rows.append(r)
     else:
@@ -280,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
                                 os.path.join(tmp, "runs"), args.threads, args.stream)
                     print(json.dumps(r), flush=True)
                     rows.append(r)
+    amp_name = {"bf16": "bf16", "fp16": "fp16"}.get(args.amp, "bf16" if args.amp == "auto" else "off")
+    peak, peak_src = flops_mod.peak_tflops(args.device if gpu else "cpu", amp_name, args.peak_tflops)
+    for r in rows:
+        r["peak_tflops"], r["peak_source"] = peak, peak_src
+        r["mfu"] = r["achieved_tflops_per_worker"] / peak
+    print(f"# MFU against {peak:.3f} TFLOP/s ({peak_src})")
     print(table(rows))
     if args.out:
         with open(args.out, "w") as f:

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -82,6 +83,14 @@ def main() -> int:
     init_ray(1)
     cpus = float(ray.cluster_resources().get("CPU", 0))
     out = {"load_before": os.getloadavg(), "cores": os.cpu_count(), "ray_cpus": cpus, "runs": {}}
+    loads: list[float] = []  # the 1-minute load average every 30 s: what else the machine was doing
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(30):
+            loads.append(os.getloadavg()[0])
+
+    threading.Thread(target=sample, daemon=True).start()
     for sched in [s for s in args.schedulers.split(",") if s]:
         space = _space(shards, args.trials, args.epochs, sched)
         storage = os.path.join(tmp, "runs")
@@ -94,6 +103,11 @@ def main() -> int:
         out["runs"][sched] = m
         print(f"{sched}: {json.dumps(m)}", flush=True)
     out["load_after"] = os.getloadavg()
+    stop.set()
+    out["load_samples"] = loads
+    if loads:
+        print(f"1-minute load average during the runs: mean {sum(loads) / len(loads):.1f}, max {max(loads):.1f} "
+              f"({len(loads)} samples)")
     print(f"load average before {out['load_before']}, after {out['load_after']}; {out['cores']} cores, "
           f"{cpus:g} Ray CPUs")
     print("| scheduler | trials | epochs | concurrent | trials/hour | busy | start-up s | train+eval s |")

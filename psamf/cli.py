@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "tune": "search hyperparameters with Ray Tune (search space as YAML; resumable; TensorBoard HParams)",
     "study": "the paper's ablation and layer studies as seed grids: mean ± std tables with paired tests",
     "personality": "pretrain a personality encoder on Big Five data (Ray Train) for prepare --personality-model",
+    "predict": "score a prepared shard set or a custom manifest with a trained model (Ray Data batch inference)",
 }
 
 DESCRIPTION = ("Train and tune PSA-MF (Personality-Sentiment Aligned Multi-Level Fusion) multimodal sentiment "

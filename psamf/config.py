@@ -197,6 +197,9 @@ class OptimConfig:
     # reference's 128 on 4 workers is batch_size=32 (x 4 workers) or batch_size=16 with grad_accum=2 on 4 workers
     # of half the memory
     grad_accum: int = 1
+    # torch.compile the model (nn.Module.compile: state_dict names unchanged). Off by default: compiling costs
+    # minutes per process and new shapes recompile (data.*_pad_multiple keeps them few); see docs/benchmarks.md
+    compile: bool = False
 
     def __post_init__(self) -> None:
         p = "optim."
@@ -232,12 +235,22 @@ class DataConfig:
     shuffle_seed: int = 0  # train order: file shuffle (reseeded per pass) + per-epoch window permutation
     normalize_features: bool = False  # z-score audio/visual with the manifest's train stats (read time); reference: off
     materialize: bool = True  # read each split into the object store once: later epochs skip Parquet (docs/benchmarks.md)
+    # Pad each batch's token width (to a multiple of this, at most max_text_len) and frame count (to a multiple of
+    # this) beyond the batch's longest, so that a run sees a handful of shapes: kernels are chosen (and
+    # torch.compile traces) once per shape. Padding is masked, so one forward's predictions do not change (within
+    # 1e-5), but round-off compounds over training (the pinned demo's metrics move), so the default is off (1 =
+    # the batch's longest); 8 / 32 are the suggested values on a GPU, especially with optim.compile.
+    token_pad_multiple: int = 1
+    frame_pad_multiple: int = 1
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "data.uri must not be empty")
         _check(1 <= self.max_text_len <= 512, f"data.max_text_len must be in [1, 512], got {self.max_text_len}")
         _check(self.group_window >= 1, "data.group_window must be >= 1")
         _check(self.prefetch_batches >= 0, "data.prefetch_batches must be >= 0")
+        for name in ("token_pad_multiple", "frame_pad_multiple"):
+            _check(getattr(self, name) >= 1, f"data.{name} must be >= 1 (1 = pad to the batch's longest), "
+                                             f"got {getattr(self, name)}")
         _check(0 <= self.shuffle_seed < 2**32, f"data.shuffle_seed must be in [0, 2**32), got {self.shuffle_seed}")
         _check(self.s3_endpoint is None or self.s3_endpoint.startswith(("http://", "https://")),
                f"data.s3_endpoint must be an http(s):// URL or null, got {self.s3_endpoint!r}")

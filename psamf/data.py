@@ -41,7 +41,10 @@ would save little and cost a gather of every prediction (Corr and F1 need them a
 Evaluate with the unwrapped model (`model.module`) so that no DDP collective runs in forward.
 
 Batches (`iter_batches`) are dicts (B = rows, L_b / L_pb = the batch's longest transcript per
-tokenizer, T_a / T_v = the batch's longest audio / visual sequence):
+tokenizer rounded up to `data.token_pad_multiple` (at most max_text_len), T_a / T_v = the batch's longest
+audio / visual sequence rounded up to `data.frame_pad_multiple`; both 1 by default. With buckets a run sees a
+handful of shapes, and since every pad position is masked one forward's predictions do not depend on them). On a GPU the tensors are moved to
+the device except `audio_lengths` / `visual_lengths`, which the model needs on the host (LSTM packing):
 
     input_ids, attention_mask, token_type_ids          (B, L_b)  int64
     p_input_ids, p_attention_mask, p_token_type_ids    (B, L_pb) int64
@@ -252,10 +255,17 @@ def _fsl_2d(arr: pa.Array) -> np.ndarray:
     return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
 
 
-def _frames(arr: pa.Array, lengths: np.ndarray) -> np.ndarray:
-    """audio/visual column (ragged list<fixed_size_list> or fixed_shape_tensor) -> (B, T_batch_max, D)."""
+def round_up(n: int, multiple: int, cap: int | None = None) -> int:
+    """n rounded up to a multiple (the collate's shape buckets), at most `cap` (never below n)."""
+    r = -(-n // multiple) * multiple
+    return max(n, min(r, cap)) if cap is not None else r
+
+
+def _frames(arr: pa.Array, lengths: np.ndarray, multiple: int = 1) -> np.ndarray:
+    """audio/visual column (ragged list<fixed_size_list> or fixed_shape_tensor) -> (B, T, D), T the batch's
+    longest rounded up to `multiple` (at most the stored width of a fixed layout)."""
     B = len(arr)
-    t_b = int(lengths.max()) if B else 0
+    t_b = round_up(int(lengths.max()), multiple) if B else 0
     if isinstance(arr.type, pa.BaseExtensionType):  # fixed layout: padded to the data-set max, valid-first
         full = arr.to_numpy_ndarray() if hasattr(arr, "to_numpy_ndarray") else arr.to_numpy()
         return np.array(full[:, :t_b], dtype=np.float32, order="C")  # a writable copy of the batch-max slice
@@ -272,14 +282,18 @@ class PadCollate(ArrowBatchCollateFn):
     """Arrow batch -> dict of padded tensors (module docstring lists the keys).
 
     Pads audio/visual to the batch maximum, trims token ids to the batch's longest transcript per
-    tokenizer, optionally z-scores the valid frames. Stateless after construction (numpy constants only),
+    tokenizer (both rounded up to the shape buckets, module docstring), optionally z-scores the valid frames. Stateless after construction (numpy constants only),
     so it is safe on Ray's collate thread pool.
     """
 
     def __init__(self, data_cfg: DataConfig | None = None, *, manifest: Mapping[str, Any] | None = None,
                  use_personality_cls: bool | None = None, normalize: bool | None = None,
-                 sample_ids: bool = False):
+                 sample_ids: bool = False, token_pad_multiple: int | None = None,
+                 frame_pad_multiple: int | None = None):
         super().__init__()
+        # shape buckets: the DataConfig's (default 1: the exact batch maximum), or these arguments
+        self.token_multiple = token_pad_multiple or (data_cfg.token_pad_multiple if data_cfg is not None else 1)
+        self.frame_multiple = frame_pad_multiple or (data_cfg.frame_pad_multiple if data_cfg is not None else 1)
         self.use_personality_cls = (data_cfg.use_precomputed_personality if data_cfg is not None else True) \
             if use_personality_cls is None else use_personality_cls
         normalize = (data_cfg.normalize_features if data_cfg is not None else False) if normalize is None \
@@ -308,6 +322,7 @@ class PadCollate(ArrowBatchCollateFn):
             cols = {c: _fsl_2d(_column(batch, c)) for c in names}
             mask = cols[names[1]]
             l_b = max(1, int(mask.sum(axis=1).max())) if len(mask) else 0  # right-padded: real tokens first
+            l_b = round_up(l_b, self.token_multiple, cap=mask.shape[1]) if len(mask) else 0
             for c in names:
                 out[c] = torch.from_numpy(cols[c][:, :l_b].astype(np.int64))
         if self.use_personality_cls and "personality_cls" in batch.column_names:
@@ -315,7 +330,7 @@ class PadCollate(ArrowBatchCollateFn):
                 np.array(_fsl_2d(_column(batch, "personality_cls")), dtype=np.float32, order="C"))
         for m in ("audio", "visual"):
             lengths = _column(batch, f"{m}_len").to_numpy(zero_copy_only=False).astype(np.int64)
-            x = _frames(_column(batch, m), lengths)
+            x = _frames(_column(batch, m), lengths, self.frame_multiple)
             if self.norm is not None:
                 mean, std = self.norm[m]
                 valid = (np.arange(x.shape[1])[None, :] < lengths[:, None])[..., None]
@@ -402,7 +417,7 @@ def iter_batches(ds_or_shard: "ray.data.Dataset | ray.data.DataIterator", data_c
     for less padding, deterministically). Tensors are moved to `device` ("auto": the Ray Train device,
     else CPU). See the module docstring for the keys.
     """
-    import torch
+    from psamf.engine import move_to_device  # frame lengths stay on the host (psamf.model.HOST_INPUT_KEYS)
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -421,7 +436,7 @@ def iter_batches(ds_or_shard: "ray.data.Dataset | ray.data.DataIterator", data_c
             if drop_last and len(b["sample_id"]) < batch_size:
                 continue
             if dev.type != "cpu":
-                b = {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+                b = move_to_device(b, dev)
             yield b
 
 

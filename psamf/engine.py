@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from psamf.config import Config, ConfigError, OptimConfig
 from psamf.losses import compute_losses
 from psamf.metrics import compute_metrics
-from psamf.model import model_inputs, param_groups
+from psamf.model import HOST_INPUT_KEYS, model_inputs, param_groups
 
 __all__ = [
     "LOSS_TERMS",
@@ -52,6 +52,8 @@ __all__ = [
     "move_to_device",
     "batch_ids",
     "train_step",
+    "forward_backward",
+    "optimizer_step",
     "make_scaler",
     "train_epoch",
     "epoch_record",
@@ -60,6 +62,7 @@ __all__ = [
     "eval_metrics",
     "selectable_metrics",
     "build_optimizer",
+    "maybe_compile",
     "build_scheduler",
     "group_lrs",
     "seed_everything",
@@ -105,9 +108,12 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def move_to_device(batch: Mapping[str, Any], device: torch.device | None) -> dict[str, Any]:
+    """The batch's tensors on `device`, except `HOST_INPUT_KEYS` (the frame lengths), which the model needs on the
+    host: copying them over would make the model copy them back, a device->host sync every step."""
     if device is None:
         return dict(batch)
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) and k not in HOST_INPUT_KEYS else v)
+            for k, v in batch.items()}
 
 
 def batch_ids(batch: Mapping[str, Any]) -> list[str]:
@@ -141,39 +147,46 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _forward_backward(model: nn.Module, batch: Mapping[str, Any], cfg: Config, device: torch.device,
-                      amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None,
-                      loss_scale: float) -> dict[str, float]:
+def forward_backward(model: nn.Module, batch: Mapping[str, Any], cfg: Config, device: torch.device,
+                     amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None,
+                     loss_scale: float) -> dict[str, float]:
     """Forward, losses and backward of one (micro-)batch; gradients accumulate into `.grad`. The backward pass
-    sees `total x loss_scale` (1 / grad_accum), scaled further by `scaler` under float16."""
+    sees `total x loss_scale` (1 / grad_accum), scaled further by `scaler` under float16.
+
+    The loss terms come back to the host in one copy, after the backward pass has been queued: the step's only
+    device-to-host sync (one read per term plus a `bool(isfinite)` would be six, each stalling the GPU queue).
+    A non-finite total still raises before the optimiser touches the weights."""
     with _autocast(device, amp_dtype):
         out = model(**model_inputs(batch))
     terms = compute_losses(_float32(out), batch["label"].float(), cfg.loss, cfg.model)
     total = terms["total"]
-    if not torch.isfinite(total):
-        raise FloatingPointError(f"non-finite training loss: { {k: float(v.detach()) for k, v in terms.items()} }")
     scaled = total * loss_scale if loss_scale != 1.0 else total
     (scaler.scale(scaled) if scaler is not None else scaled).backward()
-    stats = {k: float(v.detach()) for k, v in terms.items()}
+    values = torch.stack([v.detach().float() for v in terms.values()]).cpu().tolist()  # the one host sync
+    stats = dict(zip(terms, values))
+    if not math.isfinite(stats["total"]):
+        raise FloatingPointError(f"non-finite training loss: {stats}")
     stats["batch_size"] = int(batch["label"].shape[0])
     return stats
 
 
-def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
-                    scaler: torch.amp.GradScaler | None, grad_factor: float = 1.0) -> float:
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
+                   scaler: torch.amp.GradScaler | None, grad_factor: float = 1.0) -> Tensor | float:
     """Unscale (float16), rescale a short accumulation group (`grad_factor`), clip, step (the gradients stay
     for inspection until the next group's first backward zeroes them).
-    Returns the gradient norm before clipping (NaN when clipping is off); under float16 a step whose gradients
-    overflowed is skipped by the scaler, which then lowers its scale."""
+    Returns the gradient norm before clipping as a 0-d tensor on the device, left there so that the step does not
+    wait for it (`float()` it when needed; `train_epoch` reads an epoch's norms in one copy), or NaN when
+    clipping is off. Under float16 a step whose gradients overflowed is skipped by the scaler, which then lowers
+    its scale."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     if grad_factor != 1.0:
         for p in _trainable(model):
             if p.grad is not None:
                 p.grad.mul_(grad_factor)
-    grad_norm = math.nan
+    grad_norm: Tensor | float = math.nan
     if cfg.optim.grad_clip > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(_trainable(model), cfg.optim.grad_clip))
+        grad_norm = torch.nn.utils.clip_grad_norm_(_trainable(model), cfg.optim.grad_clip).detach()
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -196,8 +209,8 @@ def train_step(model: nn.Module, batch: Mapping[str, Any], optimizer: torch.opti
     device = device or next(model.parameters()).device
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    stats = _forward_backward(model, move_to_device(batch, device), cfg, device, amp_dtype, scaler, 1.0)
-    stats["grad_norm"] = _optimizer_step(model, optimizer, cfg, scaler)
+    stats = forward_backward(model, move_to_device(batch, device), cfg, device, amp_dtype, scaler, 1.0)
+    stats["grad_norm"] = float(optimizer_step(model, optimizer, cfg, scaler))
     return stats
 
 
@@ -308,6 +321,15 @@ def selectable_metrics(dataset: str) -> list[str]:
     keys = compute_metrics(rng.uniform(-1, 1, 8), rng.uniform(-1, 1, 8), dataset).keys()
     return sorted({"val_loss", *(f"val_{t}" for t in LOSS_TERMS), *(f"val_{k}" for k in keys)}
                   - {"val_n", "val_n_non0"})
+
+
+def maybe_compile(model: nn.Module, optim: OptimConfig) -> nn.Module:
+    """`torch.compile` the model in place when `optim.compile` (nn.Module.compile: the module, its parameters and
+    state_dict names stay the same, so checkpoints, DDP and `param_groups` are unaffected). Compilation happens
+    lazily, at the first forward of each new shape. Returns the model."""
+    if optim.compile:
+        model.compile()
+    return model
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Adam:
@@ -506,6 +528,7 @@ def train_epoch(model: nn.Module, batches: Iterable[Mapping[str, Any]], optimize
     st = EpochStats()
     t_epoch = time.perf_counter()
     in_group = 0
+    norms: list[Tensor | float] = []  # read once at the end of the epoch: no host sync per step
     for (batch, waited), last in _with_last(timed_batches(batches)):
         t1 = time.perf_counter()
         step_now = last or in_group + 1 == accum
@@ -514,13 +537,13 @@ def train_epoch(model: nn.Module, batches: Iterable[Mapping[str, Any]], optimize
             optimizer.zero_grad(set_to_none=True)
         try:
             with sync:
-                stats = _forward_backward(model, move_to_device(batch, device), cfg, device, amp_dtype, scaler,
+                stats = forward_backward(model, move_to_device(batch, device), cfg, device, amp_dtype, scaler,
                                           1.0 / accum)
         except FloatingPointError as e:
             raise FloatingPointError(f"{where}step {st.steps}: {e}") from None
         in_group += 1
         if step_now:
-            st.grad_norms.append(_optimizer_step(model, optimizer, cfg, scaler, grad_factor=accum / in_group))
+            norms.append(optimizer_step(model, optimizer, cfg, scaler, grad_factor=accum / in_group))
             st.optimizer_steps += 1
             in_group = 0
         st.compute += time.perf_counter() - t1
@@ -534,8 +557,16 @@ def train_epoch(model: nn.Module, batches: Iterable[Mapping[str, Any]], optimize
             after_first_step()
         if on_step is not None:
             on_step(st.steps, time.perf_counter() - t_epoch)
+    st.grad_norms = _host_floats(norms)
     st.time = time.perf_counter() - t_epoch
     return st
+
+
+def _host_floats(values: Sequence[Tensor | float]) -> list[float]:
+    """Floats from a mix of 0-d device tensors and floats, with one device-to-host copy for all the tensors."""
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    read = iter(torch.stack([t.float() for t in tensors]).cpu().tolist() if tensors else [])
+    return [next(read) if isinstance(v, Tensor) else float(v) for v in values]
 
 
 def epoch_record(epoch: int, mine: EpochStats, parts: Sequence[EpochStats],

@@ -11,6 +11,8 @@ Public functions
 * `format_table(...)` – a readable mean ± std table (accuracies/F1 in % by default; MAE and Corr raw).
 * `trivial_baselines(label)` – majority-class accuracies and constant-prediction MAEs (§8 floors).
 * `confusion_7class(pred, label, label_range)` – 7×7 counts of the Acc-7 classes (rows label, columns prediction).
+* `sentiment_class7(pred, dataset)` / `polarity(pred, dataset)` – per-sample labels of a score, by the same
+  conventions as the metrics (`psamf predict` writes them next to each score).
 
 All values are plain Python numbers in [0, 1] for accuracies and F1 (no ×100, no rounding: MMSA rounds to
 4 decimals, we leave that to `format_table`).
@@ -41,6 +43,9 @@ __all__ = [
     "trivial_baselines",
     "CLASSES_7",
     "confusion_7class",
+    "sentiment_class7",
+    "polarity",
+    "POLARITIES",
 ]
 
 REGRESSION_KEYS = ("mae", "corr", "acc7", "acc5", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0")
@@ -50,6 +55,8 @@ SIMS_KEYS = ("acc2", "acc3", "acc5", "f1", "mae", "corr")
 _SIMS_EDGES_2 = np.asarray([-1.01, 0.0, 1.01], dtype=np.float32).astype(np.float64)
 _SIMS_EDGES_3 = np.asarray([-1.01, -0.1, 0.1, 1.01], dtype=np.float32).astype(np.float64)
 _SIMS_EDGES_5 = np.asarray([-1.01, -0.7, -0.1, 0.1, 0.7, 1.01], dtype=np.float32).astype(np.float64)
+
+POLARITIES = ("negative", "neutral", "positive")
 
 _REGRESSION_DATASETS = names_in_family("regression")  # psamf.datasets: mosi, mosei, custom
 _SIMS_DATASETS = names_in_family("sims")  # sims, simsv2
@@ -188,6 +195,47 @@ def compute_metrics(pred: Any, label: Any, dataset: str) -> dict[str, float]:
         return sims_metrics(pred, label)
     raise ValueError(f"unknown dataset {dataset!r} for metrics; choose one of "
                      f"{list(_REGRESSION_DATASETS + _SIMS_DATASETS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sample labels of a score
+# --------------------------------------------------------------------------------------------
+
+
+def _family(dataset: str) -> str:
+    name = str(dataset).lower()
+    if name in _REGRESSION_DATASETS:
+        return "regression"
+    if name in _SIMS_DATASETS:
+        return "sims"
+    raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(_REGRESSION_DATASETS + _SIMS_DATASETS)}")
+
+
+def sentiment_class7(pred: Any, dataset: str = "mosi") -> np.ndarray:
+    """The 7-class label (int8 in -3..3) of each score, as Acc-7 counts it: clip, then `np.round` (half to even).
+
+    MOSI / MOSEI / custom: `round(clip(p, -3, 3))`, exactly the classes `regression_metrics`' `acc7` compares.
+    CH-SIMS / SIMS v2 scores live on [-1, 1], where rounding would leave three classes: the same seven classes
+    are taken on that scale, `round(3 * clip(p, -1, 1))` (steps of 1/3), so the label means the same thing
+    whichever corpus the model was trained on."""
+    p = _as_float_array(pred, "pred")
+    if _family(dataset) == "sims":
+        p = 3.0 * np.clip(p, -1.0, 1.0)
+    return np.round(np.clip(p, -3.0, 3.0)).astype(np.int8)
+
+
+def polarity(pred: Any, dataset: str = "mosi") -> np.ndarray:
+    """The polarity of each score: an object array of "negative" / "neutral" / "positive".
+
+    MOSI / MOSEI / custom follow the non-zero convention of `acc2_non0`: a score above 0 is positive, below 0
+    negative, and exactly 0 is the neutral class that convention leaves out. CH-SIMS / SIMS v2 use their Acc-3
+    bins: [-1, -0.1] negative, (-0.1, 0.1] neutral, (0.1, 1] positive (after clipping to [-1, 1])."""
+    p = _as_float_array(pred, "pred")
+    if _family(dataset) == "sims":
+        cls = _bins(np.clip(p, -1.0, 1.0), _SIMS_EDGES_3)  # 0, 1, 2
+    else:
+        cls = (np.sign(p) + 1).astype(np.int64)  # -1, 0, 1 -> 0, 1, 2
+    return np.asarray(POLARITIES, dtype=object)[cls]
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from psamf.config import ConfigError, ModelConfig, OptimConfig
 
@@ -42,6 +42,10 @@ MODEL_INPUT_KEYS = (
     "p_input_ids", "p_attention_mask", "p_token_type_ids", "personality_cls",
     "audio", "audio_lengths", "visual", "visual_lengths",
 )
+
+# Inputs the training loop leaves on the host when it moves a batch to the GPU: the LSTMs' packing needs the
+# lengths on the CPU (`pack_padded_sequence`), so a device copy would cost a device->host sync every step.
+HOST_INPUT_KEYS = ("audio_lengths", "visual_lengths")
 
 PERSONALITY_INIT_SEED = 0  # a randomly initialised personality BERT is seeded, so prepare and training agree
 
@@ -165,12 +169,20 @@ class RNNEncoder(nn.Module):
         self.linear_1 = nn.Linear(hidden, out_dim) if out_dim is not None else None
 
     def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor | None, Tensor]:
+        """`lengths` on the CPU (see HOST_INPUT_KEYS); a device tensor is copied to the host (a sync)."""
         T = x.shape[1]
-        packed = pack_padded_sequence(x.transpose(0, 1), lengths.cpu(), enforce_sorted=False)  # time-major
+        packed = pack_padded_sequence(x.transpose(0, 1), _on_host(lengths), enforce_sorted=False)  # time-major
         out, (h_n, _) = self.rnn(packed)
-        seq, _ = pad_packed_sequence(out, total_length=T)  # (T, B, hidden)
+        # unpad in sorted order and restore the batch order here: pad_packed_sequence would also reorder the
+        # lengths it returns (unused) with `unsorted_indices.cpu()`, a device->host sync on a GPU
+        seq, _ = pad_packed_sequence(PackedSequence(out.data, out.batch_sizes), total_length=T)  # (T, B, hidden)
+        seq = seq.index_select(1, out.unsorted_indices)
         h = self.linear_1(h_n[-1]) if self.linear_1 is not None else None  # (B, A)
         return h, seq.transpose(0, 1)  # (B, T, hidden)
+
+
+def _on_host(t: Tensor) -> Tensor:
+    return t if t.device.type == "cpu" else t.cpu()
 
 
 class ClipPair(NamedTuple):
@@ -435,14 +447,21 @@ class PSAMF(nn.Module):
 
     def _cross(self, query: Tensor, seq: Tensor, lengths: Tensor, attn: nn.MultiheadAttention,
                post: nn.Module | None) -> Tensor:
+        """`lengths` on the host (RNNEncoder needs them there too): the mask's copy to the device is asynchronous."""
         cfg = self.cfg
         T = seq.shape[1]
         key_padding_mask = None
         if cfg.cross_key_padding_mask:
-            key_padding_mask = torch.arange(T, device=seq.device)[None, :] >= lengths[:, None].to(seq.device)  # (B, T)
-        elif cfg.cross_pad_to is not None and T < cfg.cross_pad_to:
-            # reference: LSTM outputs re-padded with zeros to 500 steps, attended without a mask
-            seq = F.pad(seq, (0, 0, 0, cfg.cross_pad_to - T))  # (B, 500, hidden)
+            dev_len = lengths.to(seq.device, non_blocking=True)
+            key_padding_mask = torch.arange(T, device=seq.device)[None, :] >= dev_len[:, None]  # (B, T)
+        else:
+            # Unmasked (reference): every key counts, so the frames beyond the batch's longest sequence are cut
+            # first: the result then does not depend on how far the collate padded (data.frame_pad_multiple).
+            seq = seq[:, : int(lengths.max())]
+            T = seq.shape[1]
+            if cfg.cross_pad_to is not None and T < cfg.cross_pad_to:
+                # reference: LSTM outputs re-padded with zeros to 500 steps, attended without a mask
+                seq = F.pad(seq, (0, 0, 0, cfg.cross_pad_to - T))  # (B, 500, hidden)
         kv = seq.transpose(0, 1)  # (T, B, hidden)
         out, _ = attn(query[None], kv, kv, key_padding_mask=key_padding_mask, need_weights=False)  # (1, B, A)
         out = out[0]  # (B, A)
@@ -469,7 +488,9 @@ class PSAMF(nn.Module):
         check_input_shapes(input_ids, attention_mask, audio, audio_lengths, visual, visual_lengths,
                            personality_cls, cfg, self.personality_dim)
 
-        # 1. audio / visual encoders
+        # 1. audio / visual encoders. Lengths on the host: free when the loop kept them there (HOST_INPUT_KEYS);
+        # a caller's device tensors are copied once here, not once per use.
+        audio_lengths, visual_lengths = _on_host(audio_lengths), _on_host(visual_lengths)
         h_v, seq_v = self.visual_enc(visual, visual_lengths)  # (B, A), (B, T_v, hidden)
         h_a, seq_a = self.acoustic_enc(audio, audio_lengths)  # (B, A), (B, T_a, hidden)
 
@@ -555,7 +576,8 @@ class PSAMF(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def _bert_config(cfg: ModelConfig, num_layers: int, vocab_size: int):
+def bert_config(cfg: ModelConfig, num_layers: int, vocab_size: int):
+    """The HF BertConfig of the model's geometry (public: the benchmarks build a bare BERT of the same shape)."""
     from transformers import BertConfig
 
     return BertConfig(
@@ -582,7 +604,7 @@ def build_text_bert(cfg: ModelConfig) -> nn.Module:
             raise ConfigError(f"model.hidden_size={cfg.hidden_size} but {cfg.text_model} has width "
                               f"{bert.config.hidden_size}; set model.hidden_size to match")
         return bert
-    return BertModel(_bert_config(cfg, cfg.bert_layers, cfg.vocab_size), add_pooling_layer=False)
+    return BertModel(bert_config(cfg, cfg.bert_layers, cfg.vocab_size), add_pooling_layer=False)
 
 
 def load_personality_encoder(cfg: ModelConfig) -> nn.Module:
@@ -598,7 +620,7 @@ def load_personality_encoder(cfg: ModelConfig) -> nn.Module:
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(PERSONALITY_INIT_SEED)
-            enc = BertModel(_bert_config(cfg, cfg.personality_layers, cfg.personality_vocab_size),
+            enc = BertModel(bert_config(cfg, cfg.personality_layers, cfg.personality_vocab_size),
                             add_pooling_layer=False)
     enc.requires_grad_(False)
     return enc.eval()

@@ -24,7 +24,7 @@ from psamf.engine import LOSS_TERMS, selectable_metrics
 from psamf.storage import exists, read_bytes, resolve
 
 __all__ = ["Preflight", "preflight", "read_manifest", "check_resume_compatible", "check_cluster_resources",
-           "check_placeholders", "PLACEHOLDERS"]
+           "check_placeholders", "PLACEHOLDERS", "check_prediction_inputs"]
 
 # the capitals the job configs and cluster files ship with (jobs/configs/*.yaml): a value holding one was not set
 PLACEHOLDERS = re.compile(r"YOUR-[A-Z0-9-]+|PATH-OR-HUB")
@@ -111,6 +111,24 @@ def _check_model_fits_shards(cfg: Config, man: Mapping[str, Any]) -> None:
             raise ConfigError(f"the shards' precomputed personality_cls has width {width} but "
                               f"model.personality_tokens needs model.hidden_size ({m.hidden_size}); set "
                               "data.use_precomputed_personality=false or re-run prepare with this model")
+
+
+def check_prediction_inputs(cfg: Config, man: Mapping[str, Any], split: str) -> None:
+    """Shards to be scored by a trained model (`psamf predict`): the checks training preflight makes, except
+    that the model is fixed, so the shards' feature widths must be the model's (training would adopt them).
+
+    `cfg` is the checkpoint's config with `data.uri` pointing at the shards. Raises ConfigError naming the
+    field and the shards."""
+    shards.check_manifest(man, cfg.data)
+    _check_model_fits_shards(cfg, man)
+    dims = man.get("feature_dims") or {}
+    for key, name in (("audio", "audio_dim"), ("visual", "visual_dim")):
+        if key in dims and int(dims[key]) != getattr(cfg.model, name):
+            raise ConfigError(f"the shards at {cfg.data.uri} have {key} features of width {dims[key]}, but the "
+                              f"checkpoint's model was trained with model.{name}={getattr(cfg.model, name)}")
+    counts = man.get("counts") or {}
+    if int(counts.get(split, 0)) <= 0:
+        raise ConfigError(f"the shards at {cfg.data.uri} have no {split!r} split (splits: {counts})")
 
 
 def _check_splits(cfg: Config, man: Mapping[str, Any]) -> None:

@@ -133,8 +133,11 @@ def _split_order(raw: RawDataset) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def validate(raw: RawDataset) -> None:
-    """Raise `ValueError` naming field, split, sample id and source for the first problem found."""
+def validate(raw: RawDataset, *, require_train: bool = True) -> None:
+    """Raise `ValueError` naming field, split, sample id and source for the first problem found.
+
+    `require_train=False` (samples to score, `psamf predict --manifest`): no train split is needed, since the
+    scoring side takes its normalisation statistics from the model's own training shards."""
     src = _source_desc(raw)
 
     def fail(field: str, split: str, sid: object, problem: str) -> None:
@@ -142,7 +145,7 @@ def validate(raw: RawDataset) -> None:
 
     if not isinstance(raw, RawDataset):
         raise TypeError(f"expected a psamf.sources.RawDataset, got {type(raw).__name__}")
-    if "train" not in raw.splits or len(raw.splits["train"]) == 0:
+    if require_train and ("train" not in raw.splits or len(raw.splits["train"]) == 0):
         raise ValueError(f"splits: a non-empty 'train' split is required (normalisation statistics come from "
                          f"it); got {sorted(raw.splits)} (source={src})")
     lo, hi = (float(raw.label_range[0]), float(raw.label_range[1]))
@@ -609,6 +612,7 @@ def prepare(
     personality_batch_size: int = 64,
     allow_nonempty: bool = False,
     progress: bool = False,
+    require_train: bool = True,
 ) -> dict:
     """Validate, tokenise, (optionally) compute personality CLS, write shards + manifest. Returns the manifest.
 
@@ -632,6 +636,8 @@ def prepare(
         allow_nonempty: write into a directory that holds files which are not a psamf data set (they are
             left alone; see `check_output`).
         progress: show progress on stderr (a bar on a terminal, periodic lines otherwise; `psamf.progress`).
+        require_train: False for samples to score (`psamf predict --manifest`): no train split is needed, and
+            the manifest's normalisation statistics then come from the first split (recorded by name).
     """
     from psamf import __version__
     from psamf.tokenizers import load_tokenizer
@@ -652,7 +658,7 @@ def prepare(
 
     mark("read")
     note(describe_repairs(raw.repairs, _source_desc(raw)), enabled=progress)
-    validate(raw)
+    validate(raw, require_train=require_train)
     mark("validate")
     splits = [s for s in _split_order(raw) if len(raw.splits[s]) > 0]
 
@@ -731,10 +737,12 @@ def _tokenize_splits(raw: RawDataset, splits: Sequence[str], tok: Any, ptok: Any
 
 
 def _normalization(raw: RawDataset) -> dict[str, Any]:
-    """Train-split feature statistics, stored in the manifest and applied at read time when asked for."""
-    train = raw.splits["train"]
+    """Train-split feature statistics, stored in the manifest and applied at read time when asked for (a data
+    set without a train split, only made for scoring: its first split's, named in "split")."""
+    name = "train" if len(raw.splits.get("train") or ()) else _split_order(raw)[0]
+    train = raw.splits[name]
     return {
-        "split": "train",
+        "split": name,
         "applied": "read time, by psamf.data.PadCollate when DataConfig.normalize_features (valid frames only)",
         "audio": _feature_stats([np.asarray(f, np.float32) for f in train.audio], raw.audio_dim),
         "visual": _feature_stats([np.asarray(f, np.float32) for f in train.visual], raw.visual_dim),

@@ -34,6 +34,8 @@ Readers
     ``speaker``. Paths are resolved against the manifest's directory; ``.npy`` files hold one array, ``.npz``
     files an array under the key ``features``; arrays are time first ``(len, D)``. An id without ``$_$`` is
     normalised to ``"<speaker>$_$<id>"`` (``"<id>$_$<id>"`` without a speaker).
+`read_custom(manifest_path, for_prediction=True)`
+    The same manifest for `psamf predict`: ``split`` and ``label`` are optional, every row lands in one split.
 
 Common rules: NaN and ±inf are set to 0 (not `np.nan_to_num`'s ±max-finite) and counted; a sample with no valid
 frame becomes one zero frame (counted as ``<modality>_zero_length_repaired``); labels outside the dataset's range,
@@ -80,6 +82,7 @@ __all__ = [
     "read_custom",
     "read_source",
     "SOURCE_FORMATS",
+    "PREDICT_SPLIT",
 ]
 
 
@@ -107,6 +110,7 @@ class RawDataset:
     source_files: dict[str, str] = field(default_factory=dict)  # path -> SHA-256
     repairs: dict[str, int] = field(default_factory=dict)  # e.g. {"audio_nonfinite_values_zeroed": 12}
     padding_side: dict[str, str] = field(default_factory=dict)  # per modality, as detected in the source
+    labelled: bool = True  # False: a prediction manifest without labels (its label arrays hold 0.0 placeholders)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -757,6 +761,8 @@ def _to_float(x: Any) -> float:
 # ------------------------------------------------------------------------------------------------
 
 _CUSTOM_REQUIRED = ("id", "split", "text", "label", "audio_path", "visual_path")
+_PREDICT_REQUIRED = ("id", "text", "audio_path", "visual_path")  # read_custom(for_prediction=True)
+PREDICT_SPLIT = "test"  # the one split every row of a prediction manifest goes to
 
 
 def _load_features(path: Path, row_id: str, fld: str, manifest: Path) -> np.ndarray:
@@ -792,16 +798,22 @@ def read_custom(
     name: str = "custom",
     *,
     label_range: tuple[float, float] | None = None,
+    for_prediction: bool = False,
 ) -> RawDataset:
     """Read a CSV/Parquet manifest of per-sample feature files (see the module docstring).
 
     `label_range` defaults to the named dataset's range ([-1, 1] for sims/simsv2, else [-3, 3]).
+    `for_prediction` (`psamf predict --manifest`): only ``id, text, audio_path, visual_path`` are required;
+    every row goes to the one split `PREDICT_SPLIT` whatever its ``split`` column says, and without a
+    ``label`` column the labels are 0.0 placeholders and `RawDataset.labelled` is False. Every other rule
+    (and every error message) is the training reader's.
     """
     manifest = Path(manifest_path)
     df = _read_table(manifest)
-    for col in _CUSTOM_REQUIRED:
+    for col in _PREDICT_REQUIRED if for_prediction else _CUSTOM_REQUIRED:
         if col not in df.columns:
             raise ValueError(f"{manifest}: missing column {col!r} (columns {list(df.columns)})")
+    labelled = "label" in df.columns
     lrange = _range_for(name, label_range)
     base = manifest.parent
     repairs = _Repairs()
@@ -814,10 +826,10 @@ def read_custom(
         rid = str(rec["id"]).strip()
         if not rid:
             raise ValueError(f"{manifest}: a row has an empty 'id'")
-        split = _SPLIT_ALIASES.get(str(rec["split"]).strip().lower())
+        split = PREDICT_SPLIT if for_prediction else _SPLIT_ALIASES.get(str(rec["split"]).strip().lower())
         if split is None:
             raise ValueError(f"{manifest}: row id {rid!r} field 'split' is {rec['split']!r}; use train/valid/test")
-        label = _to_float(rec["label"])
+        label = _to_float(rec["label"]) if labelled else 0.0
         _labels([label], lrange, f"{manifest}: row id {rid!r}", "label")
         speaker = str(rec["speaker"]).strip() if has_speaker and rec["speaker"] is not None else ""
         if "$_$" in rid:
@@ -845,17 +857,20 @@ def read_custom(
         acc["visual"].append(feats["visual"])
         acc["speaker"].append(speaker or video)
     empty = [s for s in SPLITS if not per_split[s]["ids"]]
-    if empty:
+    if for_prediction and not per_split[PREDICT_SPLIT]["ids"]:
+        raise ValueError(f"{manifest}: no rows to predict")
+    if empty and not for_prediction:
         raise ValueError(f"{manifest}: no rows for split(s) {empty}; every split needs at least one sample")
     _check_duplicates({s: per_split[s]["ids"] for s in SPLITS}, str(manifest))
     splits = {
         s: RawSplit(ids=a["ids"], text=a["text"], label=np.asarray(a["label"], dtype=np.float32), audio=a["audio"],
                     visual=a["visual"], speaker=a["speaker"])
-        for s, a in per_split.items()
+        for s, a in per_split.items() if a["ids"] or not for_prediction
     }
     return RawDataset(
         name=name, splits=splits, audio_dim=dims["audio"][0], visual_dim=dims["visual"][0], label_range=lrange,
         source_files=sources, repairs=repairs.counts, padding_side={"audio": "none", "visual": "none"},
+        labelled=labelled,
     )
 
 

@@ -44,7 +44,7 @@ from psamf.checkpoint import (CHECKPOINT_DIR, CheckpointError, LocalCheckpoints,
 from psamf.config import Config, ConfigError
 from psamf.data import iter_batches, load_datasets, split_config
 from psamf.engine import (EvalOutput, Selector, all_gather, build_optimizer, build_scheduler, epoch_record,
-                          make_scaler,
+                          make_scaler, maybe_compile,
                           eval_metrics, eval_partition, evaluate, gather_eval, resolve_amp, rng_state,
                           seed_everything, set_rng_state, train_epoch)
 from psamf.model import build_model
@@ -269,6 +269,7 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
              if cfg.run.num_workers == 0 else RayCheckpoints())
     res = _restore(store, raw, selector)
     history = res.history
+    maybe_compile(raw, cfg.optim)  # after the restore; in place, so `raw` (evaluation) is the compiled module too
     model = ray.train.torch.prepare_model(raw)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)

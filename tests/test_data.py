@@ -85,6 +85,50 @@ def test_collate_pads_to_batch_max_and_trims_tokens(layout):
 
 
 @pytest.mark.parametrize("layout", ["ragged", "fixed"])
+def test_collate_rounds_shapes_up_to_buckets(layout):
+    """data.*_pad_multiple: widths rounded up (tokens capped at the stored width, frames of a fixed layout at
+    theirs), the extra positions masked / zero, the values and lengths unchanged."""
+    tbl = hand_table(layout)
+    exact = PadCollate()(tbl)
+    b = PadCollate(DataConfig(token_pad_multiple=4, frame_pad_multiple=4))(tbl)
+    assert b["input_ids"].shape == (3, 8) and b["p_input_ids"].shape == (3, 8)  # 6 -> 8, 5 -> 8 (= L, the cap)
+    assert b["audio"].shape[1] == (6 if layout == "fixed" else 8)  # longest 5 -> 8, or the stored 6
+    assert b["visual"].shape[1] == 4  # longest 4: already a multiple
+    for k in ("input_ids", "attention_mask", "p_input_ids"):
+        w = exact[k].shape[1]
+        assert torch.equal(b[k][:, :w], exact[k]) and not b[k][:, w:].any()
+    for m in ("audio", "visual"):
+        T = exact[m].shape[1]
+        assert torch.equal(b[m][:, :T], exact[m]) and not b[m][:, T:].any()
+        assert torch.equal(b[f"{m}_lengths"], exact[f"{m}_lengths"])
+    big = PadCollate(token_pad_multiple=64)(tbl)
+    assert big["input_ids"].shape[1] == L  # never wider than the tokenized width
+
+
+def test_bucketed_batches_give_the_same_predictions():
+    """Padding is masked everywhere in the model, so the shape buckets leave one forward's predictions and losses
+    equal to the exact batch-max padding, for the masked (tiny) and the unmasked (reference) attention."""
+    from psamf.losses import compute_losses
+    from psamf.model import build_model, model_inputs
+    from tests.helpers import tiny_cfg
+
+    for overrides in ([], ["model.cross_key_padding_mask=false", "model.cross_pad_to=null"]):
+        cfg = tiny_cfg().override([*overrides, "data.token_pad_multiple=8", "data.frame_pad_multiple=32"])
+        tbl = hand_table(D_a=cfg.model.audio_dim, D_v=cfg.model.visual_dim, a_lens=(7, 2, 5), v_lens=(3, 9, 1),
+                         T_max=(7, 9))
+        exact, bucketed = PadCollate()(tbl), PadCollate(cfg.data)(tbl)
+        assert bucketed["visual"].shape[1] > exact["visual"].shape[1]
+        torch.manual_seed(0)
+        model = build_model(cfg.model).eval()
+        with torch.no_grad():
+            outs = [model(**model_inputs({**b, "audio": b["audio"] / 1000, "visual": b["visual"] / 1000}))
+                    for b in (exact, bucketed)]
+        torch.testing.assert_close(outs[1].prediction, outs[0].prediction, atol=1e-5, rtol=1e-5)
+        losses = [compute_losses(o, exact["label"], cfg.loss, cfg.model)["total"] for o in outs]
+        torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["ragged", "fixed"])
 def test_collate_on_sliced_and_chunked_tables(layout):
     tbl = hand_table(layout)
     full = PadCollate()(tbl)
@@ -117,7 +161,7 @@ def test_collate_normalizes_valid_frames_only():
     man = {"normalization": {"audio": {"mean": [1000.0, 1001.0], "std": [2.0, 0.0]},
                              "visual": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}}}
     raw = PadCollate()(tbl)
-    b = PadCollate(DataConfig(normalize_features=True), manifest=man)(tbl)
+    b = PadCollate(DataConfig(normalize_features=True, frame_pad_multiple=1), manifest=man)(tbl)
     valid = raw["audio"][0, :3]
     torch.testing.assert_close(b["audio"][0, :3, 0], (valid[:, 0] - 1000) / 2)
     torch.testing.assert_close(b["audio"][0, :3, 1], valid[:, 1] - 1001)  # std 0 -> divide by 1
@@ -239,7 +283,8 @@ def test_build_datasets_and_iter_batches(tmp_path, ray_cluster):
     seen = []
     for b in iter_batches(ds["train"], cfg, 5, epoch=0, train=True):  # drop_last defaults to True for train
         assert len(b["sample_id"]) == 5 and b["audio"].shape[0] == 5
-        assert b["input_ids"].shape[1] == int(b["attention_mask"].sum(1).max())
+        longest = int(b["attention_mask"].sum(1).max())  # rounded up to the token bucket, at most max_text_len
+        assert b["input_ids"].shape[1] == min(-(-longest // cfg.token_pad_multiple) * cfg.token_pad_multiple, 16)
         seen += b["sample_id"]
     assert len(seen) == 20 and set(seen) <= set(train_ids)
     all_ids = [s for b in iter_batches(ds["train"], cfg, 5, epoch=1, train=True, drop_last=False)
@@ -343,6 +388,9 @@ def test_data_config_new_fields_validated():
     with pytest.raises(ConfigError, match="data.s3_endpoint"):
         DataConfig(s3_endpoint="127.0.0.1:9000")
     assert DataConfig().materialize and not DataConfig().normalize_features
+    for name in ("token_pad_multiple", "frame_pad_multiple"):
+        with pytest.raises(ConfigError, match=f"data.{name}"):
+            DataConfig(**{name: 0})
 
 
 def test_eval_splits_are_not_split_across_workers():

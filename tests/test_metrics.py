@@ -419,3 +419,23 @@ def test_evaluation_plots_are_pngs_and_the_confusion_counts_sum_to_the_split(tmp
         assert rows[0] == "label/pred,-3,-2,-1,0,1,2,3" and len(rows) == 8
         assert sum(int(v) for row in rows[1:] for v in row.split(",")[1:]) == len(r.ids)
     assert not [p for p in (tmp_path / "plots").iterdir() if ".tmp" in p.name]  # atomic writes leave no temp files
+
+
+def test_per_sample_class7_and_polarity_follow_the_metrics():
+    """`psamf predict`'s per-sample labels: Acc-7's classes (clip, half-to-even) and the Non0 sign convention; on
+    SIMS the seven classes of the [-1, 1] scale and the Acc-3 bins. Counting class7 agreement gives acc7."""
+    from psamf.metrics import polarity, sentiment_class7
+
+    p = np.array([-3.6, -2.5, -0.5, 0.0, 0.49, 1.5, 2.5, 9.0], np.float32)
+    assert sentiment_class7(p, "mosi").tolist() == [-3, -2, 0, 0, 0, 2, 2, 3]
+    assert polarity(p, "mosei").tolist() == ["negative"] * 3 + ["neutral"] + ["positive"] * 4
+    s = np.array([-1.2, -0.5, -0.1, 0.1, 0.11, 0.17, 1.0], np.float32)
+    assert sentiment_class7(s, "sims").tolist() == [-3, -2, 0, 0, 0, 1, 3]
+    assert polarity(s, "simsv2").tolist() == ["negative", "negative", "negative", "neutral", "positive",
+                                              "positive", "positive"]
+    rng = np.random.default_rng(0)
+    pred, label = rng.uniform(-3.5, 3.5, 200), np.round(rng.uniform(-3, 3, 200) * 3) / 3
+    agree = np.mean(sentiment_class7(pred, "mosi") == sentiment_class7(label, "mosi"))
+    assert agree == pytest.approx(regression_metrics(pred, label)["acc7"])
+    with pytest.raises(ValueError, match="unknown dataset"):
+        polarity(p, "iemocap")

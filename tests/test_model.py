@@ -200,12 +200,24 @@ def test_padding_invariance(cfg):
 
 
 def test_reference_mode_attends_over_padding(cfg):
-    """Without the key padding mask (reference), extra padded frames change the prediction: the
-    switch is what makes the difference."""
+    """Without the key padding mask (reference), the zero frames that pad shorter rows up to the batch's longest
+    are attended: the switch changes the prediction (same weights, masked vs unmasked)."""
+    c = cfg.override(["model.cross_key_padding_mask=false", "model.cross_pad_to=null"])
+    masked = cfg.override(["model.cross_key_padding_mask=true", "model.cross_pad_to=null"])
+    b = make_batch(c.model, B=4)
+    assert int(b["visual_lengths"].min()) < b["visual"].shape[1]  # some row is padded
+    got = _model(c).eval()(**model_inputs(b)).prediction
+    assert not torch.allclose(got, _model(masked).eval()(**model_inputs(b)).prediction, atol=1e-5)
+
+
+def test_reference_mode_ignores_padding_beyond_the_longest_sequence(cfg):
+    """... but frames beyond the batch's longest sequence (the collate's shape buckets, data.frame_pad_multiple)
+    are cut before the unmasked attention, so bucketing cannot change the reference mode's predictions."""
     c = cfg.override(["model.cross_key_padding_mask=false", "model.cross_pad_to=null"])
     m = _model(c).eval()
     b = make_batch(c.model, B=4)
-    assert not torch.allclose(m(**model_inputs(b)).prediction, m(**model_inputs(_pad_more(b))).prediction, atol=1e-5)
+    torch.testing.assert_close(m(**model_inputs(b)).prediction, m(**model_inputs(_pad_more(b))).prediction,
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_reference_pad_to_500_makes_batch_padding_irrelevant(cfg):

@@ -604,3 +604,32 @@ def test_in_epoch_progress_reaches_the_job_log_line_and_the_driver_console(tmp_p
     assert out.getvalue().splitlines() == [f"  [prun] {prog['line']}"]
     line = pf.step(0, 1, 10, 5.0)
     assert line == "epoch 0: step 1/10, 5.00 s/step, epoch ETA 45s"
+
+
+def test_move_to_device_keeps_the_frame_lengths_on_the_host():
+    """The LSTMs pack on the host: lengths copied to the device would be copied back (a sync per step)."""
+    from psamf.engine import move_to_device
+    from psamf.model import HOST_INPUT_KEYS
+    from tests.helpers import make_batch, tiny_cfg
+
+    moved = move_to_device(make_batch(tiny_cfg().model), torch.device("meta"))
+    assert HOST_INPUT_KEYS == ("audio_lengths", "visual_lengths")
+    assert all(moved[k].device.type == "cpu" for k in HOST_INPUT_KEYS)
+    assert all(v.device.type == "meta" for k, v in moved.items() if k not in HOST_INPUT_KEYS)
+
+
+def test_optim_compile_compiles_the_model_in_place():
+    """optim.compile (off by default) wraps forward with torch.compile without renaming the state dict; compiling
+    itself is lazy (first forward), so this checks the config path only (docs/benchmarks.md measures it)."""
+    from psamf.engine import maybe_compile
+    from psamf.model import build_model
+    from tests.helpers import tiny_cfg
+
+    cfg = tiny_cfg()
+    assert cfg.optim.compile is False
+    model = build_model(cfg.model)
+    keys = list(model.state_dict())
+    assert maybe_compile(model, cfg.optim)._compiled_call_impl is None
+    on = cfg.override(["optim.compile=true"])
+    assert maybe_compile(model, on.optim) is model and model._compiled_call_impl is not None
+    assert list(model.state_dict()) == keys

@@ -17,7 +17,7 @@ HELP = "fine-tune a personality encoder on Big Five data (Ray Train) and export 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from psamf.personality import TINY_CONFIG
 
-    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True, help="what to do: pretrain")
     q = sub.add_parser("pretrain", help="multi-output regression of the five traits on the CLS, then export",
                        description=HELP)
     q.add_argument("--data", required=True, help="Big Five corpus: CSV/TSV/Parquet with text, openness, "
