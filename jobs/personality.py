@@ -1,7 +1,7 @@
 """Ray Jobs entrypoint: pretrain a personality encoder on a Big Five corpus (thin: parse, call psamf.pretrain).
 
     ray job submit ... -- python jobs/personality.py pretrain --data s3://BUCKET/bigfive.parquet \
-        --model bert-base-uncased --out /shared/personality-bert --num-workers 2 --storage-path s3://BUCKET/runs
+        --model bert-base-uncased --out /models/personality-bert --num-workers 2 --storage-path s3://BUCKET/runs
 
 Same arguments as `psamf personality`. Exit status: 0 done, 2 bad input.
 """
