@@ -261,16 +261,33 @@ class RunConfig:
     name: str = "psamf-run"  # resume key: re-running the same (storage_path, name) resumes
     storage_path: str = "runs"  # local dir or s3://bucket/prefix
     num_workers: int = 2  # Ray Train workers (DDP ranks)
+    # elastic training (Ray Train V2): > 0 lets a run start or go on with as few as min_workers ranks while nodes
+    # are missing (a lost spot node, a slow autoscaler) and grow back to num_workers when they come; 0 = fixed size.
+    # The global batch follows the live worker count (batch_size x workers x grad_accum).
+    min_workers: int = 0
+    elastic_resize_interval_s: float = 60.0  # how often a healthy elastic run checks whether it can grow
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     max_failures: int = 2  # worker-group restarts from the latest checkpoint; -1 = unlimited
     keep_checkpoints: int = 2  # best k by optim.select_metric; Ray also always keeps the latest (resume point)
     s3_endpoint: str | None = None  # custom S3 endpoint for an s3:// storage_path (MinIO, moto); else data.s3_endpoint, then AWS_ENDPOINT_URL_S3
+    # extra Ray resources each worker holds, e.g. {"accelerator_type:A10G": 0.001} to pin a GPU model, or a custom
+    # resource of a node group (cluster/local/autoscaling.yaml's "accel" stands in for a GPU)
+    worker_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for k, v in self.worker_resources.items():
+            _check(bool(k) and k not in ("CPU", "GPU", "memory", "object_store_memory"),
+                   f"run.worker_resources: {k!r} is not a custom resource (CPU and GPU have their own keys: "
+                   "run.cpus_per_worker, run.use_gpu + run.gpus_per_worker)")
+            _check(v > 0, f"run.worker_resources.{k} must be > 0, got {v}")
         _check(bool(self.name) and "/" not in self.name, f"run.name must be a non-empty name without '/', got {self.name!r}")
         _check(self.num_workers >= 0, "run.num_workers must be >= 0 (0 = Ray Train local mode)")
+        _check(0 <= self.min_workers <= self.num_workers,
+               f"run.min_workers must be in [0, run.num_workers={self.num_workers}] (0 = a fixed worker count), "
+               f"got {self.min_workers}")
+        _check(self.elastic_resize_interval_s > 0, "run.elastic_resize_interval_s must be > 0")
         _check(self.cpus_per_worker > 0, "run.cpus_per_worker must be > 0")
         _check(self.gpus_per_worker > 0, "run.gpus_per_worker must be > 0")
         _check(self.max_failures >= -1, "run.max_failures must be >= -1")
@@ -278,6 +295,20 @@ class RunConfig:
         _check(bool(self.storage_path), "run.storage_path must not be empty")
         _check(self.s3_endpoint is None or self.s3_endpoint.startswith(("http://", "https://")),
                f"run.s3_endpoint must be an http(s):// URL or null, got {self.s3_endpoint!r}")
+
+    def scaling_kwargs(self) -> dict[str, Any]:
+        """`ray.train.ScalingConfig` arguments: the worker count (a (min, max) range when elastic), GPU use and what
+        each worker holds."""
+        elastic = 0 < self.min_workers < self.num_workers
+        return {"num_workers": (self.min_workers, self.num_workers) if elastic else self.num_workers,
+                "use_gpu": self.use_gpu, "resources_per_worker": self.resources_per_worker(),
+                **({"elastic_resize_monitor_interval_s": self.elastic_resize_interval_s} if elastic else {})}
+
+    def resources_per_worker(self) -> dict[str, float]:
+        """What one Ray Train worker holds: its CPUs, its GPU share when use_gpu, and the custom resources."""
+        res = {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
+        res.update(self.worker_resources)
+        return res
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,6 +484,18 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
         return False, value
     if tp is str:
         return isinstance(value, str), value
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            return False, value
+        out = {}
+        for k, v in value.items():
+            ok_k, k2 = _type_ok(k, kt)
+            ok_v, v2 = _type_ok(v, vt)
+            if not (ok_k and ok_v):
+                return False, value
+            out[k2] = v2
+        return True, out
     return isinstance(value, tp), value
 
 
@@ -479,6 +522,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
+    if origin is dict:
+        return "a mapping of " + " to ".join(_type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 

@@ -95,9 +95,7 @@ def _evaluate_on_workers(cfg: Config, ck: Any, datasets: Mapping[str, Any], spli
 
     st = resolve(cfg.run.storage_path, cfg.run.s3_endpoint or cfg.data.s3_endpoint)
     name = f"{cfg.run.name}.eval-{uuid.uuid4().hex[:8]}"
-    res = {"CPU": cfg.run.cpus_per_worker}
-    if cfg.run.use_gpu:
-        res["GPU"] = cfg.run.gpus_per_worker
+    res = cfg.run.resources_per_worker()
     trainer = TorchTrainer(
         _eval_fn_per_worker,
         train_loop_config={"config": cfg.to_dict(), "splits": list(splits), "counts": dict(counts),

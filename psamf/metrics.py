@@ -219,9 +219,17 @@ def sentiment_class7(pred: Any, dataset: str = "mosi") -> np.ndarray:
     are taken on that scale, `round(3 * clip(p, -1, 1))` (steps of 1/3), so the label means the same thing
     whichever corpus the model was trained on."""
     p = _as_float_array(pred, "pred")
-    if _family(dataset) == "sims":
-        p = 3.0 * np.clip(p, -1.0, 1.0)
-    return np.round(np.clip(p, -3.0, 3.0)).astype(np.int8)
+    return _class7(p, (-1.0, 1.0) if _family(dataset) == "sims" else (-3.0, 3.0)).astype(np.int8)
+
+
+def _class7(values: np.ndarray, label_range: tuple[float, float]) -> np.ndarray:
+    """Acc-7's classes (int64 in -3..3) of `values` on `label_range`: mapped linearly onto [-3, 3] when the range
+    is another, clipped to ±3, then `np.round` (half to even)."""
+    lo, hi = float(label_range[0]), float(label_range[1])
+    if (lo, hi) != (-3.0, 3.0):
+        mid, half = (lo + hi) / 2.0, (hi - lo) / 2.0
+        values = (values - mid) / half * 3.0
+    return np.round(np.clip(values, -3.0, 3.0)).astype(np.int64)
 
 
 def polarity(pred: Any, dataset: str = "mosi") -> np.ndarray:
@@ -387,12 +395,7 @@ def confusion_7class(pred: Any, label: Any, label_range: tuple[float, float] = (
     equals `regression_metrics(...)["acc7"]`. A corpus with another label range (SIMS: [-1, 1]) is scaled
     linearly onto [-3, 3] first, so its plot reads the same way (SIMS has no official 7-class metric)."""
     p, t = _prepare(pred, label)
-    lo, hi = float(label_range[0]), float(label_range[1])
-    if (lo, hi) != (-3.0, 3.0):
-        mid, half = (lo + hi) / 2.0, (hi - lo) / 2.0
-        p, t = (p - mid) / half * 3.0, (t - mid) / half * 3.0
-    pc = np.round(np.clip(p, -3.0, 3.0)).astype(np.int64) + 3
-    tc = np.round(np.clip(t, -3.0, 3.0)).astype(np.int64) + 3
+    pc, tc = _class7(p, label_range) + 3, _class7(t, label_range) + 3
     counts = np.zeros((7, 7), dtype=np.int64)
     np.add.at(counts, (tc, pc), 1)
     return counts

@@ -238,4 +238,12 @@ def check_cluster_resources(cfg: Config) -> None:
         if runtime.embedded():
             raise ConfigError(msg)
         log.warning("%s (unless the autoscaler adds nodes)", msg)
+    for key, amount in cfg.run.worker_resources.items():
+        need = max(1, cfg.run.num_workers) * amount
+        if res.get(key, 0) < need:
+            msg = (f"run.worker_resources needs {need:g} {key!r} for {max(1, cfg.run.num_workers)} worker(s), and the "
+                   f"cluster has {res.get(key, 0):g}")
+            if runtime.embedded():
+                raise ConfigError(msg + " (embedded local Ray: no node has it; drop run.worker_resources)")
+            log.warning("%s: waiting for the autoscaler", msg)
 

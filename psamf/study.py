@@ -123,6 +123,9 @@ def max_concurrent_trials(cfgs: Sequence[Config], n_trials: int, resources: Mapp
     if any(c.run.use_gpu for c in cfgs):
         gpw = max(c.run.gpus_per_worker for c in cfgs if c.run.use_gpu)
         k = min(k, int(resources.get("GPU", 0) // (w * gpw)))
+    for key in {key for c in cfgs for key in c.run.worker_resources}:
+        need = max(c.run.worker_resources.get(key, 0) for c in cfgs)
+        k = min(k, int(resources.get(key, 0) // (w * need)))
     return max(1, min(n_trials, k))
 
 

@@ -324,15 +324,15 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
     if selector.best_epoch is None:
         raise RuntimeError("no epoch was trained (optim.epochs reached before any epoch?)")
 
-    # ---- the selected checkpoint: evaluate valid and test once ----
+    # ---- the selected checkpoint: evaluated once on final_splits (valid + test; valid only in a Tune trial) ----
     selected = store.selected(selector.best_epoch)
     with open_checkpoint(selected) as d:
         load_model_weights(d, raw)
     final = {split: run_eval(split) for split in final_splits}
     if rank != 0:
         return None
-    log.info("selected epoch %d evaluated on valid + test (worker total %.1f s)", selector.best_epoch,
-             time.perf_counter() - t_fn)
+    log.info("selected epoch %d evaluated on %s (worker total %.1f s)", selector.best_epoch,
+             " + ".join(final_splits), time.perf_counter() - t_fn)
     return {
         "history": history, "selected_epoch": selector.best_epoch, "selector": selector.state_dict(),
         "early_stopped": selector.should_stop, "checkpoint_path": selected.path, "world_size": world,
@@ -359,9 +359,6 @@ def build_trainer(cfg: Config, datasets: Mapping[str, Any], storage: Any, *,
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    res = {"CPU": cfg.run.cpus_per_worker}
-    if cfg.run.use_gpu:
-        res["GPU"] = cfg.run.gpus_per_worker
     run_config = ray.train.RunConfig(
         name=cfg.run.name, storage_path=storage.storage_path, storage_filesystem=storage.storage_filesystem,
         failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
@@ -380,8 +377,7 @@ def build_trainer(cfg: Config, datasets: Mapping[str, Any], storage: Any, *,
     }
     return TorchTrainer(train_fn_per_worker, train_loop_config=loop_config, datasets=dict(datasets),
                         dataset_config=split_config(),
-                        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers,
-                                                               use_gpu=cfg.run.use_gpu, resources_per_worker=res),
+                        scaling_config=ray.train.ScalingConfig(**cfg.run.scaling_kwargs()),
                         run_config=run_config)
 
 

@@ -15,6 +15,8 @@ The search file::
     grace_period: 1          # ASHA: epochs before the first cut
     reduction_factor: 2
     workers_per_trial: 1
+    max_concurrent_trials: null  # null: as many as fit the cluster now; on an autoscaling cluster, the most you
+                                 # want at once (pending trials make the autoscaler add nodes, up to its maximum)
     seed: 0
     space:
       model.align_layer: {randint: [0, 2]}       # inclusive bounds
@@ -83,7 +85,7 @@ SCHEDULERS = ("asha", "none")
 TRIAL_STATUSES = ("finished", "stopped-early", "pruned", "error", "unfinished")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
 TOP_KEYS = ("base", "metric", "mode", "num_samples", "search", "scheduler", "grace_period", "reduction_factor",
-            "workers_per_trial", "seed", "space")
+            "workers_per_trial", "max_concurrent_trials", "seed", "space")
 
 
 # =============================================================================================
@@ -187,6 +189,7 @@ class SearchSpace:
     grace_period: int = 1
     reduction_factor: int = 2
     workers_per_trial: int = 1
+    max_concurrent_trials: int | None = None  # None: as many as fit the cluster's resources at the start
     seed: int = 0
     source: str = "search"
     raw: dict[str, Any] = field(default_factory=dict)  # the file's content (saved with the search for --resume)
@@ -211,6 +214,10 @@ class SearchSpace:
         s.scheduler = _get(d, "scheduler", str, s.scheduler, source)
         for name in ("num_samples", "grace_period", "reduction_factor", "workers_per_trial", "seed"):
             setattr(s, name, _get(d, name, int, getattr(s, name), source))
+        if d.get("max_concurrent_trials") is not None:
+            s.max_concurrent_trials = _get(d, "max_concurrent_trials", int, None, source)
+            if s.max_concurrent_trials < 1:
+                raise ConfigError(f"{source}: max_concurrent_trials must be >= 1 or null, got {s.max_concurrent_trials}")
         s._check_settings()
         space = d.get("space")
         if not isinstance(space, Mapping) or not space:
@@ -417,6 +424,8 @@ def max_concurrent_trials(space: SearchSpace, resources: Mapping[str, float]) ->
         k = min(k, int(drivers))
     if run.use_gpu:
         k = min(k, int(gpu // (w * run.gpus_per_worker)))
+    for key, amount in run.worker_resources.items():
+        k = min(k, int(float(resources.get(key, 0)) // (w * amount)))
     return max(1, min(k, space.num_samples))
 
 
@@ -535,7 +544,7 @@ def _tuner(space: SearchSpace, name: str, st: Any, manifest: Mapping[str, Any], 
             raise ConfigError(f"search {name!r}: nothing to resume at {search_uri} (no Tune experiment state)")
         return tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, restart_errored=True,
                                   param_space=space.param_space(), storage_filesystem=st.storage_filesystem)
-    k = max_concurrent_trials(space, ray.cluster_resources())
+    k = space.max_concurrent_trials or max_concurrent_trials(space, ray.cluster_resources())
     log.info("search %s: %d trial(s), %d at a time, %s search, scheduler %s", name, space.num_samples, k,
              space.search, space.scheduler)
     # Tune's own TensorBoard logger is left out: each trial's tensorboard/ (curves + HParams) is psamf's

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from psamf.tune import SearchSpace
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 JOB_CONFIGS = ROOT / "jobs" / "configs"
@@ -69,7 +71,7 @@ def _cluster_specs() -> list[tuple[str, dict]]:
 def test_expected_files_exist():
     for rel in ("docker/Dockerfile", "docker/requirements.txt", "runtime_env.yaml", "vm/aws.yaml",
                 "vm/gcp.yaml", "k8s/raycluster.yaml", "k8s/rayjob-train.yaml", "k8s/rayjob-train-smoke.yaml",
-                "README.md"):
+                "k8s/rayjob-tune.yaml", "local/autoscaling.yaml", "README.md"):
         assert (CLUSTER / rel).is_file(), f"cluster/{rel} is missing"
 
 
@@ -217,6 +219,26 @@ def test_launcher_yaml_matches_ray_schema(path):
     assert sum(t.get("min_workers", 0) for t in cfg["available_node_types"].values()) <= cfg["max_workers"]
 
 
+def test_local_autoscaling_cluster_matches_ray_schema_and_mirrors_the_aws_layout():
+    """cluster/local/autoscaling.yaml (the fake multi-node cluster the autoscaling tests start) is a valid launcher
+    config with the node types of vm/aws.yaml: a CPU-0 head with TRAIN_DRIVER, a worker group from 0 whose custom
+    resource stands in for the GPU, an optional data group from 0."""
+    jsonschema = pytest.importorskip("jsonschema")
+    import ray.autoscaler
+
+    local = _load_one(CLUSTER / "local" / "autoscaling.yaml")
+    jsonschema.validate(local, json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text()))
+    assert local["provider"]["type"] == "fake_multinode" and local["provider"]["gcs_address"].startswith("127.0.0.1:")
+    aws = _load_one(CLUSTER / "vm" / "aws.yaml")
+    lt, at = local["available_node_types"], aws["available_node_types"]
+    assert lt[local["head_node_type"]]["resources"] == at[aws["head_node_type"]]["resources"]  # CPU 0, TRAIN_DRIVER
+    gpu = lt["gpu_worker"]
+    assert gpu["min_workers"] == 0 and gpu["max_workers"] >= 2 and gpu["resources"]["accel"] == 1
+    assert "GPU" not in gpu["resources"] and at["gpu_worker"]["min_workers"] == 0
+    assert lt["cpu_data"]["labels"] == at["cpu_data"]["labels"] and lt["cpu_data"]["min_workers"] == 0
+    assert sum(t.get("max_workers", 0) for n, t in lt.items() if n != local["head_node_type"]) <= local["max_workers"]
+
+
 @pytest.mark.parametrize("path", VM_FILES, ids=_rel)
 def test_launcher_layout_auth_and_dashboard(path):
     cfg = _load_one(path)
@@ -292,13 +314,22 @@ def test_kuberay_cluster_spec(name, spec):
 
 def test_rayjobs_lifecycle_and_entrypoints():
     jobs = {p.name: d for p, d in _k8s_objects("RayJob")}
-    assert set(jobs) == {"rayjob-train.yaml", "rayjob-train-smoke.yaml"}
+    assert set(jobs) == {"rayjob-train.yaml", "rayjob-train-smoke.yaml", "rayjob-tune.yaml"}
     for fname, d in jobs.items():
         s = d["spec"]
         assert s["shutdownAfterJobFinishes"] is True
         for k in ("ttlSecondsAfterFinished", "activeDeadlineSeconds", "backoffLimit"):
             assert isinstance(s.get(k), int) and s[k] >= 0, f"{fname}: {k}"
         ep = s["entrypoint"]
+        if fname == "rayjob-tune.yaml":
+            m = re.match(r"python jobs/tune\.py --config (jobs/search/[\w.-]+\.yaml) --name \$\{SEARCH_ID\} "
+                         r"--storage s3://\S+$", ep)
+            assert m and (ROOT / m.group(1)).is_file(), ep
+            assert s["jobId"] == "${SEARCH_ID}", f"{fname}: submission id must equal the search name"
+            space = SearchSpace.from_yaml(ROOT / m.group(1))  # the search it runs is valid and sized for the cluster
+            groups = s["rayClusterSpec"]["workerGroupSpecs"]
+            assert space.max_concurrent_trials and space.max_concurrent_trials <= sum(g["maxReplicas"] for g in groups)
+            continue
         assert re.match(r"python jobs/train\.py --config jobs/configs/[\w.-]+\.yaml --run-name \$\{?RUN_ID\}?", ep), ep
         assert s["jobId"] == "${RUN_ID}", f"{fname}: submission id must equal the run name"
         env = yaml.safe_load(s["runtimeEnvYAML"])

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -113,3 +115,27 @@ def test_replace_takes_dotted_and_nested_keys_and_validates_like_yaml():
         cfg.replace({"optim": {"lr_main": "fast"}}, source="search.yaml")
     with pytest.raises(ConfigError, match="<section>.<field>"):
         cfg.replace({"lr_main": 1.0})
+
+
+def test_worker_resources_and_elastic_workers_reach_ray_trains_scaling_config():
+    cfg = Config.from_preset("tiny").override(["run.worker_resources={accel: 1}", "run.num_workers=2"])
+    assert cfg.run.worker_resources == {"accel": 1.0}
+    kw = cfg.run.scaling_kwargs()
+    assert kw == {"num_workers": 2, "use_gpu": False, "resources_per_worker": {"CPU": 1.0, "accel": 1.0}}
+    el = cfg.replace({"run.min_workers": 1, "run.elastic_resize_interval_s": 5}).run.scaling_kwargs()
+    assert el["num_workers"] == (1, 2) and el["elastic_resize_monitor_interval_s"] == 5.0
+    assert cfg.replace({"run.min_workers": 2}).run.scaling_kwargs()["num_workers"] == 2  # min = max: fixed
+    gpu = cfg.replace({"run.use_gpu": True, "run.gpus_per_worker": 0.5}).run.resources_per_worker()
+    assert gpu == {"CPU": 1.0, "GPU": 0.5, "accel": 1.0}
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("run.worker_resources={GPU: 1}", "not a custom resource"),
+    ("run.worker_resources={accel: 0}", "run.worker_resources.accel must be > 0"),
+    ("run.worker_resources=[accel]", "run.worker_resources must be a mapping of str to float"),
+    ("run.worker_resources={accel: fast}", "run.worker_resources must be a mapping"),
+    ("run.min_workers=3", "run.min_workers must be in [0, run.num_workers=2]"),
+])
+def test_bad_worker_resources_and_min_workers_are_refused(override, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        Config.from_preset("tiny").override(["run.num_workers=2", override])

@@ -1,0 +1,243 @@
+"""An autoscaling multi-node Ray cluster simulated on this machine (issue 10, item 2).
+
+The cluster is `cluster/local/autoscaling.yaml` as shipped (Ray's fake multi-node provider: each node a local
+raylet; the autoscaler starts and stops them as it would VMs), with its GCS port and idle timeout set for the test.
+The head has no CPUs (like `cluster/vm/aws.yaml`'s); training workers need the `accel` resource that only
+`gpu_worker` nodes have, so every run makes the autoscaler add nodes from 0. Shards, runs and searches live on the
+moto S3 server: the fake nodes share this machine's disk, real nodes share nothing. Node counts are read from the
+autoscaler's own status (`ray status`), never assumed from timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.rayhead import LocalHead
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+IDLE_TIMEOUT_MIN = 0.2  # 12 s: the shipped file's 0.5 min, shortened for CI
+
+
+def _status(head: LocalHead) -> dict[str, int]:
+    """Active node counts by node type, from the autoscaler's status."""
+    out = head.ray("status", "--address", head.gcs_address, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    active = out.stdout.split("Active:", 1)[1].split("Pending:", 1)[0]
+    return {m.group(2): int(m.group(1)) for m in re.finditer(r"^\s*(\d+)\s+(\S+)\s*$", active, re.M)}
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server, tmp_path_factory):
+    cfg = yaml.safe_load((REPO / "cluster/local/autoscaling.yaml").read_text())
+    h = LocalHead(num_cpus=0)
+    cfg["provider"]["gcs_address"] = h.gcs_address
+    cfg["idle_timeout_minutes"] = IDLE_TIMEOUT_MIN
+    # the shipped provider, plus a cloud's behaviour: a node whose raylet died is reported gone (tests/fake_cloud.py)
+    assert cfg["provider"]["type"] == "fake_multinode"
+    cfg["provider"].update(type="external", module="tests.fake_cloud.FakeCloudProvider")
+    (h.tmp / "autoscaling.yaml").write_text(yaml.safe_dump(cfg))
+    h._args += [f"--autoscaling-config={h.tmp / 'autoscaling.yaml'}", '--resources={"TRAIN_DRIVER": 4}']
+    # a lost node is declared dead after 10 s without a heartbeat (default 30 s), then replaced
+    h._extra_env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                    "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    h.start()
+
+    import boto3
+
+    bucket = f"psamf-as-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    from psamf.prepare import prepare
+    from psamf.synth import synthesize
+
+    pkl = synthesize("mosi", "mmsa", tmp_path_factory.mktemp("as") / "synth", seed=4, scale=0.08)["pickle"]
+    data = f"s3://{bucket}/shards"
+    prepare({"format": "mmsa", "input": str(pkl), "dataset": "mosi"}, data, tokenizer="psamf:tiny",
+            personality_tokenizer="psamf:tiny", max_text_len=32)
+    assert _status(h) == {"ray.head.default": 1}  # nothing but the head before any work
+    yield h, bucket, data
+    h.stop()
+
+
+class Watch:
+    """Polls the autoscaler's status while a job runs: the peak of each node type, and whether demand was left
+    pending while the group was at its maximum."""
+
+    def __init__(self, head: LocalHead):
+        self.head, self.peak, self.samples = head, {}, []
+
+    def poll(self) -> dict[str, int]:
+        s = _status(self.head)
+        self.samples.append((time.time(), s))
+        for k, v in s.items():
+            self.peak[k] = max(self.peak.get(k, 0), v)
+        return s
+
+
+def _submit_no_wait(head: LocalHead, sid: str, script: str, *args: str) -> None:
+    """Submit without a working_dir: the fake nodes share one session directory, and a fake node's termination
+    took the unpacked working_dir (the job driver's cwd) with it in our runs, which a real cluster's separate disks
+    never do. So the code comes from the installed package, as on a cluster whose image carries psamf, with the
+    project's runtime env otherwise (its env vars)."""
+    env_vars = yaml.safe_load((REPO / "cluster/runtime_env.yaml").read_text())["env_vars"]
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("ray")), "job", "submit", "--no-wait", "--submission-id", sid,
+         "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", sys.executable, str(REPO / script), *args],
+        cwd=REPO, env=head.env(RAY_API_SERVER_ADDRESS=head.dashboard), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def _job_status(head: LocalHead, sid: str) -> str:
+    out = head.ray("job", "status", sid, timeout=120)
+    m = re.search(r"Job '[^']+' (succeeded|failed|stopped)", out.stdout + out.stderr)
+    return m.group(1).upper() if m else "RUNNING"
+
+
+def _wait_job(head: LocalHead, sid: str, watch: Watch, timeout_s: float = 900, on_poll=None) -> str:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        watch.poll()
+        if on_poll is not None:
+            on_poll()
+        st = _job_status(head, sid)
+        if st in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return st
+        time.sleep(2)
+    raise AssertionError(f"job {sid} still running after {timeout_s} s")
+
+
+def _logs(head: LocalHead, sid: str) -> str:
+    return head.ray("job", "logs", sid, timeout=120).stdout[-8000:]
+
+
+def _s3_json(uri: str):
+    import s3fs
+
+    return json.loads(s3fs.S3FileSystem().cat_file(uri.removeprefix("s3://")))
+
+
+TRAIN = ["jobs/train.py", "--config", str(REPO / "jobs/configs/tiny-synth.yaml"), "run.num_workers=2",
+         "run.worker_resources={accel: 1}", "optim.batch_size=32"]
+
+
+_NODES = textwrap.dedent(
+    """
+    import json, ray
+    ray.init(log_to_driver=False)
+    print("NODES " + json.dumps([{"id": n["NodeID"], "alive": n["Alive"], "accel": n["Resources"].get("accel", 0)}
+                                 for n in ray.nodes()]))
+    """
+)
+
+
+def _nodes(head: LocalHead) -> list[dict]:
+    out = subprocess.run([sys.executable, "-c", _NODES], env=head.env(RAY_ADDRESS=head.gcs_address),
+                         capture_output=True, text=True, timeout=120)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("NODES ")), None)
+    assert line, out.stdout[-2000:] + out.stderr[-2000:]
+    return json.loads(line[len("NODES "):])
+
+
+def _kill_node(node_id: str) -> int:
+    """SIGKILL one fake node's raylet, as a VM's loss kills it: its workers go with it. Returns the raylet's pid."""
+    import ray  # noqa: F401  (Ray's vendored psutil)
+    import psutil
+
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["name"] == "raylet" and f"--node_id={node_id}" in cmd:
+            os.kill(p.info["pid"], signal.SIGKILL)
+            return p.info["pid"]
+    raise AssertionError(f"no raylet of node {node_id}")
+
+
+def test_a_training_job_scales_up_from_zero_survives_a_lost_node_and_scales_back_to_zero(cluster):
+    """One job, three behaviours: the worker group grows from 0 to the 2 nodes the run needs; one node is killed
+    mid-run (after epoch 0's checkpoint) and the autoscaler replaces it while Ray Train restarts the worker group
+    from that checkpoint, every epoch recorded once; after the job the idle nodes go and the group is back at 0."""
+    head, bucket, data = cluster
+    w = Watch(head)
+    sid = "as-run"
+    runs = f"s3://{bucket}/runs"
+    _submit_no_wait(head, sid, *TRAIN, "--run-name", sid, f"data.uri={data}", f"run.storage_path={runs}",
+                    "optim.epochs=3", "run.max_failures=3")
+    killed: dict[str, object] = {}
+
+    def kill_after_first_epoch():
+        if killed:
+            if "replacement" not in killed and time.time() - killed["checked"] > 8:
+                killed["checked"] = time.time()
+                new = {n["id"] for n in _nodes(head) if n["alive"] and n["accel"] > 0} - killed["before"]
+                if new:
+                    killed["replacement"] = sorted(new)[0]
+            return
+        try:
+            hist = _s3_json(f"{runs}/{sid}/history.json")
+        except FileNotFoundError:
+            return
+        if len(hist) >= 1:  # epoch 0 is checkpointed; the workers are in epoch 1
+            nodes = [n for n in _nodes(head) if n["alive"] and n["accel"] > 0]
+            assert len(nodes) == 2, nodes
+            killed.update(node=nodes[0]["id"], pid=_kill_node(nodes[0]["id"]), checked=time.time(),
+                          before={n["id"] for n in nodes}, epochs_done=len(hist))
+
+    assert _wait_job(head, sid, w, on_poll=kill_after_first_epoch) == "SUCCEEDED", _logs(head, sid)
+    assert killed, "the run finished before a node could be killed"
+    hist = _s3_json(f"{runs}/{sid}/history.json")
+    assert [h["epoch"] for h in hist] == [0, 1, 2]  # every epoch once
+    assert any(h["resumed_from"] is not None for h in hist[1:]), hist  # a restarted worker group resumed
+    ended = time.time()
+    # two Ray Train workers, one `accel` each, one per gpu_worker node: the group grew from 0 to exactly 2
+    assert w.peak.get("gpu_worker") == 2 and all(s.get("gpu_worker", 0) <= 2 for _, s in w.samples), w.samples
+    # the autoscaler replaced the lost node: a gpu_worker node that did not exist before the kill joined while the
+    # run was going on
+    assert killed.get("replacement"), killed
+    m = _s3_json(f"{runs}/{sid}/metrics.json")
+    assert m["test"]["n"] > 0 and m["test"]["mae"] > 0 and m["selection"]["epochs_trained"] == 3
+    # idle nodes go after the idle timeout: the autoscaler's status shows the group back at 0, the head alone
+    while time.time() - ended < 180:
+        if w.poll().get("gpu_worker", 0) == 0:
+            break
+        time.sleep(2)
+    assert w.samples[-1][1] == {"ray.head.default": 1}, w.samples[-5:]
+
+
+def test_a_search_with_more_trials_than_fit_grows_the_cluster_to_its_maximum_and_no_further(cluster, tmp_path):
+    head, bucket, data = cluster
+    search = tmp_path / "search.yaml"
+    search.write_text(yaml.safe_dump({
+        "base": {"preset": "tiny", "overrides": {"data.uri": data, "optim.epochs": 1, "optim.batch_size": 32,
+                                                 "run.worker_resources": {"accel": 1}}},
+        "metric": "val_mae", "mode": "min", "num_samples": 3, "search": "random", "scheduler": "none",
+        "workers_per_trial": 1, "max_concurrent_trials": 3, "seed": 0,
+        "space": {"optim.lr_main": {"loguniform": [1.0e-3, 1.0e-2]}},
+    }))
+    w = Watch(head)
+    sid = "as-search"
+    # the search file travels by path: this machine's disk is the head's
+    _submit_no_wait(head, sid, "jobs/tune.py", "--config", str(search), "--name", sid,
+                    "--storage", f"s3://{bucket}/searches")
+    assert _wait_job(head, sid, w) == "SUCCEEDED", _logs(head, sid)
+    # three trials want an `accel` each; gpu_worker's max_workers is 2: the group reached 2 and never more
+    assert w.peak.get("gpu_worker") == 2 and all(s.get("gpu_worker", 0) <= 2 for _, s in w.samples), w.samples
+    import pyarrow.parquet as pq
+    import s3fs
+
+    with s3fs.S3FileSystem().open(f"{bucket}/searches/{sid}/trials.parquet", "rb") as f:
+        trials = pq.read_table(f).to_pylist()
+    assert len(trials) == 3 and all(t["status"] == "finished" for t in trials), trials
+
+
