@@ -1,6 +1,7 @@
 """Fixed cost of one Ray Train run: the floor under every integration test that trains.
 
-Starts an embedded Ray (4 logical CPUs, 127.0.0.1), writes a small synthetic MOSI-shaped data set (scale 0.15:
+Starts the embedded Ray as `psamf train` does (`psamf.runtime.init_ray`: 127.0.0.1, 4 logical CPUs for up to 2
+workers; token auth off, as in the tests), writes a small synthetic MOSI-shaped data set (scale 0.15:
 about 190 / 34 / 100 clips, `psamf:tiny` tokens), then trains the `tiny` preset for one epoch once per entry of
 `--workers` (a new run name each time) and prints the wall time of each run. Everything a run pays besides its
 one epoch (the Train controller and worker group, worker setup, Ray Data's executors, checkpoint, outputs) is the
@@ -21,11 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import psamf.train as T  # noqa: E402  (psamf before ray)
+from psamf import runtime  # noqa: E402
 from psamf.config import Config  # noqa: E402
 from psamf.prepare import prepare  # noqa: E402
 from psamf.synth import synthesize  # noqa: E402
@@ -39,9 +38,7 @@ def main() -> None:
     import ray
 
     t0 = time.perf_counter()
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=4, object_store_memory=200 * 1024**2,
-             include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    runtime.init_ray(max(args.workers))
     print(json.dumps({"stage": "ray_init", "s": round(time.perf_counter() - t0, 1)}), flush=True)
     root = tempfile.mkdtemp(prefix="psamf-overhead-")
     t = time.perf_counter()
