@@ -626,6 +626,27 @@ def _trial_row(fs: Any, trials_dir: str, trial_id: str, params: Mapping[str, Any
     return row
 
 
+def _recorded_params(fs: Any, run_dir: str, keys: Sequence[str]) -> dict[str, Any]:
+    """A trial's searched values from its own files: pruned.json's params, else its resolved config.yaml."""
+    from psamf.storage import exists, read_bytes
+
+    pruned = _read_json_or_none(fs, f"{run_dir}/pruned.json")
+    if pruned is not None:
+        return {k: v for k, v in (pruned.get("params") or {}).items() if k in keys}
+    try:
+        cfg = yaml.safe_load(read_bytes(fs, f"{run_dir}/config.yaml")) if exists(fs, f"{run_dir}/config.yaml") else {}
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for k in keys:
+        node: Any = cfg
+        for part in k.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            out[k] = node
+    return out
+
+
 def _best_record(history: Sequence[Mapping[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
     """The epoch the trial's own selection rule picks (optim.select_metric = the search metric): best value,
     later epoch on ties, NaN worst."""
@@ -863,7 +884,7 @@ def _summary_table(rows: Sequence[Mapping[str, Any]], metric: str, best: Mapping
         vs = f"{v:>10.4f}" if isinstance(v, float) and math.isfinite(v) else f"{'-':>10}"
         mark = " *" if best and r["trial_id"] == best["trial_id"] else ""
         lines.append(f"{r['trial_id']:<12} {r['status']:<13} {r['epochs_run']:>6} {vs}  "
-                     f"{_fmt_params({k[len('config/'):]: r[k] for k in keys})}{mark}")
+                     f"{_fmt_params({k[len('config/'):]: r[k] for k in keys if k in r})}{mark}")
     return "\n".join(lines)
 
 
@@ -930,9 +951,12 @@ def _collect(space: SearchSpace, name: str, st: Any, grid: Any, elapsed: float, 
     search_dir = st.run_dir(name)
     trials_dir = f"{search_dir}/trials"
     rows = []
+    keys = [dm.key for dm in space.dims]
     for res in grid:
         trial_id = _result_trial_id(res)
-        params = {k: v for k, v in (res.config or {}).items() if k in {dm.key for dm in space.dims}}
+        params = {k: v for k, v in (res.config or {}).items() if k in keys}
+        if len(params) < len(keys):  # a trial that ended before a restore can come back from it without its config
+            params = {**_recorded_params(st.fs, f"{trials_dir}/{trial_id}", keys), **params}
         rows.append(_trial_row(st.fs, trials_dir, trial_id, params, space.metric, space.mode,
                                error=res.error is not None, ended=True, epochs=space.max_t))
         if res.error is not None:

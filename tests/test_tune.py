@@ -1,6 +1,6 @@
-"""Ray Tune search (psamf.tune): the search file is validated before any trial, a small grid search writes every
-output, a pruned combination is recorded and never trains, and a killed search resumes without rerunning its
-finished trials. Integration tests use the session Ray (tests/conftest.py), the tiny preset and 1 worker/trial."""
+"""Ray Tune search (psamf.tune): the search file is validated before any trial; a small grid search, killed once
+and resumed, does not rerun its finished trials, records a pruned combination that never trains, and writes every
+output. Integration tests use the session Ray (tests/conftest.py), the tiny preset and 1 worker/trial."""
 
 from __future__ import annotations
 
@@ -96,13 +96,50 @@ def _grid_file(tmp_path: Path, shards: str, text_layers: list, epochs: int, sche
 
 
 @pytest.mark.integration
-def test_search_writes_every_output_and_prunes(ray_cluster, shards, tmp_path, monkeypatch):
-    # relative paths, as `psamf demo` and users write them: trials run in other working directories
-    monkeypatch.chdir(tmp_path)
-    space = SearchSpace.from_yaml(_grid_file(tmp_path, os.path.relpath(shards, tmp_path), [1, 2], epochs=2,
-                                             scheduler="asha", align=(1, 2)))
-    res = run_search(space, name="s3t", storage_path="runs")
+@pytest.mark.slow
+def test_a_killed_search_resumes_only_unfinished_trials_and_writes_every_output(ray_cluster, shards, tmp_path):
+    """One search, killed and resumed: a 2 x 2 grid (one combination pruned by the config) of 2-epoch trials with
+    ASHA, one trial at a time (the session Ray fits one). Its driver is killed once the first trial has finished;
+    the resumed search must not rerun that trial, must record every epoch of every trial once, and must write every
+    output. Paths are relative, as `psamf demo` and users write them: trials run in other working directories."""
+    import ray
+
+    path = _grid_file(tmp_path, os.path.relpath(shards, tmp_path), [1, 2], epochs=2, scheduler="asha", align=(1, 2))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    code = ("import sys; from psamf.tune import SearchSpace, run_search; "
+            "run_search(SearchSpace.from_yaml(sys.argv[1]), name='s3t', storage_path='runs')")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     d = tmp_path / "runs" / "s3t"
+    trials = d / "trials"
+
+    def trained_all_epochs(t: Path) -> bool:  # ASHA ends a trial at max_t, before it can write done.json
+        h = t / "history.json"
+        return h.exists() and len(json.loads(h.read_text())) == 2
+
+    first = None
+    try:
+        while first is None:
+            assert proc.poll() is None, "the search ended before it could be killed"
+            started = sorted(t for t in trials.iterdir() if (t / "config.yaml").exists()) if trials.exists() else []
+            # the kill lands once a trial has ended with every epoch and the next one has started (one at a time)
+            if len(started) >= 2 and trained_all_epochs(started[0]):
+                first = started[0].name
+            time.sleep(1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (d / "metrics.json").exists()  # killed before the end
+    before = json.loads((trials / first / "history.json").read_text())
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        res = run_search(SearchSpace.from_yaml(path), name="s3t", storage_path="runs", resume=True)
+    finally:
+        os.chdir(cwd)
+    assert json.loads((trials / first / "history.json").read_text()) == before  # the finished trial was not rerun
+
     table = pq.read_table(d / "trials.parquet").to_pylist()
     # 2 x 2 grid: (align 2, N 1) is rejected by the config, the other 3 trials train
     assert len(table) == 4 and (d / "trials.csv").read_text().count("\n") == 5
@@ -110,11 +147,13 @@ def test_search_writes_every_output_and_prunes(ray_cluster, shards, tmp_path, mo
     pruned = by_n[(2, 1)]
     assert pruned["status"] == "pruned" and pruned["epochs_run"] == 0
     assert "align_layer (2)" in pruned["pruned_reason"]
-    assert not (d / "trials" / pruned["trial_id"] / "history.json").exists()  # never trained
+    assert not (trials / pruned["trial_id"] / "history.json").exists()  # never trained
     assert sum(r["status"] == "pruned" for r in table) == 1
     for n in ((1, 1), (1, 2), (2, 2)):
-        assert by_n[n]["status"] in ("finished", "stopped-early") and by_n[n]["epochs_run"] >= 1
-        assert by_n[n]["best_val_mae"] > 0
+        r = by_n[n]
+        assert r["status"] in ("finished", "stopped-early") and r["epochs_run"] >= 1 and r["best_val_mae"] > 0
+        hist = json.loads((trials / r["trial_id"] / "history.json").read_text())
+        assert [h["epoch"] for h in hist] == list(range(r["epochs_run"])), n  # every epoch once, resumed or fresh
     assert not any(k.startswith(("best_test", "test")) for k in table[0])  # no test numbers in the table
     best = yaml.safe_load((d / "best.yaml").read_text())
     assert best["model"]["text_layers"] == res.best["config/model.text_layers"] and best["run"]["name"] == "s3t-best"
@@ -136,41 +175,6 @@ def test_search_writes_every_output_and_prunes(ray_cluster, shards, tmp_path, mo
         assert "val/mae" in runs[run]["scalars"] and "hparam/val_mae" in runs[run]["scalars"]
         assert "_hparams_/session_start_info" in hparams.get(run, {})
     assert "s3t" in res.summary and "pruned" in res.summary
-
-
-@pytest.mark.integration
-def test_killed_search_resumes_only_unfinished_trials(ray_cluster, shards, tmp_path):
-    import ray
-
-    # two trials of two epochs, one at a time (the session Ray fits one): the first finishes, the kill lands in
-    # the second, and the resumed search must run only the second
-    path = _grid_file(tmp_path, shards, [2, 3], epochs=2, scheduler="none")
-    storage = tmp_path / "runs"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS=ray.get_runtime_context().gcs_address)
-    code = ("import sys; from psamf.tune import SearchSpace, run_search; "
-            "run_search(SearchSpace.from_yaml(sys.argv[1]), name='kill', storage_path=sys.argv[2])")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(storage)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    trials = storage / "kill" / "trials"
-    first = None
-    try:
-        while first is None:
-            assert proc.poll() is None, "the search ended before it could be killed"
-            done = sorted(trials.glob("*/done.json")) if trials.exists() else []
-            first = done[0].parent.name if done else None
-            time.sleep(1)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    before = json.loads((trials / first / "history.json").read_text())
-    res = run_search(SearchSpace.from_yaml(path), name="kill", storage_path=str(storage), resume=True)
-    rows = {r["trial_id"]: r for r in res.rows}
-    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows.values())
-    after = json.loads((trials / first / "history.json").read_text())
-    assert after == before  # the finished trial was not rerun
-    for tid, r in rows.items():
-        hist = json.loads((trials / tid / "history.json").read_text())
-        assert [h["epoch"] for h in hist] == [0, 1], tid  # every epoch once, resumed or fresh
 
 
 @pytest.mark.integration
@@ -219,3 +223,22 @@ def test_a_restarted_trials_suffixed_directory_maps_back_to_its_trial_id():
     assert _result_trial_id(SimpleNamespace(metrics=None, path="/s/kill/79488_00001")) == "79488_00001"
     assert _result_trial_id(SimpleNamespace(metrics={}, path="/s/kill/f31d138e_6bd6")) == "f31d138e"
     assert _result_trial_id(SimpleNamespace(metrics={"trial_id": "f31d138e"}, path="/s/x")) == "f31d138e"
+
+
+def test_a_trial_restored_without_its_config_gets_its_values_from_its_own_files(tmp_path):
+    """`Tuner.restore` can hand back a trial that ended before the kill without its config (seen: the pruned
+    trial of the killed search above): its searched values come from pruned.json, or from its config.yaml."""
+    import pyarrow.fs as pafs
+
+    from psamf.tune import _recorded_params
+
+    fs = pafs.LocalFileSystem()
+    keys = ["model.align_layer", "model.text_layers"]
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "pruned.json").write_text(json.dumps(
+        {"trial_id": "p", "params": {"model.align_layer": 2, "model.text_layers": 1, "other": 5}, "reason": "x"}))
+    assert _recorded_params(fs, str(tmp_path / "p"), keys) == {"model.align_layer": 2, "model.text_layers": 1}
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "config.yaml").write_text(yaml.safe_dump({"model": {"align_layer": 1, "text_layers": 3}}))
+    assert _recorded_params(fs, str(tmp_path / "t"), keys) == {"model.align_layer": 1, "model.text_layers": 3}
+    assert _recorded_params(fs, str(tmp_path / "none"), keys) == {}
