@@ -62,6 +62,11 @@ class LocalHead:
             f.write(secrets.token_hex(32))
         (self.gcs_port, self.dashboard_port, self.client_port, nm, om, agent_http, agent_grpc, rt_env, metrics,
          worker_lo) = free_ports(10)
+        # worker ports: a 200-port range that holds none of the ports above (Ray refuses a clash: seen in CI once)
+        others = (self.gcs_port, self.dashboard_port, self.client_port, nm, om, agent_http, agent_grpc, rt_env, metrics)
+        worker_lo = 20000 + worker_lo % 20000
+        while any(worker_lo <= p <= worker_lo + 200 for p in others):
+            worker_lo = 20000 + (worker_lo + 201) % 20000
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.num_cpus = num_cpus
@@ -72,8 +77,8 @@ class LocalHead:
             f"--ray-client-server-port={self.client_port}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
             f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
-            # worker ports: a random free range (not checked port by port; collisions are retried by Ray)
-            f"--min-worker-port={20000 + worker_lo % 20000}", f"--max-worker-port={20000 + worker_lo % 20000 + 200}",
+            # a random range, not checked port by port (a busy worker port is retried by Ray)
+            f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 200}",
             *extra_args,
         ]
         self._extra_env = dict(extra_env or {})
