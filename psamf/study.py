@@ -149,9 +149,13 @@ def _check_grid(rows: Sequence[tuple[str, Config]], seeds: Sequence[int]) -> tup
         raise ConfigError("a grid needs at least one row")
     if len(set(names)) != len(names):
         raise ConfigError(f"grid row names must be unique, got {names}")
-    for r in names:
+    for r, cfg in rows:
         if "/" in r or (r == "" and len(names) > 1):
             raise ConfigError(f"grid row name {r!r}: no '/', and empty only for a single row")
+        if cfg.run.num_workers < 1:
+            # Ray 2.60 refuses `ray.train.get_context()` in a function that a Tune trial runs in-process
+            raise ConfigError(f"grid row {r!r}: run.num_workers={cfg.run.num_workers} (Ray Train local mode) cannot "
+                              "run inside a Ray Tune trial, which every grid run is; use run.num_workers >= 1")
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not seeds:
         raise ConfigError("a grid needs at least one seed")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from psamf import study as S
-from psamf.config import Config
+from psamf.config import Config, ConfigError
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -167,6 +167,15 @@ def test_cli_parses_a_study():
     assert load_config(args).optim.epochs == 2 and parse_seeds(args.seeds) == [1, 2]
 
 
+def test_a_grid_of_local_mode_runs_is_refused_before_any_trial():
+    """Ray Train local mode (run.num_workers=0) fails inside a Tune trial in Ray 2.60 (seen: a DeprecationWarning
+    from `ray.train.get_context` in every trial): the grid says so, naming the row, before Ray starts."""
+    cfg = Config.from_preset("tiny")
+    with pytest.raises(ConfigError, match=r"grid row 'frozen': run\.num_workers=0 .*local mode"):
+        S.run_grid([("full", cfg), ("frozen", cfg.override(["run.num_workers=0"]))], [1], name="x",
+                   storage_path="/nonexistent")
+
+
 def test_max_concurrent_trials_leaves_a_cpu_for_ray_data():
     cfg = Config.from_preset("tiny").override(["run.num_workers=1"])
     assert S.max_concurrent_trials([cfg], 4, {"CPU": 4}) == 1  # (4 - 1) // (1 + 1)
@@ -178,6 +187,7 @@ def test_max_concurrent_trials_leaves_a_cpu_for_ray_data():
 
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_real_grid_flags_a_crippled_row_and_writes_every_output(ray_cluster, shards, tmp_path, capsys):
     from psamf.storage import resolve as storage_target
 
