@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.psamf-installed
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast test-quick bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not integration"
+
+test-quick: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 clean:
 	rm -rf data/demo runs/demo outputs .pytest_cache

@@ -26,7 +26,7 @@ import yaml
 
 from tests.rayhead import LocalHead
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 IDLE_TIMEOUT_MIN = 0.2  # 12 s: the shipped file's 0.5 min, shortened for CI

@@ -325,6 +325,7 @@ def test_length_grouping_through_the_pipeline(tmp_path, ray_cluster):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_two_train_workers_stream_disjoint_covering_shards(tmp_path, ray_cluster):
     import ray.train
     from ray.train.torch import TorchTrainer

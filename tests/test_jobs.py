@@ -68,6 +68,7 @@ def shards(head, tmp_path_factory):
     return root, out
 
 
+@pytest.mark.slow
 def test_train_job_writes_its_outputs_and_a_resubmission_resumes(head, shards):
     root, data = shards
     storage = root / "runs"
@@ -106,6 +107,7 @@ def test_a_client_without_the_token_is_refused(head):
     assert jobs.returncode == 0 and "no-token" not in jobs.stdout and "wrong-token" not in jobs.stdout
 
 
+@pytest.mark.slow
 def test_tune_job_runs_a_two_trial_search(head, shards):
     root, data = shards
     search = root / "search.yaml"

@@ -56,6 +56,7 @@ def test_one_training_step_loss_terms_are_pinned():
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_demo_final_metrics_are_pinned(ray_cluster, tmp_path):
     from psamf.commands import demo
 

@@ -44,6 +44,7 @@ def _cfg(shards: str, storage: str, epochs: int) -> Config:
         "run.keep_checkpoints=3", "run.max_failures=0", f"optim.epochs={epochs}", "optim.early_stop_patience=50"])
 
 
+@pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back_and_a_copied_run_evaluates_itself(ray_cluster, shards, tmp_path,
                                                                                   monkeypatch, caplog):
     from psamf.evaluate import evaluate_checkpoint
