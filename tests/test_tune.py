@@ -97,18 +97,20 @@ def _grid_file(tmp_path: Path, shards: str, text_layers: list, epochs: int, sche
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_killed_search_resumes_only_unfinished_trials_and_writes_every_output(ray_cluster, shards, tmp_path):
+def test_a_killed_search_resumes_only_unfinished_trials_and_writes_every_output(ray_cluster, shards, tmp_path,
+                                                                                 monkeypatch):
     """One search, killed and resumed: a 2 x 2 grid (one combination pruned by the config) of 2-epoch trials with
     ASHA, one trial at a time (the session Ray fits one). Its driver is killed once the first trial has finished;
     the resumed search must not rerun that trial, must record every epoch of every trial once, and must write every
     output. Paths are relative, as `psamf demo` and users write them: trials run in other working directories."""
     import ray
 
+    monkeypatch.chdir(tmp_path)
     path = _grid_file(tmp_path, os.path.relpath(shards, tmp_path), [1, 2], epochs=2, scheduler="asha", align=(1, 2))
     env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     code = ("import sys; from psamf.tune import SearchSpace, run_search; "
             "run_search(SearchSpace.from_yaml(sys.argv[1]), name='s3t', storage_path='runs')")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], env=env, cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     d = tmp_path / "runs" / "s3t"
     trials = d / "trials"
@@ -132,12 +134,7 @@ def test_a_killed_search_resumes_only_unfinished_trials_and_writes_every_output(
         proc.wait()
     assert not (d / "metrics.json").exists()  # killed before the end
     before = json.loads((trials / first / "history.json").read_text())
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        res = run_search(SearchSpace.from_yaml(path), name="s3t", storage_path="runs", resume=True)
-    finally:
-        os.chdir(cwd)
+    res = run_search(SearchSpace.from_yaml(path), name="s3t", storage_path="runs", resume=True)
     assert json.loads((trials / first / "history.json").read_text()) == before  # the finished trial was not rerun
 
     table = pq.read_table(d / "trials.parquet").to_pylist()
