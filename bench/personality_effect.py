@@ -4,10 +4,13 @@ The whole offline chain on synthetic data, both corpora with the same `--persona
 the planting under which the effect shows; weak = the default corpora): `synth --kind bigfive` -> `personality
 pretrain` (tiny config, Ray Train local mode) -> `synth --kind mosi` -> `prepare` twice (CLS_p from the pretrained encoder; from the untrained
 one, the tiny preset's seeded random BERT) -> the tiny preset trained per seed in local mode for three rows:
-full model with the pretrained encoder, full model with the untrained encoder, "w/o personality".
+full model with the pretrained encoder, full model with the untrained encoder, "w/o personality"; and on request
+(`--rows ...,oracle`) the full model with an oracle encoder, whose CLS_p is the planted e_v itself (the ceiling of
+what any personality encoder could add).
 Prints and writes (``--out``) test MAE / Corr / Acc-2 per row as mean ± population std over seeds.
 
-    PYTHONPATH=. .venv/bin/python bench/personality_effect.py --work /tmp/psamf-effect --scale 0.3 --seeds 1,2,3
+    PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python bench/personality_effect.py --work /tmp/pe \
+        --bigfive-scale 1.0 --scale 1.0 --epochs 10 --rows pretrained,none,untrained,oracle --seeds 1,2,3,4,5
 """
 
 from __future__ import annotations
@@ -24,6 +27,43 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import psamf  # noqa: E402,F401  (before ray)
 
 
+def oracle_shards(src: str, dst: str, args) -> str:
+    """A copy of the shard set `src` whose CLS_p is the clip's planted expressiveness e_v on a fixed random
+    direction, (2 e_v - 1) u + N(0, 0.3^2) per dimension: an encoder that reads e_v perfectly. Files are written
+    under temporary names and renamed, the manifest last."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from psamf.synth import generate
+
+    if os.path.exists(f"{dst}/manifest.json"):
+        return dst
+    corpus = generate("mosi", seed=0, scale=args.scale, personality_signal=args.personality_signal)
+    e_of = {i: float(x) for sp in corpus.splits.values() for i, x in zip(sp.ids, sp.expressiveness)}
+    man = json.load(open(f"{src}/manifest.json"))
+    dim = int(man["personality_cls"]["dim"])
+    rng = np.random.default_rng(0)
+    u = rng.standard_normal(dim).astype(np.float32)
+    for sh in man["shards"]:
+        t = pq.read_table(f"{src}/{sh['path']}")
+        e = np.array([e_of[i] for i in t.column("sample_id").to_pylist()], np.float32)
+        cls = (2 * e - 1)[:, None] * u + 0.3 * rng.standard_normal((len(e), dim)).astype(np.float32)
+        field = t.schema.field("personality_cls")
+        t = t.set_column(t.schema.get_field_index("personality_cls"), field,
+                         pa.FixedSizeListArray.from_arrays(pa.array(cls.reshape(-1)), dim).cast(field.type))
+        out = f"{dst}/{sh['path']}"
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        pq.write_table(t, out + ".tmp")
+        os.replace(out + ".tmp", out)
+        sh["bytes"] = os.path.getsize(out)
+    man["personality_cls"] = {**man["personality_cls"], "model": "oracle: (2 e_v - 1) u + noise (bench)"}
+    with open(f"{dst}/manifest.json.tmp", "w") as f:
+        json.dump(man, f, indent=1)
+    os.replace(f"{dst}/manifest.json.tmp", f"{dst}/manifest.json")
+    return dst
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", required=True)
@@ -31,7 +71,8 @@ def main() -> int:
     p.add_argument("--bigfive-scale", type=float, default=0.3)
     p.add_argument("--personality-signal", choices=("weak", "strong"), default="strong")
     p.add_argument("--rows", default="pretrained,untrained,none",
-                   help="which rows: pretrained (full, pretrained encoder), untrained, none (w/o personality)")
+                   help="which rows: pretrained (full, pretrained encoder), untrained, none (w/o personality), "
+                        "oracle (full, CLS_p = the planted e_v itself: the most any encoder could give)")
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--epochs", type=int, default=6, help="PSA-MF epochs (tiny preset: 6)")
     p.add_argument("--pretrain-epochs", type=int, default=6)
@@ -68,11 +109,14 @@ def main() -> int:
         if not os.path.exists(f"{shards[row]}/manifest.json"):
             prepare(src, shards[row], tokenizer="psamf:tiny", personality_tokenizer="psamf:tiny", max_text_len=32,
                     personality_model=model)
+    if "oracle" in args.rows.split(","):
+        shards["oracle"] = oracle_shards(shards["untrained"], f"{w}/shards-oracle", args)
     base = tiny.replace({"run.num_workers": 0, "run.storage_path": f"{w}/runs", "optim.epochs": args.epochs})
     all_rows = {
         "pretrained": ("full, pretrained encoder",
                        base.replace({"data.uri": shards["pretrained"], "model.personality_model": enc})),
         "untrained": ("full, untrained encoder", base.replace({"data.uri": shards["untrained"]})),
+        "oracle": ("full, oracle encoder", base.replace({"data.uri": shards.get("oracle", "")})),
         "none": ("w/o personality", ablate(base.replace({"data.uri": shards["untrained"]}), "no_personality")),
     }
     rows = dict(all_rows[k] for k in args.rows.split(","))

@@ -319,6 +319,37 @@ def test_weak_is_the_default_and_strong_plants_a_denser_rarer_weightier_signal()
         generate("mosi", seed=0, scale=0.02, personality_signal="loud")
 
 
+def _styles_by_speaker(speakers, texts, sig) -> dict[str, set[str]]:
+    pool = set(sig.expressive) | set(sig.reserved)
+    out: dict[str, set[str]] = {}
+    for spk, t in zip(speakers, texts):
+        out.setdefault(spk, set()).update(w for w in t.split() if w in pool)
+    return out
+
+
+def test_strong_speakers_have_idiolects_drawn_from_the_whole_style_vocabulary():
+    """Under the strong signal each speaker uses a fixed few style words of each list (its idiolect), in the
+    sentiment corpora and the Big Five corpus alike; over many speakers every style word occurs."""
+    from psamf.synth import generate_bigfive
+
+    strong = synth.SIGNALS["strong"]
+    k = strong.idiolect
+    assert synth.SIGNALS["weak"].idiolect is None and k is not None and 1 <= k < len(strong.expressive) // 4
+    tr = generate("mosi", seed=0, scale=1.0, personality_signal="strong").splits["train"]
+    bf = generate_bigfive(seed=0, scale=0.3, personality_signal="strong")["train"]
+    for speakers, texts in ((tr.videos, tr.text), (bf.speakers, bf.text)):
+        used = _styles_by_speaker(speakers, texts, strong)
+        for words in used.values():
+            assert len(words & set(strong.expressive)) <= k and len(words & set(strong.reserved)) <= k
+        assert len({frozenset(w) for w in used.values() if len(w) == 2 * k}) > 0.9 * sum(
+            len(w) == 2 * k for w in used.values())  # idiolects differ between speakers
+    # the sentiment corpus' 52 training speakers leave some style words unseen; the Big Five corpus uses them all
+    seen_sentiment = set().union(*_styles_by_speaker(tr.videos, tr.text, strong).values())
+    seen_bigfive = set().union(*_styles_by_speaker(bf.speakers, bf.text, strong).values())
+    assert seen_bigfive == set(strong.expressive) | set(strong.reserved)
+    assert len(seen_sentiment) < len(seen_bigfive)
+
+
 def test_cli_personality_signal_applies_to_sentiment_and_bigfive_corpora(tmp_path, capsys):
     from psamf.cli import main
     from psamf.synth import generate_bigfive
