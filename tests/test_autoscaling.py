@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 IDLE_TIMEOUT_MIN = 0.2  # 12 s: the shipped file's 0.5 min, shortened for CI
+SEARCH_IDLE_TIMEOUT_MIN = 3.0  # the search test: no node is removed between its trials
 
 
 def _status(head: LocalHead) -> dict[str, int]:
@@ -217,6 +218,14 @@ def test_a_training_job_scales_up_from_zero_survives_a_lost_node_and_scales_back
 
 def test_a_search_with_more_trials_than_fit_grows_the_cluster_to_its_maximum_and_no_further(cluster, tmp_path):
     head, bucket, data = cluster
+    # This test does not watch scale-down. With the 12 s timeout, the autoscaler removed gpu_worker nodes as idle
+    # while trials were still waiting to place their worker groups on them, then added new ones (its log: "Removing
+    # 2 nodes of type gpu_worker (idle)" right after adding them). The autoscaler rereads its config file at every
+    # update, so a longer timeout takes effect for this test alone.
+    conf, tmp = head.tmp / "autoscaling.yaml", head.tmp / "autoscaling.yaml.tmp"
+    tmp.write_text(yaml.safe_dump({**yaml.safe_load(conf.read_text()),
+                                   "idle_timeout_minutes": SEARCH_IDLE_TIMEOUT_MIN}))
+    os.replace(tmp, conf)  # the monitor never reads a half-written file
     search = tmp_path / "search.yaml"
     search.write_text(yaml.safe_dump({
         "base": {"preset": "tiny", "overrides": {"data.uri": data, "optim.epochs": 1, "optim.batch_size": 32,
