@@ -116,9 +116,10 @@ def main() -> int:
         "pretrained": ("full, pretrained encoder",
                        base.replace({"data.uri": shards["pretrained"], "model.personality_model": enc})),
         "untrained": ("full, untrained encoder", base.replace({"data.uri": shards["untrained"]})),
-        "oracle": ("full, oracle encoder", base.replace({"data.uri": shards.get("oracle", "")})),
         "none": ("w/o personality", ablate(base.replace({"data.uri": shards["untrained"]}), "no_personality")),
     }
+    if "oracle" in shards:
+        all_rows["oracle"] = ("full, oracle encoder", base.replace({"data.uri": shards["oracle"]}))
     rows = dict(all_rows[k] for k in args.rows.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
     out: dict = {"scale": args.scale, "seeds": seeds, "epochs": args.epochs, "encoder": enc,
