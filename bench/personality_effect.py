@@ -29,19 +29,21 @@ import psamf  # noqa: E402,F401  (before ray)
 
 def oracle_shards(src: str, dst: str, args) -> str:
     """A copy of the shard set `src` whose CLS_p is the clip's planted expressiveness e_v on a fixed random
-    direction, (2 e_v - 1) u + N(0, 0.3^2) per dimension: an encoder that reads e_v perfectly. Files are written
-    under temporary names and renamed, the manifest last."""
+    direction, (2 e_v - 1) u + N(0, 0.3^2) per dimension: an encoder that reads e_v perfectly. Each file appears
+    only once complete (`atomic_open`), the manifest last."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from psamf.shards import read_manifest
+    from psamf.storage import atomic_open
     from psamf.synth import generate
 
     if os.path.exists(f"{dst}/manifest.json"):
         return dst
     corpus = generate("mosi", seed=0, scale=args.scale, personality_signal=args.personality_signal)
     e_of = {i: float(x) for sp in corpus.splits.values() for i, x in zip(sp.ids, sp.expressiveness)}
-    man = json.load(open(f"{src}/manifest.json"))
+    man = read_manifest(src)
     dim = int(man["personality_cls"]["dim"])
     rng = np.random.default_rng(0)
     u = rng.standard_normal(dim).astype(np.float32)
@@ -53,14 +55,12 @@ def oracle_shards(src: str, dst: str, args) -> str:
         t = t.set_column(t.schema.get_field_index("personality_cls"), field,
                          pa.FixedSizeListArray.from_arrays(pa.array(cls.reshape(-1)), dim).cast(field.type))
         out = f"{dst}/{sh['path']}"
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        pq.write_table(t, out + ".tmp")
-        os.replace(out + ".tmp", out)
+        with atomic_open(out) as f:
+            pq.write_table(t, f)
         sh["bytes"] = os.path.getsize(out)
     man["personality_cls"] = {**man["personality_cls"], "model": "oracle: (2 e_v - 1) u + noise (bench)"}
-    with open(f"{dst}/manifest.json.tmp", "w") as f:
+    with atomic_open(f"{dst}/manifest.json", "w") as f:
         json.dump(man, f, indent=1)
-    os.replace(f"{dst}/manifest.json.tmp", f"{dst}/manifest.json")
     return dst
 
 

@@ -222,10 +222,12 @@ def test_a_search_with_more_trials_than_fit_grows_the_cluster_to_its_maximum_and
     # while trials were still waiting to place their worker groups on them, then added new ones (its log: "Removing
     # 2 nodes of type gpu_worker (idle)" right after adding them). The autoscaler rereads its config file at every
     # update, so a longer timeout takes effect for this test alone.
-    conf, tmp = head.tmp / "autoscaling.yaml", head.tmp / "autoscaling.yaml.tmp"
-    tmp.write_text(yaml.safe_dump({**yaml.safe_load(conf.read_text()),
-                                   "idle_timeout_minutes": SEARCH_IDLE_TIMEOUT_MIN}))
-    os.replace(tmp, conf)  # the monitor never reads a half-written file
+    from psamf.storage import atomic_open
+
+    conf = head.tmp / "autoscaling.yaml"
+    new_conf = {**yaml.safe_load(conf.read_text()), "idle_timeout_minutes": SEARCH_IDLE_TIMEOUT_MIN}
+    with atomic_open(conf, "w") as f:  # the monitor never reads a half-written file
+        yaml.safe_dump(new_conf, f)
     search = tmp_path / "search.yaml"
     search.write_text(yaml.safe_dump({
         "base": {"preset": "tiny", "overrides": {"data.uri": data, "optim.epochs": 1, "optim.batch_size": 32,

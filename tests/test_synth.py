@@ -337,15 +337,14 @@ def test_strong_speakers_have_idiolects_drawn_from_the_whole_style_vocabulary():
     assert synth.SIGNALS["weak"].idiolect is None and k is not None and 1 <= k < len(strong.expressive) // 4
     tr = generate("mosi", seed=0, scale=1.0, personality_signal="strong").splits["train"]
     bf = generate_bigfive(seed=0, scale=0.3, personality_signal="strong")["train"]
-    for speakers, texts in ((tr.videos, tr.text), (bf.speakers, bf.text)):
-        used = _styles_by_speaker(speakers, texts, strong)
+    by_speaker = [_styles_by_speaker(tr.videos, tr.text, strong), _styles_by_speaker(bf.speakers, bf.text, strong)]
+    for used in by_speaker:
         for words in used.values():
             assert len(words & set(strong.expressive)) <= k and len(words & set(strong.reserved)) <= k
         assert len({frozenset(w) for w in used.values() if len(w) == 2 * k}) > 0.9 * sum(
             len(w) == 2 * k for w in used.values())  # idiolects differ between speakers
     # the sentiment corpus' 52 training speakers leave some style words unseen; the Big Five corpus uses them all
-    seen_sentiment = set().union(*_styles_by_speaker(tr.videos, tr.text, strong).values())
-    seen_bigfive = set().union(*_styles_by_speaker(bf.speakers, bf.text, strong).values())
+    seen_sentiment, seen_bigfive = (set().union(*used.values()) for used in by_speaker)
     assert seen_bigfive == set(strong.expressive) | set(strong.reserved)
     assert len(seen_sentiment) < len(seen_bigfive)
 
