@@ -49,7 +49,8 @@ def cluster(s3_server, tmp_path_factory):
     cfg["idle_timeout_minutes"] = IDLE_TIMEOUT_MIN
     # the shipped provider, plus a cloud's behaviour: a node whose raylet died is reported gone (tests/fake_cloud.py)
     assert cfg["provider"]["type"] == "fake_multinode"
-    cfg["provider"].update(type="external", module="tests.fake_cloud.FakeCloudProvider")
+    cfg["provider"].update(type="external", module="tests.fake_cloud.FakeCloudProvider",
+                           hold_launches_file=str(h.tmp / "hold-launches"))
     (h.tmp / "autoscaling.yaml").write_text(yaml.safe_dump(cfg))
     h._args += [f"--autoscaling-config={h.tmp / 'autoscaling.yaml'}", '--resources={"TRAIN_DRIVER": 4}']
     # a lost node is declared dead after 10 s without a heartbeat (default 30 s), then replaced
@@ -88,12 +89,12 @@ class Watch:
         return s
 
 
-def _submit_no_wait(head: LocalHead, sid: str, script: str, *args: str) -> None:
+def _submit_no_wait(head: LocalHead, sid: str, script: str, *args: str, env: dict[str, str] | None = None) -> None:
     """Submit without a working_dir: the fake nodes share one session directory, and a fake node's termination
     took the unpacked working_dir (the job driver's cwd) with it in our runs, which a real cluster's separate disks
     never do. So the code comes from the installed package, as on a cluster whose image carries psamf, with the
     project's runtime env otherwise (its env vars)."""
-    env_vars = yaml.safe_load((REPO / "cluster/runtime_env.yaml").read_text())["env_vars"]
+    env_vars = {**yaml.safe_load((REPO / "cluster/runtime_env.yaml").read_text())["env_vars"], **(env or {})}
     out = subprocess.run(
         [str(Path(sys.executable).with_name("ray")), "job", "submit", "--no-wait", "--submission-id", sid,
          "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", sys.executable, str(REPO / script), *args],
@@ -165,55 +166,84 @@ def _kill_node(node_id: str) -> int:
     raise AssertionError(f"no raylet of node {node_id}")
 
 
-def test_a_training_job_scales_up_from_zero_survives_a_lost_node_and_scales_back_to_zero(cluster):
-    """One job, three behaviours: the worker group grows from 0 to the 2 nodes the run needs; one node is killed
-    mid-run (after epoch 0's checkpoint) and the autoscaler replaces it while Ray Train restarts the worker group
-    from that checkpoint, every epoch recorded once; after the job the idle nodes go and the group is back at 0."""
+def test_a_training_job_scales_up_from_zero_goes_on_with_fewer_workers_while_a_lost_node_is_replaced_and_scales_back_to_zero(cluster):  # noqa: E501
+    """One elastic job (`run.min_workers=1`, `run.num_workers=2`: Ray Train's elastic worker count), four behaviours.
+    The worker group grows from 0 to the 2 nodes the run needs. One node is killed once the run trains on both; its
+    replacement is held back in launch (a cloud that is slow to boot a VM, tests/fake_cloud.py), and the run goes on
+    from its latest checkpoint with 1 worker on the surviving node. When the replacement is let through, the run
+    grows back to 2 workers. After the job the idle nodes go and the group is back at 0. Every epoch is recorded
+    once, with the world size that trained it."""
     head, bucket, data = cluster
+    hold = head.tmp / "hold-launches"
     w = Watch(head)
-    sid = "as-run"
+    sid = "as-elastic"
     runs = f"s3://{bucket}/runs"
+    # The first restart after the loss asks for 2 workers: Ray Train sizes it from its autoscaling coordinator's
+    # view of the cluster, refreshed every 20 s, which still holds the lost node. That group's placement waits
+    # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default, 20 s here) and the next try sizes from a fresh view.
     _submit_no_wait(head, sid, *TRAIN, "--run-name", sid, f"data.uri={data}", f"run.storage_path={runs}",
-                    "optim.epochs=3", "run.max_failures=3")
-    killed: dict[str, object] = {}
+                    "optim.epochs=12", "run.max_failures=5", "run.min_workers=1", "run.elastic_resize_interval_s=5",
+                    env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"})
+    ev: dict[str, object] = {}
 
-    def kill_after_first_epoch():
-        if killed:
-            if "replacement" not in killed and time.time() - killed["checked"] > 8:
-                killed["checked"] = time.time()
-                new = {n["id"] for n in _nodes(head) if n["alive"] and n["accel"] > 0} - killed["before"]
-                if new:
-                    killed["replacement"] = sorted(new)[0]
-            return
+    def step():
         try:
             hist = _s3_json(f"{runs}/{sid}/history.json")
         except FileNotFoundError:
             return
-        if len(hist) >= 1:  # epoch 0 is checkpointed; the workers are in epoch 1
-            nodes = [n for n in _nodes(head) if n["alive"] and n["accel"] > 0]
-            assert len(nodes) == 2, nodes
-            killed.update(node=nodes[0]["id"], pid=_kill_node(nodes[0]["id"]), checked=time.time(),
-                          before={n["id"] for n in nodes}, epochs_done=len(hist))
+        if "killed" not in ev:
+            if hist and hist[-1]["world_size"] == 2:  # training on both nodes: lose one, hold its replacement
+                nodes = [n for n in _nodes(head) if n["alive"] and n["accel"] > 0]
+                assert len(nodes) == 2, nodes
+                hold.touch()
+                ev.update(killed=_kill_node(nodes[0]["id"]), t_kill=time.time(), before={n["id"] for n in nodes},
+                          at_epoch=len(hist))
+        elif "released" not in ev:
+            if any(h["world_size"] == 1 for h in hist[ev["at_epoch"]:]):  # the run went on with 1 worker
+                ev["active_while_held"] = _status(head).get("gpu_worker", 0)
+                hold.unlink()
+                ev.update(released=len(hist), t_release=time.time())
+        elif "replacement" not in ev:
+            new = {n["id"] for n in _nodes(head) if n["alive"] and n["accel"] > 0} - ev["before"]
+            if new:
+                ev.update(replacement=sorted(new)[0], t_replacement=time.time())
+        elif "t_grown" not in ev and hist[-1]["world_size"] == 2:
+            ev["t_grown"] = time.time()
 
-    assert _wait_job(head, sid, w, on_poll=kill_after_first_epoch) == "SUCCEEDED", _logs(head, sid)
-    assert killed, "the run finished before a node could be killed"
+    try:
+        assert _wait_job(head, sid, w, on_poll=step) == "SUCCEEDED", _logs(head, sid)
+    finally:
+        hold.unlink(missing_ok=True)
+    assert "released" in ev, ev  # the run trained with 1 worker after the loss
     hist = _s3_json(f"{runs}/{sid}/history.json")
-    assert [h["epoch"] for h in hist] == [0, 1, 2]  # every epoch once
-    assert any(h["resumed_from"] is not None for h in hist[1:]), hist  # a restarted worker group resumed
-    ended = time.time()
+    assert [h["epoch"] for h in hist] == list(range(12)), hist  # every epoch once
+    sizes, sessions = [h["world_size"] for h in hist], [h["session"] for h in hist]
+    k, r = ev["at_epoch"], ev["released"]
+    one = sizes.index(1)  # the first epoch trained by 1 worker
+    # 2 workers until the loss (an epoch may finish before the loss is noticed), 1 while the replacement was held,
+    # 2 again once it came: each change a restart of the worker group from the latest checkpoint
+    assert sizes[k - 1] == 2 and k <= one < r, (sizes, ev)
+    assert [x for i, x in enumerate(sizes[k - 1:]) if i == 0 or x != sizes[k - 2 + i]] == [2, 1, 2], (sizes, ev)
+    two = one + sizes[one:].index(2)  # the first epoch after growing back
+    assert sessions[one - 1] < sessions[one] < sessions[two], (sessions, sizes)
+    assert all(h["resumed_from"] is not None for h in hist[one:]), hist
+    assert ev["active_while_held"] == 1, ev  # the autoscaler's status: one gpu_worker while the run went on
+    assert ev.get("replacement"), ev  # a gpu_worker node that did not exist before the kill joined the run
+    m = _s3_json(f"{runs}/{sid}/metrics.json")
+    assert m["test"]["n"] > 0 and m["test"]["mae"] > 0 and m["selection"]["epochs_trained"] == 12
     # two Ray Train workers, one `accel` each, one per gpu_worker node: the group grew from 0 to exactly 2
     assert w.peak.get("gpu_worker") == 2 and all(s.get("gpu_worker", 0) <= 2 for _, s in w.samples), w.samples
-    # the autoscaler replaced the lost node: a gpu_worker node that did not exist before the kill joined while the
-    # run was going on
-    assert killed.get("replacement"), killed
-    m = _s3_json(f"{runs}/{sid}/metrics.json")
-    assert m["test"]["n"] > 0 and m["test"]["mae"] > 0 and m["selection"]["epochs_trained"] == 3
     # idle nodes go after the idle timeout: the autoscaler's status shows the group back at 0, the head alone
+    ended = time.time()
     while time.time() - ended < 180:
         if w.poll().get("gpu_worker", 0) == 0:
             break
         time.sleep(2)
     assert w.samples[-1][1] == {"ray.head.default": 1}, w.samples[-5:]
+    print("elastic timeline (s after the kill): "
+          + ", ".join(f"{n} {ev[t] - ev['t_kill']:.0f}" for n, t in
+                      [("released", "t_release"), ("replacement up", "t_replacement"), ("grown", "t_grown")]
+                      if t in ev) + f"; world sizes {sizes}; sessions {sessions}")
 
 
 def test_a_search_with_more_trials_than_fit_grows_the_cluster_to_its_maximum_and_no_further(cluster, tmp_path):
