@@ -64,6 +64,30 @@ def oracle_shards(src: str, dst: str, args) -> str:
     return dst
 
 
+def probe_cls(shards: str, args) -> dict[str, float]:
+    """What a shard set's CLS_p says about the planted e_v: a ridge (`RidgeCV`) from CLS_p to the clip's e_v, fitted
+    on the train split; Pearson r per split."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from sklearn.linear_model import RidgeCV
+
+    from psamf.shards import read_manifest
+    from psamf.synth import generate
+
+    corpus = generate("mosi", seed=0, scale=args.scale, personality_signal=args.personality_signal)
+    e_of = {i: float(x) for sp in corpus.splits.values() for i, x in zip(sp.ids, sp.expressiveness)}
+    xs: dict[str, list] = {}
+    ys: dict[str, list] = {}
+    for sh in read_manifest(shards)["shards"]:
+        t = pq.read_table(f"{shards}/{sh['path']}", columns=["sample_id", "personality_cls"])
+        xs.setdefault(sh["split"], []).append(np.asarray(t.column("personality_cls").to_pylist(), np.float64))
+        ys.setdefault(sh["split"], []).extend(e_of[i] for i in t.column("sample_id").to_pylist())
+    x = {k: np.concatenate(v) for k, v in xs.items()}
+    y = {k: np.asarray(v) for k, v in ys.items()}
+    ridge = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(x["train"], y["train"])
+    return {k: float(np.corrcoef(ridge.predict(x[k]), y[k])[0, 1]) for k in ("train", "valid", "test") if k in x}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", required=True)
@@ -77,6 +101,11 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=6, help="PSA-MF epochs (tiny preset: 6)")
     p.add_argument("--pretrain-epochs", type=int, default=6)
     p.add_argument("--encoder", default=None, help="an already pretrained encoder directory (skips pretraining)")
+    p.add_argument("--probe-only", action="store_true",
+                   help="prepare the shards, print what each encoder's CLS_p says about e_v (ridge r), train nothing")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every PSA-MF row, as on psamf train's command line "
+                        "(e.g. --set optim.lr_main=1e-3); repeatable")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     from psamf.config import Config, ablate
@@ -111,7 +140,13 @@ def main() -> int:
                     personality_model=model)
     if "oracle" in args.rows.split(","):
         shards["oracle"] = oracle_shards(shards["untrained"], f"{w}/shards-oracle", args)
-    base = tiny.replace({"run.num_workers": 0, "run.storage_path": f"{w}/runs", "optim.epochs": args.epochs})
+    probe = {row: probe_cls(d, args) for row, d in shards.items()}
+    for row, r in probe.items():
+        print(f"CLS_p -> e_v ridge ({row} encoder): " + ", ".join(f"{k} r {v:.3f}" for k, v in r.items()), flush=True)
+    if args.probe_only:
+        return 0
+    base = tiny.replace({"run.num_workers": 0, "run.storage_path": f"{w}/runs",
+                         "optim.epochs": args.epochs}).override(args.set)
     all_rows = {
         "pretrained": ("full, pretrained encoder",
                        base.replace({"data.uri": shards["pretrained"], "model.personality_model": enc})),
@@ -124,6 +159,7 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     out: dict = {"scale": args.scale, "seeds": seeds, "epochs": args.epochs, "encoder": enc,
                  "personality_signal": args.personality_signal, "bigfive_scale": args.bigfive_scale,
+                 "overrides": args.set, "cls_probe_r": probe,
                  "encoder_test_mean_r": pre_metrics, "rows": {}}
     for label, cfg in rows.items():
         per = []

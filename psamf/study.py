@@ -668,21 +668,41 @@ def run_study(rows: Sequence[tuple[str, Config]], reference: str, seeds: Sequenc
     return StudyResult(name, summary, table, grid, {"table": f"{base}/study.md", "summary": f"{base}/study.json"})
 
 
-def study_ablations(cfg: Config, seeds: Sequence[int], *, name: str = "ablations", **kw: Any) -> StudyResult:
-    """The paper's ablation table: the full model and each of `ABLATIONS`, every row on every seed."""
-    rows = [("full", cfg)] + [(a, ablate(cfg, a)) for a in ABLATIONS]
+def select_rows(rows: Sequence[tuple[str, Config]], only: Sequence[str] | None, reference: str,
+                kind: str) -> list[tuple[str, Config]]:
+    """The rows named in `only` (all when None), in the study's order. The reference row must be among them: every
+    other row is compared with it. An unknown or missing name raises ConfigError naming the allowed rows."""
+    if only is None:
+        return list(rows)
+    names = [r for r, _ in rows]
+    unknown = [r for r in only if r not in names]
+    if unknown:
+        raise ConfigError(f"study {kind}: unknown row(s) {unknown}; the rows are {names}")
+    if reference not in only:
+        raise ConfigError(f"study {kind}: the rows must include the reference row {reference!r}, which every other "
+                          f"row is compared with (got {list(only)})")
+    return [(r, c) for r, c in rows if r in set(only)]
+
+
+def study_ablations(cfg: Config, seeds: Sequence[int], *, name: str = "ablations",
+                    only: Sequence[str] | None = None, **kw: Any) -> StudyResult:
+    """The paper's ablation table: the full model and each of `ABLATIONS` (or the rows named in `only`, which must
+    include "full"), every row on every seed."""
+    rows = select_rows([("full", cfg)] + [(a, ablate(cfg, a)) for a in ABLATIONS], only, "full", "ablations")
     return run_study(rows, "full", seeds, name=name, title=f"{name}: ablations ({cfg.data.dataset})", **kw)
 
 
-def study_layers(cfg: Config, seeds: Sequence[int], *, name: str = "layers", **kw: Any) -> StudyResult:
+def study_layers(cfg: Config, seeds: Sequence[int], *, name: str = "layers",
+                 only: Sequence[str] | None = None, **kw: Any) -> StudyResult:
     """The paper's layer study: personality-sentiment alignment at every text hidden-state index
-    0..model.text_layers (0 = embeddings); the reference row is the config's own `model.align_layer`."""
+    0..model.text_layers (0 = embeddings); the reference row is the config's own `model.align_layer`. `only`
+    names a subset of the rows (align<i>), the reference among them."""
     if not cfg.model.use_personality:
         raise ConfigError("study layers: model.use_personality=false has no alignment whose layer could move")
-    rows = [(f"align{i}", cfg.replace({"model.align_layer": i}, source=f"layer study, align_layer={i}"))
-            for i in range(cfg.model.text_layers + 1)]
-    return run_study(rows, f"align{cfg.model.align_layer}", seeds, name=name,
-                     title=f"{name}: alignment layer ({cfg.data.dataset})", **kw)
+    ref = f"align{cfg.model.align_layer}"
+    rows = select_rows([(f"align{i}", cfg.replace({"model.align_layer": i}, source=f"layer study, align_layer={i}"))
+                        for i in range(cfg.model.text_layers + 1)], only, ref, "layers")
+    return run_study(rows, ref, seeds, name=name, title=f"{name}: alignment layer ({cfg.data.dataset})", **kw)
 
 
 STUDIES: dict[str, Callable[..., StudyResult]] = {"ablations": study_ablations, "layers": study_layers}

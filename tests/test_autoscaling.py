@@ -182,7 +182,7 @@ def test_a_training_job_scales_up_from_zero_goes_on_with_fewer_workers_while_a_l
     # view of the cluster, refreshed every 20 s, which still holds the lost node. That group's placement waits
     # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default, 20 s here) and the next try sizes from a fresh view.
     _submit_no_wait(head, sid, *TRAIN, "--run-name", sid, f"data.uri={data}", f"run.storage_path={runs}",
-                    "optim.epochs=12", "run.max_failures=5", "run.min_workers=1", "run.elastic_resize_interval_s=5",
+                    "optim.epochs=15", "run.max_failures=5", "run.min_workers=1", "run.elastic_resize_interval_s=5",
                     env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"})
     ev: dict[str, object] = {}
 
@@ -216,7 +216,7 @@ def test_a_training_job_scales_up_from_zero_goes_on_with_fewer_workers_while_a_l
         hold.unlink(missing_ok=True)
     assert "released" in ev, ev  # the run trained with 1 worker after the loss
     hist = _s3_json(f"{runs}/{sid}/history.json")
-    assert [h["epoch"] for h in hist] == list(range(12)), hist  # every epoch once
+    assert [h["epoch"] for h in hist] == list(range(15)), hist  # every epoch once
     sizes, sessions = [h["world_size"] for h in hist], [h["session"] for h in hist]
     k, r = ev["at_epoch"], ev["released"]
     one = sizes.index(1)  # the first epoch trained by 1 worker
@@ -230,7 +230,7 @@ def test_a_training_job_scales_up_from_zero_goes_on_with_fewer_workers_while_a_l
     assert ev["active_while_held"] == 1, ev  # the autoscaler's status: one gpu_worker while the run went on
     assert ev.get("replacement"), ev  # a gpu_worker node that did not exist before the kill joined the run
     m = _s3_json(f"{runs}/{sid}/metrics.json")
-    assert m["test"]["n"] > 0 and m["test"]["mae"] > 0 and m["selection"]["epochs_trained"] == 12
+    assert m["test"]["n"] > 0 and m["test"]["mae"] > 0 and m["selection"]["epochs_trained"] == 15
     # two Ray Train workers, one `accel` each, one per gpu_worker node: the group grew from 0 to exactly 2
     assert w.peak.get("gpu_worker") == 2 and all(s.get("gpu_worker", 0) <= 2 for _, s in w.samples), w.samples
     # idle nodes go after the idle timeout: the autoscaler's status shows the group back at 0, the head alone

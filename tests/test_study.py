@@ -167,6 +167,25 @@ def test_cli_parses_a_study():
     assert load_config(args).optim.epochs == 2 and parse_seeds(args.seeds) == [1, 2]
 
 
+def test_a_study_can_run_a_subset_of_its_rows_that_holds_the_reference():
+    from psamf.cli import build_parser, parse_args
+
+    args = parse_args(build_parser("study"), ["study", "ablations", "--rows", "full, no_personality"])
+    assert args.rows == "full, no_personality"
+    cfg = Config.from_preset("tiny")
+    rows = [("full", cfg)] + [(a, cfg) for a in ("no_clm", "no_personality")]
+    assert [r for r, _ in S.select_rows(rows, ["no_personality", "full"], "full", "ablations")] == \
+        ["full", "no_personality"]  # the study's order, not the caller's
+    assert S.select_rows(rows, None, "full", "ablations") == rows
+    with pytest.raises(ConfigError, match=r"unknown row\(s\) \['no_pers'\]; the rows are \['full', 'no_clm'"):
+        S.select_rows(rows, ["full", "no_pers"], "full", "ablations")
+    with pytest.raises(ConfigError, match="must include the reference row 'full'"):
+        S.select_rows(rows, ["no_clm"], "full", "ablations")
+    # the study functions check before Ray starts: a bad subset costs no trial
+    with pytest.raises(ConfigError, match="reference row 'align1'"):
+        S.study_layers(cfg.override(["model.align_layer=1"]), [1], only=["align0"], storage_path="/nonexistent")
+
+
 def test_a_grid_of_local_mode_runs_is_refused_before_any_trial():
     """Ray Train local mode (run.num_workers=0) fails inside a Tune trial in Ray 2.60 (seen: a DeprecationWarning
     from `ray.train.get_context` in every trial): the grid says so, naming the row, before Ray starts."""

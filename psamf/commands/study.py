@@ -8,7 +8,7 @@ import sys
 
 from psamf import study
 from psamf.commands.common import add_config_arguments, load_config, parse_seeds
-from psamf.config import ConfigError
+from psamf.config import ABLATIONS, ConfigError
 
 
 HELP = "the paper's ablation and layer studies as seed grids: mean ± std tables with paired tests"
@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds, paired across rows (default 1,2,3)")
     p.add_argument("--name", help="study name: runs <name>-<row>-seed<k>, table in <storage>/<name>/study.md "
                                   "(default: the kind)")
+    p.add_argument("--rows", help="comma-separated rows to run, the reference row among them (ablations: full, "
+                                  f"{', '.join(ABLATIONS)}; layers: align<i>); default: every row. "
+                                  "E.g. --rows full,no_personality")
     p.add_argument("--resume", action="store_true", help="restore the study's Tune grid: finished trials are kept")
 
 
@@ -29,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg, seeds = load_config(args), parse_seeds(args.seeds)
-        res = study.STUDIES[args.kind](cfg, seeds, name=args.name or args.kind, resume=args.resume)
+        only = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
+        res = study.STUDIES[args.kind](cfg, seeds, name=args.name or args.kind, resume=args.resume, only=only)
     except ConfigError as e:
         print(f"psamf study: {e}", file=sys.stderr)
         return 2
