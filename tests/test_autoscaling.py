@@ -121,8 +121,9 @@ def _wait_job(head: LocalHead, sid: str, watch: Watch, timeout_s: float = 900, o
     raise AssertionError(f"job {sid} still running after {timeout_s} s")
 
 
-def _logs(head: LocalHead, sid: str) -> str:
-    return head.ray("job", "logs", sid, timeout=120).stdout[-8000:]
+def _logs(head: LocalHead, sid: str, tail: int | None = 8000) -> str:
+    out = head.ray("job", "logs", sid, timeout=120).stdout
+    return out if tail is None else out[-tail:]
 
 
 def _s3_json(uri: str):
@@ -171,7 +172,7 @@ def test_a_training_job_scales_up_from_zero_goes_on_with_fewer_workers_while_a_l
     The worker group grows from 0 to the 2 nodes the run needs. One node is killed once the run trains on both; its
     replacement is held back in launch (a cloud that is slow to boot a VM, tests/fake_cloud.py), and the run goes on
     from its latest checkpoint with 1 worker on the surviving node. When the replacement is let through, the run
-    grows back to 2 workers. After the job the idle nodes go and the group is back at 0. Every epoch is recorded
+    may grow back to 2 workers (Ray Train's decision, below). After the job the idle nodes go and the group is back at 0. Every epoch is recorded
     once, with the world size that trained it."""
     head, bucket, data = cluster
     hold = head.tmp / "hold-launches"
@@ -219,17 +220,35 @@ def test_a_training_job_scales_up_from_zero_goes_on_with_fewer_workers_while_a_l
     assert [h["epoch"] for h in hist] == list(range(15)), hist  # every epoch once
     sizes, sessions = [h["world_size"] for h in hist], [h["session"] for h in hist]
     k, r = ev["at_epoch"], ev["released"]
+    t0 = ev["t_kill"]
+    # in full on failure (pytest shortens a non-string message): what happened when, and Ray Train's resize decisions
+    decisions = [x for x in _logs(head, sid, None).splitlines() if "Deciding" in x or "Attempting to start" in x]
+    why = (f"world sizes {sizes}, sessions {sessions}, events {({x: y for x, y in ev.items() if x != 'before'})}, "
+           f"seconds after the kill: {({x: round(y - t0) for x, y in ev.items() if x.startswith('t_')})}\n"
+           + "\n".join(decisions)[-4000:])
     one = k + sizes[k:].index(1)  # the first epoch trained by 1 worker after the loss (the run may also have
     # started on 1 worker, when one node came up before the other)
     # 2 workers until the loss (an epoch may finish before the loss is noticed), 1 while the replacement was held,
     # 2 again once it came: each change a restart of the worker group from the latest checkpoint
-    assert sizes[k - 1] == 2 and k <= one < r, (sizes, ev)
-    assert [x for i, x in enumerate(sizes[k - 1:]) if i == 0 or x != sizes[k - 2 + i]] == [2, 1, 2], (sizes, ev)
-    two = one + sizes[one:].index(2)  # the first epoch after growing back
-    assert sessions[one - 1] < sessions[one] < sessions[two], (sessions, sizes)
+    assert sizes[k - 1] == 2 and k <= one < r, why
+    phases = [x for i, x in enumerate(sizes[k - 1:]) if i == 0 or x != sizes[k - 2 + i]]
+    # Growing back is Ray Train's decision: its policy sees the new node once its autoscaling coordinator's 20 s view
+    # does, and restarts the group at its next check. It did, 46-54 s after the replacement was up, in 3 of the 4
+    # runs of this test whose sizes were recorded (docs/ray-operations.md); in the fourth the run ended on 1 worker,
+    # 14 epochs after the loss. So
+    # the test wants 2, then 1 while the replacement was held, then 2 again or the end of the run: never any other
+    # size, never a change back to 1.
+    assert phases in ([2, 1], [2, 1, 2]), why
+    assert sessions[one - 1] < sessions[one], why  # going on with 1 worker was a restart from a checkpoint
+    if phases == [2, 1, 2]:
+        two = one + sizes[one:].index(2)  # the first epoch after growing back
+        assert sessions[one] < sessions[two], why
     assert all(h["resumed_from"] is not None for h in hist[one:]), hist
-    assert ev["active_while_held"] == 1, ev  # the autoscaler's status: one gpu_worker while the run went on
-    assert ev.get("replacement"), ev  # a gpu_worker node that did not exist before the kill joined the run
+    assert ev["active_while_held"] == 1, why  # the autoscaler's status: one gpu_worker while the run went on
+    while "replacement" not in ev and time.time() - ev["t_release"] < 120:  # a run that ended on 1 worker
+        step()
+        time.sleep(2)
+    assert ev.get("replacement"), why  # the autoscaler replaced the lost node: a gpu_worker that did not exist before
     m = _s3_json(f"{runs}/{sid}/metrics.json")
     assert m["test"]["n"] > 0 and m["test"]["mae"] > 0 and m["selection"]["epochs_trained"] == 15
     # two Ray Train workers, one `accel` each, one per gpu_worker node: the group grew from 0 to exactly 2
@@ -241,7 +260,7 @@ def test_a_training_job_scales_up_from_zero_goes_on_with_fewer_workers_while_a_l
             break
         time.sleep(2)
     assert w.samples[-1][1] == {"ray.head.default": 1}, w.samples[-5:]
-    print("elastic timeline (s after the kill): "
+    print(why, "\nelastic timeline (s after the kill): "
           + ", ".join(f"{n} {ev[t] - ev['t_kill']:.0f}" for n, t in
                       [("released", "t_release"), ("replacement up", "t_replacement"), ("grown", "t_grown")]
                       if t in ev) + f"; world sizes {sizes}; sessions {sessions}")
