@@ -27,7 +27,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import psamf  # noqa: E402,F401  (before ray)
 
 
-def oracle_shards(src: str, dst: str, args) -> str:
+def planted_e(args) -> dict[str, float]:
+    """Each clip's planted expressiveness e_v, by sample id, from the same seeded MOSI corpus the bench prepares."""
+    from psamf.synth import generate
+
+    corpus = generate("mosi", seed=0, scale=args.scale, personality_signal=args.personality_signal)
+    return {i: float(x) for sp in corpus.splits.values() for i, x in zip(sp.ids, sp.expressiveness)}
+
+
+def oracle_shards(src: str, dst: str, e_of: dict[str, float]) -> str:
     """A copy of the shard set `src` whose CLS_p is the clip's planted expressiveness e_v on a fixed random
     direction, (2 e_v - 1) u + N(0, 0.3^2) per dimension: an encoder that reads e_v perfectly. Each file appears
     only once complete (`atomic_open`), the manifest last."""
@@ -37,12 +45,9 @@ def oracle_shards(src: str, dst: str, args) -> str:
 
     from psamf.shards import read_manifest
     from psamf.storage import atomic_open
-    from psamf.synth import generate
 
     if os.path.exists(f"{dst}/manifest.json"):
         return dst
-    corpus = generate("mosi", seed=0, scale=args.scale, personality_signal=args.personality_signal)
-    e_of = {i: float(x) for sp in corpus.splits.values() for i, x in zip(sp.ids, sp.expressiveness)}
     man = read_manifest(src)
     dim = int(man["personality_cls"]["dim"])
     rng = np.random.default_rng(0)
@@ -64,7 +69,7 @@ def oracle_shards(src: str, dst: str, args) -> str:
     return dst
 
 
-def probe_cls(shards: str, args) -> dict[str, float]:
+def probe_cls(shards: str, e_of: dict[str, float]) -> dict[str, float]:
     """What a shard set's CLS_p says about the planted e_v: a ridge (`RidgeCV`) from CLS_p to the clip's e_v, fitted
     on the train split; Pearson r per split."""
     import numpy as np
@@ -72,10 +77,7 @@ def probe_cls(shards: str, args) -> dict[str, float]:
     from sklearn.linear_model import RidgeCV
 
     from psamf.shards import read_manifest
-    from psamf.synth import generate
 
-    corpus = generate("mosi", seed=0, scale=args.scale, personality_signal=args.personality_signal)
-    e_of = {i: float(x) for sp in corpus.splits.values() for i, x in zip(sp.ids, sp.expressiveness)}
     xs: dict[str, list] = {}
     ys: dict[str, list] = {}
     for sh in read_manifest(shards)["shards"]:
@@ -138,9 +140,10 @@ def main() -> int:
         if not os.path.exists(f"{shards[row]}/manifest.json"):
             prepare(src, shards[row], tokenizer="psamf:tiny", personality_tokenizer="psamf:tiny", max_text_len=32,
                     personality_model=model)
+    e_of = planted_e(args)
     if "oracle" in args.rows.split(","):
-        shards["oracle"] = oracle_shards(shards["untrained"], f"{w}/shards-oracle", args)
-    probe = {row: probe_cls(d, args) for row, d in shards.items()}
+        shards["oracle"] = oracle_shards(shards["untrained"], f"{w}/shards-oracle", e_of)
+    probe = {row: probe_cls(d, e_of) for row, d in shards.items()}
     for row, r in probe.items():
         print(f"CLS_p -> e_v ridge ({row} encoder): " + ", ".join(f"{k} r {v:.3f}" for k, v in r.items()), flush=True)
     if args.probe_only:

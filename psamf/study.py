@@ -681,7 +681,8 @@ def select_rows(rows: Sequence[tuple[str, Config]], only: Sequence[str] | None, 
     if reference not in only:
         raise ConfigError(f"study {kind}: the rows must include the reference row {reference!r}, which every other "
                           f"row is compared with (got {list(only)})")
-    return [(r, c) for r, c in rows if r in set(only)]
+    keep = set(only)
+    return [(r, c) for r, c in rows if r in keep]
 
 
 def study_ablations(cfg: Config, seeds: Sequence[int], *, name: str = "ablations",

@@ -172,8 +172,8 @@ def test_a_training_job_scales_up_from_zero_goes_on_with_fewer_workers_while_a_l
     The worker group grows from 0 to the 2 nodes the run needs. One node is killed once the run trains on both; its
     replacement is held back in launch (a cloud that is slow to boot a VM, tests/fake_cloud.py), and the run goes on
     from its latest checkpoint with 1 worker on the surviving node. When the replacement is let through, the run
-    may grow back to 2 workers (Ray Train's decision, below). After the job the idle nodes go and the group is back at 0. Every epoch is recorded
-    once, with the world size that trained it."""
+    may grow back to 2 workers (Ray Train's decision, below). After the job the idle nodes go and the group is back
+    at 0. Every epoch is recorded once, with the world size that trained it."""
     head, bucket, data = cluster
     hold = head.tmp / "hold-launches"
     w = Watch(head)
@@ -228,16 +228,15 @@ def test_a_training_job_scales_up_from_zero_goes_on_with_fewer_workers_while_a_l
            + "\n".join(decisions)[-4000:])
     one = k + sizes[k:].index(1)  # the first epoch trained by 1 worker after the loss (the run may also have
     # started on 1 worker, when one node came up before the other)
-    # 2 workers until the loss (an epoch may finish before the loss is noticed), 1 while the replacement was held,
-    # 2 again once it came: each change a restart of the worker group from the latest checkpoint
+    # 2 workers until the loss (an epoch may finish before the loss is noticed), then 1 before the replacement was
+    # let through
     assert sizes[k - 1] == 2 and k <= one < r, why
     phases = [x for i, x in enumerate(sizes[k - 1:]) if i == 0 or x != sizes[k - 2 + i]]
     # Growing back is Ray Train's decision: its policy sees the new node once its autoscaling coordinator's 20 s view
     # does, and restarts the group at its next check. It did, 40-49 s after the replacement was up, in 4 of the 5
     # runs of this test whose sizes were recorded (docs/ray-operations.md); in the fifth the run ended on 1 worker,
-    # 14 epochs after the loss. So
-    # the test wants 2, then 1 while the replacement was held, then 2 again or the end of the run: never any other
-    # size, never a change back to 1.
+    # 14 epochs after the loss. So the test wants 2, then 1 while the replacement was held, then 2 again or the end
+    # of the run: never any other size, never a change back to 1; each change a restart from the latest checkpoint.
     assert phases in ([2, 1], [2, 1, 2]), why
     assert sessions[one - 1] < sessions[one], why  # going on with 1 worker was a restart from a checkpoint
     if phases == [2, 1, 2]:
