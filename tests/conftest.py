@@ -71,7 +71,11 @@ def s3_bucket(s3_server, request):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One embedded Ray for every test that needs it: 4 logical CPUs on purpose (2-core machines)."""
+    """One embedded Ray for every test that needs it. 6 logical CPUs on a 2-core machine, on purpose: more than the
+    2 training workers and Ray Data's reads need (fewer hang reads: docs/ray-operations.md §2), and enough for two
+    one-worker trials of a study or search side by side ((6 - 1 for Ray Data) // (1 worker + 1 driver) = 2). A Ray
+    Train run spends much of its time starting processes and waiting, so two at once finish sooner on 2 cores: the
+    study grid test took 110 s against 164 s with 4 logical CPUs (one trial at a time)."""
     import ray
 
     if ray.is_initialized():
@@ -80,7 +84,7 @@ def ray_cluster():
     ray.init(
         address="local",
         _node_ip_address="127.0.0.1",
-        num_cpus=4,
+        num_cpus=6,
         object_store_memory=200 * 1024**2,
         include_dashboard=False,
         log_to_driver=False,
