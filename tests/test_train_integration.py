@@ -194,7 +194,7 @@ def test_rerunning_an_interrupted_run_name_resumes_from_its_latest_checkpoint(ra
     ("model.vocab_size=64", r"model\.vocab_size=64 is smaller than the text tokenizer's vocabulary"),
     ("optim.select_metric=val_accuracy", r"optim\.select_metric='val_accuracy' is not a validation metric"),
     ("data.tokenizer=bert-base-uncased", r"tokenised with 'psamf:tiny'"),
-    ("run.num_workers=4", r"Ray Data read tasks would starve"),
+    ("run.num_workers=6", r"Ray Data read tasks would starve"),  # the session Ray's 6 CPUs, none left for reads
 ])
 def test_bad_config_fails_before_any_worker_starts(ray_cluster, shards, tmp_path, monkeypatch, override, match):
     local, _ = shards
