@@ -6,7 +6,10 @@ every write below goes through `psamf.storage.write_bytes` (atomic per file).
 Outputs (all under `<storage_path>/<run.name>/`, next to Ray's `checkpoint_epoch=NNN/` folders and snapshot):
 
     config.yaml          resolved config of the latest invocation (driver, before any worker starts)
-    history.json         one record per finished epoch, rewritten by rank 0 after every epoch
+    history.json         one record per finished epoch, rewritten by rank 0 after every epoch, just before that
+                         epoch's checkpoint is reported (a Tune scheduler may stop a trial at the report); a
+                         restart from an earlier checkpoint rewrites the records after it, so each epoch that
+                         counts is recorded once
     tensorboard/         one event file, rewritten from the history after every epoch (rank 0) and at the end
     metrics.json         selection, validation + test metrics of the selected checkpoint, baselines (driver, end)
     predictions.parquet  sample_id, split, label, prediction for valid and test (driver, end)

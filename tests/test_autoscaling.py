@@ -35,7 +35,11 @@ SEARCH_IDLE_TIMEOUT_MIN = 3.0  # the search test: no node is removed between its
 def _status(head: LocalHead) -> dict[str, int]:
     """Active node counts by node type, from the autoscaler's status: the text `ray status` prints, read from the
     dashboard's /api/cluster_status (the same formatter; no `ray` process per poll, see LocalHead.api)."""
-    text = head.api("/api/cluster_status?format=1")["data"]["clusterStatus"]
+    deadline = time.time() + 60
+    # "No cluster status. It may take a few seconds ..." until the autoscaler's first report after the head starts
+    while "Active:" not in (text := head.api("/api/cluster_status?format=1")["data"]["clusterStatus"]):
+        assert time.time() < deadline, text
+        time.sleep(1)
     active = text.split("Active:", 1)[1].split("Pending:", 1)[0]
     return {m.group(2): int(m.group(1)) for m in re.finditer(r"^\s*(\d+)\s+(\S+)\s*$", active, re.M)}
 
