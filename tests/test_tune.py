@@ -100,9 +100,10 @@ def _grid_file(tmp_path: Path, shards: str, text_layers: list, epochs: int, sche
 def test_a_killed_search_resumes_only_unfinished_trials_and_writes_every_output(ray_cluster, shards, tmp_path,
                                                                                  monkeypatch):
     """One search, killed and resumed: a 2 x 2 grid (one combination pruned by the config) of 2-epoch trials with
-    ASHA, one trial at a time (`max_concurrent_trials: 1`; the session Ray fits two). Its driver is killed once the first trial has finished;
-    the resumed search must not rerun that trial, must record every epoch of every trial once, and must write every
-    output. Paths are relative, as `psamf demo` and users write them: trials run in other working directories."""
+    ASHA, one trial at a time (`max_concurrent_trials: 1`; the session Ray fits two). Its driver is killed once the
+    first trial has finished; the resumed search must not rerun that trial, must record every epoch of every trial
+    once, and must write every output. Paths are relative, as `psamf demo` and users write them: trials run in
+    other working directories."""
     import ray
 
     monkeypatch.chdir(tmp_path)
