@@ -3,6 +3,7 @@
     read_manifest(uri)                   manifest.json (psamf.shards); a directory without one is incomplete
     build_datasets(data_cfg)             {"train", "valid", "test"} -> ray.data.Dataset (pruned columns)
     load_datasets(data_cfg, manifest)    the same, with small splits read in the driver (no read tasks)
+    read_shards(paths, fs, shuffle)      read_parquet with Ray's footer-reader pool sized to the shard list
     split_config()                       ray.train.DataConfig(datasets_to_split=["train"]) for the TorchTrainer
     iter_batches(shard, data_cfg, B, epoch=, train=)   the batches a training / evaluation loop consumes
     PadCollate                           ArrowBatchCollateFn: one Arrow batch -> dict of padded tensors
@@ -94,6 +95,8 @@ __all__ = [
     "read_manifest",
     "build_datasets",
     "load_datasets",
+    "read_shards",
+    "footer_actors",
     "DRIVER_LOAD_FRACTION",
     "split_config",
     "PadCollate",
@@ -104,6 +107,12 @@ __all__ = [
 
 EVAL_SPLIT_ACROSS_WORKERS = False  # valid/test: every rank streams the whole split (module docstring)
 DRIVER_LOAD_FRACTION = 0.2  # of the object store: splits up to this size are read by the driver (load_datasets)
+# Ray Data 2.60's Parquet reader lists files through a pool of footer-reading actors, 32 by default
+# (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS), each a new worker process, for every read, even of one file; each actor
+# takes one batch of FOOTER_FILES_PER_ACTOR files at a time. `read_shards` sizes the pool to the shard list.
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FOOTER_FILES_PER_ACTOR = 10  # Ray's RAY_DATA_PARQUET_FOOTER_BATCH_SIZE default
+FOOTER_MAX_ACTORS = 32  # Ray's default pool size
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +164,7 @@ def build_datasets(data_cfg: DataConfig, splits: Sequence[str] = ("train", "vali
         shuffle = FileShuffleConfig(seed=data_cfg.shuffle_seed, reseed_after_execution=True) \
             if train and not data_cfg.materialize else None
         # select_columns right after the read is pushed down into the Parquet reader (2.60 deprecates columns=)
-        ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle).select_columns(cols)
+        ds = read_shards(paths, fs, shuffle).select_columns(cols)
         if not train:  # evaluation streams in shard order (deterministic prediction files)
             ds.context.execution_options.preserve_order = True
         if data_cfg.materialize:
@@ -164,6 +173,34 @@ def build_datasets(data_cfg: DataConfig, splits: Sequence[str] = ("train", "vali
                 ds = shuffle_block_order(ds, data_cfg.shuffle_seed)
         out[split] = ds
     return out
+
+
+def footer_actors(n_files: int) -> int:
+    """How many footer-reading actors a read of `n_files` Parquet files gets: one per FOOTER_FILES_PER_ACTOR
+    files, at least 1 and at most FOOTER_MAX_ACTORS (Ray's own default, which it uses for every read)."""
+    return max(1, min(FOOTER_MAX_ACTORS, math.ceil(n_files / FOOTER_FILES_PER_ACTOR)))
+
+
+def read_shards(paths: Sequence[str], fs: Any, shuffle: Any) -> "ray.data.Dataset":
+    """`ray.data.read_parquet` over an explicit shard list, with the footer-reader pool sized to it.
+
+    Ray 2.60 starts RAY_DATA_PARQUET_FOOTER_NUM_ACTORS (default 32) actors to read the footers of the listed
+    files, and kills them after the listing, on every execution of the read: a split of 3 shards started 32
+    worker processes per read, 11-17 s on the 2-core test machine against about 2 s with one actor
+    (docs/benchmarks.md, "Parquet reads: the footer-reader pool"). The read's file indexer reads the variable
+    when `read_parquet` runs, in this process, so it is set for the call only. A value the user exported
+    wins."""
+    import os
+
+    import ray.data
+
+    if FOOTER_ACTORS_ENV in os.environ:
+        return ray.data.read_parquet(list(paths), filesystem=fs, shuffle=shuffle)
+    os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(len(paths)))
+    try:
+        return ray.data.read_parquet(list(paths), filesystem=fs, shuffle=shuffle)
+    finally:
+        del os.environ[FOOTER_ACTORS_ENV]
 
 
 def shuffle_block_order(ds: "ray.data.Dataset", seed: int) -> "ray.data.Dataset":

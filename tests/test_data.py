@@ -300,6 +300,38 @@ def test_build_datasets_and_iter_batches(tmp_path, ray_cluster):
         build_datasets(cfg, splits=("extra",))
 
 
+def _footer_pool(ds) -> int:
+    """The footer-reader pool size of a `read_parquet` dataset's listing step (Ray 2.60's FooterFileIndexer)."""
+    op = ds._logical_plan.dag
+    while not hasattr(op, "file_indexer"):
+        op = op.input_dependencies[0]
+    return op.file_indexer._num_actors
+
+
+@pytest.mark.integration
+def test_parquet_reads_size_the_footer_reader_pool_to_the_shard_list(tmp_path, ray_cluster, monkeypatch):
+    """Ray's default starts 32 footer-reading actors for every read, even of 3 files (11-17 s a split here);
+    psamf asks for one per 10 files, leaves the environment as it was, and a value the user exported wins."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    from psamf.data import FOOTER_ACTORS_ENV, footer_actors, read_shards
+
+    assert [footer_actors(n) for n in (0, 1, 10, 11, 95, 320, 5000)] == [1, 1, 1, 2, 10, 32, 32]
+    paths = []
+    for i in range(11):
+        pq.write_table(pa.table({"a": [i]}), tmp_path / f"{i}.parquet")
+        paths.append(str(tmp_path / f"{i}.parquet"))
+    monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
+    assert _footer_pool(read_shards(paths[:3], None, None)) == 1
+    ds = read_shards(paths, None, None)
+    assert _footer_pool(ds) == 2 and FOOTER_ACTORS_ENV not in os.environ
+    assert sorted(ds.to_pandas()["a"]) == list(range(11))
+    monkeypatch.setenv(FOOTER_ACTORS_ENV, "5")
+    assert _footer_pool(read_shards(paths[:3], None, None)) == 5 and os.environ[FOOTER_ACTORS_ENV] == "5"
+
+
 @pytest.mark.integration
 def test_build_datasets_refuses_incomplete(tmp_path, ray_cluster):
     from psamf.data import IncompleteDatasetError, build_datasets
