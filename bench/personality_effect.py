@@ -90,6 +90,54 @@ def probe_cls(shards: str, e_of: dict[str, float]) -> dict[str, float]:
     return {k: float(np.corrcoef(ridge.predict(x[k]), y[k])[0, 1]) for k in ("train", "valid", "test") if k in x}
 
 
+def ridge_gain(shards: dict[str, str], e_of: dict[str, float]) -> dict[str, dict[str, float]]:
+    """What a linear model gains from each encoder's CLS_p: ridge (alpha chosen on valid MAE) on the study's
+    baseline features (log1p bag of words + z-scored pooled audio/visual, `psamf.study`), then on the same plus
+    each row's CLS_p, plus the planted e_v itself, and plus e_v and e_v x pooled a/v (the gate g_v is linear in
+    e_v and multiplies the nonverbal cues). Valid and test MAE per feature set."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from scipy import sparse
+    from sklearn.linear_model import Ridge
+
+    from psamf.shards import read_manifest
+    from psamf.study import _features
+
+    def tables(d: str) -> dict[str, "pa.Table"]:
+        man = read_manifest(d)
+        return {s: pa.concat_tables([pq.read_table(f"{d}/{x['path']}") for x in man["shards"] if x["split"] == s])
+                for s in ("train", "valid", "test")}
+
+    t = {row: tables(d) for row, d in shards.items()}
+    first = t[next(iter(t))]
+    vocab = 1 + max(int(np.max(np.asarray(first[s].column("input_ids").combine_chunks().flatten()))) for s in first)
+    feats = {s: _features(first[s], vocab) for s in first}
+    mu, sd = feats["train"][1].mean(0), feats["train"][1].std(0)
+    sd[sd < 1e-8] = 1.0
+    av = {s: (feats[s][1] - mu) / sd for s in feats}
+    ev = {s: np.array([e_of[i] for i in first[s].column("sample_id").to_pylist()])[:, None] for s in feats}
+
+    def fit(extra) -> dict[str, float]:
+        x = {s: sparse.hstack([feats[s][0], sparse.csr_matrix(av[s])]
+                              + ([sparse.csr_matrix(extra(s))] if extra else []), format="csr") for s in feats}
+        y = {s: feats[s][2] for s in feats}
+        best = None
+        for a in np.logspace(-2, 3, 11):
+            m = Ridge(alpha=a).fit(x["train"], y["train"])
+            v = float(np.mean(np.abs(m.predict(x["valid"]) - y["valid"])))
+            if best is None or v < best[0]:
+                best = (v, m)
+        return {"valid_mae": best[0], "test_mae": float(np.mean(np.abs(best[1].predict(x["test"]) - y["test"])))}
+
+    out = {"bow+av": fit(None)}
+    for row in t:  # the same sample order in every shard set of one corpus (one prepare of one pickle)
+        out[f"+CLS_p ({row})"] = fit(lambda s, row=row: np.asarray(t[row][s].column("personality_cls").to_pylist()))
+    out["+e_v"] = fit(lambda s: ev[s])
+    out["+e_v, e_v x a/v"] = fit(lambda s: np.hstack([ev[s], ev[s] * av[s]]))
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", required=True)
@@ -104,7 +152,8 @@ def main() -> int:
     p.add_argument("--pretrain-epochs", type=int, default=6)
     p.add_argument("--encoder", default=None, help="an already pretrained encoder directory (skips pretraining)")
     p.add_argument("--probe-only", action="store_true",
-                   help="prepare the shards, print what each encoder's CLS_p says about e_v (ridge r), train nothing")
+                   help="prepare the shards, print what each encoder's CLS_p says about e_v (ridge r) and what it "
+                        "adds to a linear model of the label (ridge MAE), train nothing")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every PSA-MF row, as on psamf train's command line "
                         "(e.g. --set optim.lr_main=1e-3); repeatable")
@@ -147,6 +196,8 @@ def main() -> int:
     for row, r in probe.items():
         print(f"CLS_p -> e_v ridge ({row} encoder): " + ", ".join(f"{k} r {v:.3f}" for k, v in r.items()), flush=True)
     if args.probe_only:
+        for name, r in ridge_gain(shards, e_of).items():
+            print(f"label ridge, {name:28s} valid MAE {r['valid_mae']:.3f}  test MAE {r['test_mae']:.3f}", flush=True)
         return 0
     base = tiny.replace({"run.num_workers": 0, "run.storage_path": f"{w}/runs",
                          "optim.epochs": args.epochs}).override(args.set)
