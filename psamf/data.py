@@ -72,6 +72,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -190,17 +191,16 @@ def read_shards(paths: Sequence[str], fs: Any, shuffle: Any) -> "ray.data.Datase
     (docs/benchmarks.md, "Parquet reads: the footer-reader pool"). The read's file indexer reads the variable
     when `read_parquet` runs, in this process, so it is set for the call only. A value the user exported
     wins."""
-    import os
-
     import ray.data
 
-    if FOOTER_ACTORS_ENV in os.environ:
-        return ray.data.read_parquet(list(paths), filesystem=fs, shuffle=shuffle)
-    os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(len(paths)))
+    ours = FOOTER_ACTORS_ENV not in os.environ
+    if ours:
+        os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(len(paths)))
     try:
         return ray.data.read_parquet(list(paths), filesystem=fs, shuffle=shuffle)
     finally:
-        del os.environ[FOOTER_ACTORS_ENV]
+        if ours:
+            del os.environ[FOOTER_ACTORS_ENV]
 
 
 def shuffle_block_order(ds: "ray.data.Dataset", seed: int) -> "ray.data.Dataset":
