@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.psamf-installed
+# pytest-xdist workers for `make test*`: whole modules to each (a module's Ray head or cluster starts once), 2 by
+# default, which is what a 2-core machine gains from (much of a Ray test is waiting on process starts); 0 runs
+# everything in one process
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 .PHONY: demo test test-fast test-quick bench clean
 
@@ -19,13 +24,13 @@ demo: $(STAMP)
 	$(VENV)/bin/psamf demo
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not integration"
+	$(PYTEST) -m "not integration"
 
 test-quick: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf data/demo runs/demo outputs .pytest_cache

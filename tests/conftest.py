@@ -43,6 +43,40 @@ for _k, _v in AWS_TEST_ENV.items():
     os.environ[_k] = _v
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules with a `slow` test first, then the other integration modules, then the unit tier; file order within
+    each. `make test` runs two pytest-xdist workers that take whole modules (`--dist loadscope`) as they free up:
+    starting the longest modules first keeps one worker from finishing a long module alone at the end. A stable
+    sort, so a plain `pytest` run keeps each module's tests together and in file order."""
+
+    def tier(item) -> int:
+        marks = module_marks.get(item.module.__name__ if item.module else "", set())
+        return 0 if "slow" in marks else 1 if "integration" in marks else 2
+
+    module_marks: dict[str, set[str]] = {}
+    for item in items:
+        if item.module is not None:
+            module_marks.setdefault(item.module.__name__, set()).update(m.name for m in item.iter_markers())
+    items.sort(key=tier)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Put the root and `psamf` loggers back as they were after each test. The commands call
+    `logging.basicConfig`, and a local-mode training run gives the `psamf` logger a handler of its own
+    (`psamf.train`); both bind the `sys.stderr` of the moment, which under `capsys` is a capture stream that is
+    closed when the test ends. Left in place, a later test in the same process would log into that closed
+    stream ("--- Logging error ---") and miss its own output, depending on which tests ran before it."""
+    import logging
+
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in (logging.getLogger(), logging.getLogger("psamf"))]
+    yield
+    for lg, handlers, level, propagate in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 HTTP endpoint (moto server) on 127.0.0.1 for the whole session. Yields its endpoint URL."""
@@ -76,14 +110,21 @@ def ray_cluster():
     one-worker trials of a study or search side by side ((6 - 1 for Ray Data) // (1 worker + 1 driver) = 2). A Ray
     Train run spends much of its time starting processes and waiting, so two at once finish sooner on 2 cores: the
     study grid test took 110 s against 164 s with 4 logical CPUs (one trial at a time)."""
+    import shutil
+    import tempfile
+
     import ray
 
     if ray.is_initialized():
         yield ray
         return
+    # its own temp dir (short: Ray's socket paths live under it), so two test sessions on one machine, or the two
+    # pytest-xdist workers of `make test`, never share /tmp/ray's session_latest
+    temp_dir = tempfile.mkdtemp(prefix="psamf-ray-")
     ray.init(
         address="local",
         _node_ip_address="127.0.0.1",
+        _temp_dir=temp_dir,
         num_cpus=6,
         object_store_memory=200 * 1024**2,
         include_dashboard=False,
@@ -95,6 +136,7 @@ def ray_cluster():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
