@@ -7,7 +7,7 @@ STAMP := $(VENV)/.psamf-installed
 # default, which is what a 2-core machine gains from (much of a Ray test is waiting on process starts); 0 runs
 # everything in one process
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 .PHONY: demo test test-fast test-quick bench clean
 

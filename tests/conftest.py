@@ -43,23 +43,6 @@ for _k, _v in AWS_TEST_ENV.items():
     os.environ[_k] = _v
 
 
-def pytest_collection_modifyitems(config, items):
-    """Modules with a `slow` test first, then the other integration modules, then the unit tier; file order within
-    each. `make test` runs two pytest-xdist workers that take whole modules (`--dist loadscope`) as they free up:
-    starting the longest modules first keeps one worker from finishing a long module alone at the end. A stable
-    sort, so a plain `pytest` run keeps each module's tests together and in file order."""
-
-    def tier(item) -> int:
-        marks = module_marks.get(item.module.__name__ if item.module else "", set())
-        return 0 if "slow" in marks else 1 if "integration" in marks else 2
-
-    module_marks: dict[str, set[str]] = {}
-    for item in items:
-        if item.module is not None:
-            module_marks.setdefault(item.module.__name__, set()).update(m.name for m in item.iter_markers())
-    items.sort(key=tier)
-
-
 @pytest.fixture(autouse=True)
 def _restore_logging():
     """Put the root and `psamf` loggers back as they were after each test. The commands call
