@@ -52,7 +52,8 @@ def _restore_logging():
     stream ("--- Logging error ---") and miss its own output, depending on which tests ran before it."""
     import logging
 
-    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in (logging.getLogger(), logging.getLogger("psamf"))]
+    loggers = (logging.getLogger(), logging.getLogger("psamf"))
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
     yield
     for lg, handlers, level, propagate in saved:
         lg.handlers[:] = handlers
