@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.psamf-installed
-# pytest-xdist workers for `make test*`: whole modules to each (a module's Ray head or cluster starts once), 2 by
-# default, which is what a 2-core machine gains from (much of a Ray test is waiting on process starts); 0 runs
-# everything in one process
-TEST_WORKERS ?= 2
+# pytest-xdist workers for `make test*`: 0 (the default) runs every test in one process; N > 0 sends whole modules
+# to N processes (a module's Ray head or cluster starts once). On the 2-core CI machine two processes were no
+# faster on average and far less steady than one (docs/benchmarks.md, "Test-suite time"); more cores gain more.
+TEST_WORKERS ?= 0
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 .PHONY: demo test test-fast test-quick bench clean
@@ -14,10 +14,12 @@ PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# CPU torch first (pinned), so the package's own torch>=2.4 range is already satisfied. --no-compile: Python
-	# byte-compiles the modules it imports on first use; compiling all of torch and Ray up front costs minutes.
-	$(PY) -m pip install -q --no-compile torch==2.13.0
-	$(PY) -m pip install -q --no-compile -e ".[test,tune,cluster]"
+	# CPU torch first (pinned), so the package's own torch>=2.4 range is already satisfied. pip byte-compiles what
+	# it installs (about a minute on 2 cores). Keep it so: where PYTHONDONTWRITEBYTECODE is set, as on the CI
+	# machine, Python never writes a .pyc on import, and every Ray worker process would compile torch,
+	# transformers and Ray from source again (16 s against 6 s to import them; docs/benchmarks.md).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,tune,cluster]"
 	touch $(STAMP)
 
 demo: $(STAMP)

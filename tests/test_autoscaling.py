@@ -297,6 +297,10 @@ def test_a_search_with_more_trials_than_fit_grows_the_cluster_to_its_maximum_and
 
     with s3fs.S3FileSystem().open(f"{bucket}/searches/{sid}/trials.parquet", "rb") as f:
         trials = pq.read_table(f).to_pylist()
-    assert len(trials) == 3 and all(t["status"] == "finished" for t in trials), trials
+    assert len(trials) == 3 and all(t["status"] == "finished" and t["epochs_run"] == 1 for t in trials), trials
+    # the search's own outputs: the best trial, chosen on validation, evaluated once on test
+    m = _s3_json(f"s3://{bucket}/searches/{sid}/metrics.json")
+    assert m["best_trial"] in {t["trial_id"] for t in trials} and m["test"]["n"] > 0 and "mae" in m["test"]
+    assert m["selection"]["metric"] == "val_mae"
 
 
