@@ -5,6 +5,9 @@
 #                            bare-BERT limit (plain BertModel fwd + bwd + Adam at the same padded length) beside it
 #   step_compile_bf16_b128.json   the same with optim.compile (first_step_s includes compiling)
 #   profile_bf16_b128.json   where the step's time goes (bench/profile_step.py: phases, op families, host syncs)
+#   epoch_<amp>_b<B>.json    one epoch of MOSI-shaped batches from the real pipeline (bench/epoch.py), uniformly
+#                            shuffled vs length-grouped (the default): padded-token share, epoch time, the bare-BERT
+#                            limit summed over the same batches, MFU
 #   pipeline.json            the whole pipeline through Ray Train (bench/gpu_pipeline.sh, batch 32): first and
 #                            steady epoch time, samples/s, data-wait fraction per epoch; its raw files in pipeline/
 #   summary.json             all of the above in one list
@@ -22,9 +25,11 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 if [ "$DEVICE" = cpu ]; then
   PRESET=tiny; BATCHES="4"; AMPS="off"; STEPS=2; WARMUP=1; FRAMES=(--audio-frames 40 --visual-frames 50)
   T_STEP=240; T_COMPILE=5; PIPE=(PRESET=tiny SCALE=0.1 EPOCHS=2 BATCH=8 USE_GPU=false RESUME=0); T_PIPE=420
+  EPOCH_SCALE=0.1; T_EPOCH=240
 else
   PRESET=paper; BATCHES="32 128"; AMPS="bf16 fp16"; STEPS=20; WARMUP=3; FRAMES=()
   T_STEP=90; T_COMPILE=150; PIPE=(PRESET=paper SCALE=1 EPOCHS=3 BATCH=32 USE_GPU=true RESUME=0); T_PIPE=240
+  EPOCH_SCALE=1; T_EPOCH=120
 fi
 stamp() { echo "=== $(date +%T) $*"; }
 fail_json() { printf '{"error": "%s failed or ran over its time limit (rc %s): see the log", "rc": %s}\n' "$2" "$3" "$3" > "$1"; }
@@ -52,6 +57,13 @@ stamp "profile"
 timeout "$T_STEP" $PY "$HERE/profile_step.py" --preset "$PRESET" --device "$DEVICE" --amp "$AMP_FIRST" \
     --batch-size "$B_LAST" --steps 2 "${FRAMES[@]}" --out "$OUTDIR/profile_${AMP_FIRST}_b${B_LAST}.json" \
   || fail_json "$OUTDIR/profile_${AMP_FIRST}_b${B_LAST}.json" profile $?
+
+stamp "epoch: shuffled vs length-grouped batches"
+timeout "$T_EPOCH" $PY "$HERE/epoch.py" --preset "$PRESET" --device "$DEVICE" --amp "$AMP_FIRST" \
+    --batch-size "$B_LAST" --modes shuffle,grouped --scale "$EPOCH_SCALE" --work "$OUTDIR/epoch-data" \
+    --out "$OUTDIR/epoch_${AMP_FIRST}_b${B_LAST}.json" \
+  || fail_json "$OUTDIR/epoch_${AMP_FIRST}_b${B_LAST}.json" epoch $?
+rm -rf "$OUTDIR/epoch-data"
 
 stamp "pipeline through Ray Train"
 mkdir -p "$OUTDIR/pipeline"
@@ -90,5 +102,8 @@ for r in rows:
     keys = ("samples_per_s", "step_s", "mfu", "bare_bert_samples_per_s", "step_over_bare_bert", "peak_gpu_mem_gib",
             "first_step_s", "first_epoch_s", "steady_epoch_s", "first_over_steady", "step_s", "error")
     print(r["file"], {k: r[k] for k in keys if k in r})
+    for row in r.get("rows", []):  # epoch.json: one row per batching mode
+        print("  ", row["mode"], {k: row[k] for k in ("padded_token_frac", "epoch_s", "bare_bert_s", "epoch_over_bare",
+                                                      "samples_per_s", "mfu") if k in row})
 EOF
 stamp done

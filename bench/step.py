@@ -63,33 +63,39 @@ def _rss_bytes() -> int:
     return 0
 
 
-def bare_bert_step_s(cfg, batch: dict, dev: torch.device, amp_dtype, steps: int, warmup: int) -> float:
-    """The bare-BERT limit: a plain HF BertModel with all of the sentiment BERT's layers, forward + backward +
-    Adam at the same padded length and autocast, timed like the PSA-MF step."""
-    from transformers import BertModel
+class BareBert:
+    """The bare-BERT limit: a plain HF BertModel with all of the sentiment BERT's layers and fused Adam (as psamf),
+    whose `step(batch)` is one forward + backward + optimiser step at the batch's padded length and autocast."""
 
-    from psamf.model import bert_config
+    def __init__(self, cfg, dev: torch.device, amp_dtype) -> None:
+        from transformers import BertModel
 
-    torch.manual_seed(0)
-    bert = BertModel(bert_config(cfg.model, cfg.model.bert_layers, cfg.model.vocab_size),
-                     add_pooling_layer=False).to(dev).train()
-    opt = torch.optim.Adam(bert.parameters(), lr=1e-5, **({"fused": True} if dev.type == "cuda" else {}))
-    scaler = engine.make_scaler(amp_dtype, dev)
-    ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-    mask4 = additive_mask(mask, torch.float32)
+        from psamf.model import bert_config
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = bert(input_ids=ids, attention_mask=mask4).last_hidden_state[:, 0].float().pow(2).mean()
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
+        torch.manual_seed(0)
+        self.dev, self.amp_dtype = dev, amp_dtype
+        self.bert = BertModel(bert_config(cfg.model, cfg.model.bert_layers, cfg.model.vocab_size),
+                              add_pooling_layer=False).to(dev).train()
+        self.opt = torch.optim.Adam(self.bert.parameters(), lr=1e-5, fused=True)  # as engine.build_optimizer
+        self.scaler = engine.make_scaler(amp_dtype, dev)
+
+    def step(self, batch: dict) -> None:
+        ids, mask4 = batch["input_ids"].to(self.dev), additive_mask(batch["attention_mask"].to(self.dev), torch.float32)
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            loss = self.bert(input_ids=ids, attention_mask=mask4).last_hidden_state[:, 0].float().pow(2).mean()
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
         else:
-            opt.step()
+            self.opt.step()
 
-    return _timed(step, dev, steps, warmup)
+
+def bare_bert_step_s(cfg, batch: dict, dev: torch.device, amp_dtype, steps: int, warmup: int) -> float:
+    """The bare-BERT limit's step time at this batch's shapes, timed like the PSA-MF step."""
+    bare = BareBert(cfg, dev, amp_dtype)
+    return _timed(lambda: bare.step(batch), dev, steps, warmup)
 
 
 def _timed(step, dev: torch.device, steps: int, warmup: int) -> float:
@@ -108,7 +114,7 @@ def _timed(step, dev: torch.device, steps: int, warmup: int) -> float:
 def run(preset: str, batch_size: int, steps: int, warmup: int, precomputed: bool, device: str, amp: str,
         text_len: int, t_a: int, t_v: int, *, compile_model: bool = False, bare: bool = True,
         peak: float | None = None) -> dict:
-    """One configuration through the real `engine.train_step` (its autocast, float16 scaling, fused Adam on CUDA,
+    """One configuration through the real `engine.train_step` (its autocast, float16 scaling, fused Adam,
     clipping), then the bare-BERT limit at the same shapes; step time, samples/s and MFU side by side."""
     cfg = Config.from_preset(preset).override([f"optim.batch_size={batch_size}", f"optim.amp='{amp}'",
                                                f"optim.compile={str(compile_model).lower()}"])

@@ -25,8 +25,9 @@ Per-epoch randomness happens after that boundary, where the epoch number is know
   * `iter_batches(train=True)` permutes every window of `group_window * batch_size` rows with a
     generator seeded by `(data_cfg.shuffle_seed, epoch, first row index of the window)` — the
     "row permutation" tier of docs/ray-operations.md, run on Ray's collate threads;
-  * with `data_cfg.length_grouping` the window is instead sorted by transcript length (random
-    tie-break), cut into batches, and the batch order shuffled.
+  * with `data_cfg.length_grouping` (the default) the window is instead sorted by transcript length
+    times a random factor in [1 - length_noise, 1 + length_noise] (random tie-break), cut into batches,
+    and the batch order shuffled: batches of similar length, different ones every epoch.
 A row meets only rows of its own block (~1,600 MOSEI rows at the default 128 MiB shard size) in a
 window; that is the price of not running a global `random_shuffle()` each epoch.
 Normalisation (`data_cfg.normalize_features`, off by default as in the reference code) is applied
@@ -362,6 +363,8 @@ class PadCollate(ArrowBatchCollateFn):
             l_b = round_up(l_b, self.token_multiple, cap=mask.shape[1]) if len(mask) else 0
             for c in names:
                 out[c] = torch.from_numpy(cols[c][:, :l_b].astype(np.int64))
+            if names is TOKEN_COLUMNS:  # host-side counts: the padded share is logged without a device sync
+                out["text_tokens"] = (int(mask[:, :l_b].sum()), int(mask.shape[0] * l_b))
         if self.use_personality_cls and "personality_cls" in batch.column_names:
             out["personality_cls"] = torch.from_numpy(
                 np.array(_fsl_2d(_column(batch, "personality_cls")), dtype=np.float32, order="C"))
@@ -390,17 +393,23 @@ class _WindowCollate(ArrowBatchCollateFn):
     """
 
     def __init__(self, collate: PadCollate, batch_size: int, *, seed: int, epoch: int, shuffle: bool,
-                 group: bool):
+                 group: bool, noise: float = 0.0):
         super().__init__()
         self.collate, self.batch_size = collate, batch_size
-        self.seed, self.epoch, self.shuffle, self.group = seed, epoch, shuffle, group
+        self.seed, self.epoch, self.shuffle, self.group, self.noise = seed, epoch, shuffle, group, noise
 
     def batch_order(self, n: int, first_index: int, text_len: np.ndarray | None) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, self.epoch, max(0, first_index)]) if self.shuffle else None
         bs = self.batch_size
         if self.group and text_len is not None:
-            tie = rng.random(n) if rng is not None else np.arange(n)
-            order = np.lexsort((tie, text_len))  # by length, random tie-break
+            key = np.asarray(text_len, np.float64)
+            if rng is not None:  # training: jittered lengths (soft buckets), random tie-break
+                if self.noise > 0:
+                    key = key * rng.uniform(1.0 - self.noise, 1.0 + self.noise, n)
+                tie = rng.random(n)
+            else:  # evaluation: strictly by length, stable
+                tie = np.arange(n)
+            order = np.lexsort((tie, key))
         elif rng is not None:
             order = rng.permutation(n)
         else:
@@ -447,8 +456,9 @@ def iter_batches(ds_or_shard: "ray.data.Dataset | ray.data.DataIterator", data_c
     """Batches for one pass over a dataset or a Train worker's shard (`get_dataset_shard(name)`).
 
     train=True: rows permuted within windows of `group_window * batch_size` rows, seeded by
-    (`data_cfg.shuffle_seed`, `epoch`, window); with `data_cfg.length_grouping`, batches of similar
-    transcript length, in shuffled order. `drop_last` defaults to `train`: every DDP rank then runs the
+    (`data_cfg.shuffle_seed`, `epoch`, window); with `data_cfg.length_grouping` (default), batches of similar
+    transcript length (jittered by `data_cfg.length_noise`), in shuffled order. `drop_last` defaults to
+    `train`: every DDP rank then runs the
     same number of full batches (the split is equal), and no batch of one row reaches the in-batch
     contrastive losses. train=False: shard order, no drop (with `length_grouping`, sorted within windows
     for less padding, deterministically). Tensors are moved to `device` ("auto": the Ray Train device,
@@ -464,7 +474,8 @@ def iter_batches(ds_or_shard: "ray.data.Dataset | ray.data.DataIterator", data_c
     collate = PadCollate(data_cfg, manifest=manifest, sample_ids=True)
     group = bool(data_cfg.length_grouping)
     window_batches = data_cfg.group_window if (train or group) else 1
-    wc = _WindowCollate(collate, batch_size, seed=data_cfg.shuffle_seed, epoch=epoch, shuffle=train, group=group)
+    wc = _WindowCollate(collate, batch_size, seed=data_cfg.shuffle_seed, epoch=epoch, shuffle=train, group=group,
+                        noise=data_cfg.length_noise)
     dev = _resolve_device(device)
     prefetch = max(1, math.ceil(data_cfg.prefetch_batches / window_batches)) if data_cfg.prefetch_batches else 0
     for window in it.iter_torch_batches(batch_size=batch_size * window_batches, collate_fn=wc,

@@ -30,6 +30,19 @@ def test_presets_differ_where_the_reference_and_paper_differ():
     assert 2 <= tiny.model.bert_layers <= 4 and tiny.model.hidden_size <= 64
 
 
+def test_length_grouped_batches_are_the_default_except_in_the_reference_presets():
+    """Padding-free batches by default (docs/benchmarks.md, "Length grouping"); the reference presets keep the
+    reference code's uniformly shuffled batches."""
+    for name in ("tiny", "paper"):
+        d = Config.from_preset(name).data
+        assert d.length_grouping and d.length_noise == pytest.approx(0.05), name
+    for name in ("reference", "reference-mosei"):
+        assert not Config.from_preset(name).data.length_grouping, name
+    for bad in ("-0.1", "1.0"):
+        with pytest.raises(ConfigError, match=r"data\.length_noise must be in \[0, 1\)"):
+            Config.from_preset("tiny").override([f"data.length_noise={bad}"])
+
+
 def test_partial_yaml_starts_from_its_preset(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({"preset": "tiny", "optim": {"lr_main": "1e-4", "epochs": 3}}))

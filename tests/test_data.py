@@ -65,8 +65,10 @@ def test_collate_pads_to_batch_max_and_trims_tokens(layout):
     tbl = hand_table(layout)
     b = PadCollate()(tbl)
     assert set(b) == {"input_ids", "attention_mask", "token_type_ids", "p_input_ids", "p_attention_mask",
-                      "p_token_type_ids", "audio", "audio_lengths", "visual", "visual_lengths", "label", "index"}
+                      "p_token_type_ids", "audio", "audio_lengths", "visual", "visual_lengths", "label", "index",
+                      "text_tokens"}
     assert b["input_ids"].shape == (3, 6) and b["p_input_ids"].shape == (3, 5)  # batch-longest transcript
+    assert b["text_tokens"] == (13, 18)  # real transcript tokens, token positions: plain ints, on the host
     for k in ("input_ids", "attention_mask", "token_type_ids", "p_input_ids", "audio_lengths", "index"):
         assert b[k].dtype == torch.int64, k
     for k in ("audio", "visual", "label"):
@@ -246,6 +248,31 @@ def test_length_grouping_reduces_padding():
     assert maxlen != sorted(maxlen)
 
 
+def test_length_noise_varies_batches_across_epochs_and_keeps_padding_low():
+    """data.length_noise: each epoch's grouped batches differ more from the last (soft length buckets), padding
+    stays a fraction of uniformly shuffled batches', and evaluation (no shuffle) ignores the jitter."""
+    tbl = varied_table(512)
+    c = PadCollate(sample_ids=True)
+
+    def batches(epoch, noise, group=True, shuffle=True):
+        return _WindowCollate(c, 16, seed=0, epoch=epoch, shuffle=shuffle, group=group, noise=noise)(tbl)
+
+    def pairs(bs):  # which rows share a batch
+        return {(a, b) for x in bs for a in x["sample_id"] for b in x["sample_id"] if a < b}
+
+    strict = [pairs(batches(e, 0.0)) for e in range(4)]
+    noisy = [pairs(batches(e, 0.2)) for e in range(4)]
+    assert len(set().union(*noisy)) > 1.3 * len(set().union(*strict))  # more distinct batch mates over 4 epochs
+    rand = _padding(batches(0, 0.0, group=False))["tokens_padded"]
+    assert _padding(batches(0, 0.2))["tokens_padded"] < 0.35 * rand
+    assert _padding(batches(0, 0.0))["tokens_padded"] <= _padding(batches(0, 0.2))["tokens_padded"]
+    ev = [b["sample_id"] for b in batches(0, 0.2, shuffle=False)]
+    assert ev == [b["sample_id"] for b in batches(0, 0.0, shuffle=False)]  # evaluation: strictly by length, stable
+    lens = dict(zip(tbl.column("sample_id").to_pylist(), tbl.column("text_len").to_pylist()))
+    flat = [lens[s] for b in ev for s in b]
+    assert flat == sorted(flat)
+
+
 def test_window_short_batch_last():
     tbl = varied_table(37)
     bs = _WindowCollate(PadCollate(sample_ids=True), 8, seed=0, epoch=3, shuffle=True, group=True)(tbl)
@@ -290,9 +317,19 @@ def test_build_datasets_and_iter_batches(tmp_path, ray_cluster):
     all_ids = [s for b in iter_batches(ds["train"], cfg, 5, epoch=1, train=True, drop_last=False)
                for s in b["sample_id"]]
     assert sorted(all_ids) == train_ids
-    ev = [b for b in iter_batches(ds["valid"], cfg, 4, epoch=0, train=False)]
+    plain = DataConfig(**{**cfg.__dict__, "length_grouping": False})
+    ev = [b for b in iter_batches(ds["valid"], plain, 4, epoch=0, train=False)]
     assert [len(b["sample_id"]) for b in ev] == [4, 2]  # evaluation: no drop
     assert [s for b in ev for s in b["sample_id"]] == raw.splits["valid"].ids  # one shard: source order
+    # length grouping (the default): evaluation batches sorted by length within the window, the same every time
+    assert cfg.length_grouping
+    ev = [b for b in iter_batches(ds["valid"], cfg, 4, epoch=0, train=False)]
+    assert [len(b["sample_id"]) for b in ev] == [4, 2]
+    got = [s for b in ev for s in b["sample_id"]]
+    assert sorted(got) == sorted(raw.splits["valid"].ids)
+    assert got == [s for b in iter_batches(ds["valid"], cfg, 4, epoch=3, train=False) for s in b["sample_id"]]
+    lens = [int(n) for b in ev for n in b["attention_mask"].sum(1)]
+    assert lens == sorted(lens)
     with pytest.raises(ValueError, match="data.tokenizer"):
         build_datasets(DataConfig(uri=cfg.uri, tokenizer="bert-base-uncased", personality_tokenizer=TINY,
                                   max_text_len=16))
@@ -349,7 +386,7 @@ def test_length_grouping_through_the_pipeline(tmp_path, ray_cluster):
 
     raw, cfg, man = _prepared(tmp_path, sizes=(96, 2, 2), rows_per_shard=32)
     ds = build_datasets(cfg, splits=("train",))["train"]
-    base = list(iter_batches(ds, cfg, 8, epoch=0, train=True))
+    base = list(iter_batches(ds, DataConfig(**{**cfg.__dict__, "length_grouping": False}), 8, epoch=0, train=True))
     gcfg = DataConfig(**{**cfg.__dict__, "length_grouping": True, "group_window": 12})
     grouped = list(iter_batches(ds, gcfg, 8, epoch=0, train=True))
     assert sorted(s for b in grouped for s in b["sample_id"]) == sorted(s for b in base for s in b["sample_id"])
@@ -396,7 +433,8 @@ def test_two_train_workers_stream_disjoint_covering_shards(tmp_path, ray_cluster
     assert r0["train"] and r1["train"] and not set(r0["train"]) & set(r1["train"])  # disjoint
     assert sorted(r0["train"] + r1["train"]) == sorted(raw.splits["train"].ids)  # together: the whole split
     assert len(r0["train"]) == len(r1["train"]) == 20  # equal split
-    assert r0["valid"] == r1["valid"] == raw.splits["valid"].ids  # valid not split: every rank sees all of it
+    # valid not split: every rank sees all of it, in the same order (sorted by length within windows: grouping)
+    assert r0["valid"] == r1["valid"] and sorted(r0["valid"]) == sorted(raw.splits["valid"].ids)
 
 
 # ---------------------------------------------------------------------------------------------

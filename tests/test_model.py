@@ -301,3 +301,29 @@ def test_bad_input_is_a_clear_value_error(cfg, mutate, field):
     host = {k: v.numpy() for k, v in model_inputs(b).items()}
     with pytest.raises(ValueError, match=field):
         check_inputs(host, cfg.model, personality_dim=m.personality_dim)
+
+
+def test_lstm_encoder_equals_the_reference_packed_lstm_values_and_gradients():
+    """RNNEncoder runs its LSTM over the padded batch; the reference packs the sequences. With valid-first frames
+    the outputs at valid frames, the zeros beyond each length, h_T and every gradient agree to float round-off."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(0)
+    enc = RNNEncoder(5, 8, 6)
+    B, T = 7, 40
+    lengths = torch.tensor([40, 1, 17, 33, 5, 40, 22])
+    x = torch.randn(B, T, 5) * (torch.arange(T)[None, :, None] < lengths[:, None, None])
+    h, seq = enc(x, lengths)
+    (h.pow(2).sum() + seq.pow(3).sum()).backward()
+    got = {k: p.grad.clone() for k, p in enc.named_parameters()}
+    enc.zero_grad()
+    packed = pack_padded_sequence(x.transpose(0, 1), lengths, enforce_sorted=False)
+    out, (h_n, _) = enc.rnn(packed)
+    ref_seq = pad_packed_sequence(out, total_length=T)[0].transpose(0, 1)
+    ref_h = enc.linear_1(h_n[-1])
+    (ref_h.pow(2).sum() + ref_seq.pow(3).sum()).backward()
+    torch.testing.assert_close(seq, ref_seq, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(h, ref_h, atol=1e-6, rtol=1e-5)
+    assert not seq[1, 1:].any() and not seq[4, 5:].any()  # zero beyond each length
+    for k, p in enc.named_parameters():
+        torch.testing.assert_close(got[k], p.grad, atol=1e-5, rtol=1e-4, msg=k)

@@ -177,6 +177,32 @@ def test_gradient_accumulation_steps_once_per_group_on_the_mean_gradient(cfg):
     assert any(not torch.allclose(a, b) for a, b in zip(model.parameters(), plain.parameters()))
 
 
+def test_the_optimizer_is_the_fused_adam_on_the_cpu_too(cfg):
+    """engine.build_optimizer: torch's fused Adam wherever it runs (CPU included), with the two learning rates."""
+    opt = engine.build_optimizer(_model(cfg), cfg.optim)
+    assert opt.defaults["fused"] is True
+    assert sorted(g["lr"] for g in opt.param_groups) == sorted([cfg.optim.lr_bert, cfg.optim.lr_main])
+
+
+def test_epoch_record_reports_the_padded_token_share_of_the_collated_batches(cfg):
+    """The collate's host-side `text_tokens` (real tokens, token positions) add up over ranks into the history's
+    `train_padded_token_frac`; batches without it (hand-made) leave the key out."""
+    batches = [_batch(cfg, B=4, seed=s, start=4 * s) for s in range(3)]
+    for b in batches:
+        b["text_tokens"] = (int(b["attention_mask"].sum()), b["attention_mask"].numel())
+    model = _model(cfg)
+    opt = engine.build_optimizer(model, cfg.optim)
+    st = engine.train_epoch(model, batches, opt, cfg)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    slots = sum(b["attention_mask"].numel() for b in batches)
+    assert (st.tokens, st.token_slots) == (real, slots) and real < slots
+    other = engine.EpochStats(n=4, time=1.0, tokens=10, token_slots=40)
+    rec = engine.epoch_record(0, st, [st, other], opt)
+    assert rec["train_padded_token_frac"] == pytest.approx(1 - (real + 10) / (slots + 40))
+    st2 = engine.train_epoch(model, [_batch(cfg, B=4, seed=9)], opt, cfg)
+    assert "train_padded_token_frac" not in engine.epoch_record(1, st2, [st2], opt)
+
+
 def test_fp16_steps_with_a_loss_scaler_whose_state_the_checkpoint_keeps(cfg, tmp_path):
     c = cfg.override(["optim.amp=fp16"])
     dtype = engine.resolve_amp(c.optim.amp, "cpu")
