@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         T = 375 if name == "audio" else 500
         lengths = torch.randint(T // 4, T + 1, (B,), generator=g)
         lengths[0] = T
-        x = torch.randn(B, T, enc.rnn.input_size, generator=g) * (torch.arange(T)[None, :, None] < lengths[:, None, None])
+        valid = torch.arange(T)[None, :, None] < lengths[:, None, None]
+        x = torch.randn(B, T, enc.rnn.input_size, generator=g) * valid
         with torch.no_grad():
             h_p, s_p = packed_forward(enc, x, lengths)
             h_d, s_d = enc(x, lengths)

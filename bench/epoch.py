@@ -20,8 +20,8 @@ which costs the training step the same.
     python bench/epoch.py --preset paper --device cuda --amp bf16 --batch-size 128              # on a GPU (gpu.sh)
 
 Modes: shuffle = `data.length_grouping=false`; grouped = the default (`length_grouping=true`, `length_noise=0.05`);
-noise0.1 = more jitter; strict = grouping without jitter. Synthetic MOSI (`psamf synth`, seeded), `psamf:tiny` tokenizer at MOSI's 50
-tokens, random initialisation, no downloads.
+noise0.1 = more jitter; strict = grouping without jitter. Synthetic MOSI (`psamf synth`, seeded), `psamf:tiny`
+tokenizer at MOSI's 50 tokens, random initialisation, no downloads.
 """
 
 from __future__ import annotations
@@ -82,9 +82,11 @@ def run_mode(mode: str, preset: str, uri: str, manifest: dict, batch_size: int |
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     slots = sum(b["attention_mask"].numel() for b in batches)
     widths = [int(b["input_ids"].shape[1]) for b in batches]
-    fl = sum(step_flops(cfg.model, len(b["label"]), int(b["input_ids"].shape[1]),
-                        round(float(b["audio_lengths"].float().mean())), round(float(b["visual_lengths"].float().mean())),
-                        precomputed_personality=True)["total"] for b in batches)
+    def mean_len(b: dict, key: str) -> int:
+        return round(float(b[key].float().mean()))
+
+    fl = sum(step_flops(cfg.model, len(b["label"]), int(b["input_ids"].shape[1]), mean_len(b, "audio_lengths"),
+                        mean_len(b, "visual_lengths"), precomputed_personality=True)["total"] for b in batches)
     fl_bare = sum(bare_bert_step_flops(cfg.model, len(b["label"]), int(b["input_ids"].shape[1])) for b in batches)
     dev = torch.device(device)
     amp_dtype = engine.resolve_amp(cfg.optim.amp, dev)
@@ -173,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| batches | padded tokens | mean width | widths | epoch (s) | bare BERT (s) | epoch / bare | samples/s | "
           "MFU | bare MFU |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {100 * r['padded_token_frac']:.1f} % | {r['mean_padded_width']} | {r['distinct_widths']} "
-              f"| {r['epoch_s']} | {r['bare_bert_s']} | {r['epoch_over_bare']} | {r['samples_per_s']} | "
-              f"{r['mfu']:.1%} | {r['bare_bert_mfu']:.1%} |")
+        print(f"| {r['mode']} | {100 * r['padded_token_frac']:.1f} % | {r['mean_padded_width']} "
+              f"| {r['distinct_widths']} | {r['epoch_s']} | {r['bare_bert_s']} | {r['epoch_over_bare']} "
+              f"| {r['samples_per_s']} | {r['mfu']:.1%} | {r['bare_bert_mfu']:.1%} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)

@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"Test metrics of the validation-selected epoch, mean ± population std over seeds {seeds} "
              f"({args.epochs} epochs, tiny preset); padded tokens = padded share of the sentiment BERT's token "
              "positions in training; epoch = training seconds per epoch after the first.", "",
-             "| batches | MAE | Corr | Acc-7 | Acc-2 (Non0) | padded tokens | epoch (s) |", "|---|---|---|---|---|---|---|"]
+             "| batches | MAE | Corr | Acc-7 | Acc-2 (Non0) | padded tokens | epoch (s) |",
+             "|---|---|---|---|---|---|---|"]
     for r, e in res["rows"].items():
         vals = list(e["per_seed"].values())
         cell = {k: mean_std([v["test"][k] for v in vals]) for k in METRICS}
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{ep[0]:.2f} ± {ep[1]:.2f} |")
     lines += ["", f"Paired difference to `{rows[0]}` (row − {rows[0]}, by seed; p of a paired t-test; flagged = "
               "every seed the same direction and |difference| beyond both rows' seed spread):", "",
-              "| batches | " + " | ".join(f"Δ{k}" for k in METRICS) + " | flagged |", "|" + "---|" * (len(METRICS) + 2)]
+              "| batches | " + " | ".join(f"Δ{k}" for k in METRICS) + " | flagged |",
+              "|" + "---|" * (len(METRICS) + 2)]
     for r, cs in comps.items():
         res["rows"][r]["vs_reference"] = {k: vars(c) for k, c in cs.items()}
         flags = [f"{c.flag}: {k}" for k, c in cs.items() if c.flag]

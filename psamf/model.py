@@ -163,8 +163,8 @@ class RNNEncoder(nn.Module):
     runs forwards, so the outputs at valid frames do not depend on the padding after them and equal the packed
     ones (to float round-off, 1e-7); the padded positions are zeroed, so no gradient flows from them. The packed
     form's per-time-step bookkeeping made it 4-5x slower on a CPU (forward + backward at batch 32 over MOSI's 375 /
-    500 frames: 0.13 / 0.21 s against 0.03 / 0.05 s; bench/components.py, docs/benchmarks.md). The reference's dropout is 0.0 with one
-    layer (ineffective flag, reference §6 item 18), so there is none here.
+    500 frames: 0.13 / 0.21 s against 0.03 / 0.05 s; bench/components.py, docs/benchmarks.md). The reference's
+    dropout is 0.0 with one layer (ineffective flag, reference §6 item 18), so there is none here.
     """
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int | None):
