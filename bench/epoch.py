@@ -61,9 +61,10 @@ def run_mode(mode: str, preset: str, uri: str, manifest: dict, batch_size: int |
 
     from psamf import data, engine
     from psamf.config import Config
-    from psamf.flops import bare_bert_step_flops, mfu, step_flops
+    from psamf.flops import mfu
     from psamf.model import build_model
     from step import BareBert  # bench/step.py
+    from train import batch_flops  # bench/train.py
 
     cfg = Config.from_preset(preset).override([
         f"data.uri={uri}", "data.tokenizer=psamf:tiny", "data.personality_tokenizer=psamf:tiny",
@@ -82,12 +83,8 @@ def run_mode(mode: str, preset: str, uri: str, manifest: dict, batch_size: int |
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     slots = sum(b["attention_mask"].numel() for b in batches)
     widths = [int(b["input_ids"].shape[1]) for b in batches]
-    def mean_len(b: dict, key: str) -> int:
-        return round(float(b[key].float().mean()))
-
-    fl = sum(step_flops(cfg.model, len(b["label"]), int(b["input_ids"].shape[1]), mean_len(b, "audio_lengths"),
-                        mean_len(b, "visual_lengths"), precomputed_personality=True)["total"] for b in batches)
-    fl_bare = sum(bare_bert_step_flops(cfg.model, len(b["label"]), int(b["input_ids"].shape[1])) for b in batches)
+    fl, fl_bare = (sum(x) for x in zip(*(batch_flops(cfg, b) for b in batches)))  # (PSA-MF, bare BERT) per batch
+    one_per_width = list({int(b["input_ids"].shape[1]): b for b in batches}.values())
     dev = torch.device(device)
     amp_dtype = engine.resolve_amp(cfg.optim.amp, dev)
     scaler = engine.make_scaler(amp_dtype, dev)
@@ -100,7 +97,7 @@ def run_mode(mode: str, preset: str, uri: str, manifest: dict, batch_size: int |
     model = build_model(cfg.model, with_personality_encoder=False).to(dev).train()
     opt = engine.build_optimizer(model, cfg.optim)
     # warm-up (allocator, kernels for every padded width the epoch has), not timed
-    for b in {int(b["input_ids"].shape[1]): b for b in batches}.values():
+    for b in one_per_width:
         engine.train_step(model, b, opt, cfg, device=dev, amp_dtype=amp_dtype, scaler=scaler)
     sync()
     st = engine.train_epoch(model, batches, opt, cfg, device=dev, amp_dtype=amp_dtype, scaler=scaler)
@@ -109,7 +106,7 @@ def run_mode(mode: str, preset: str, uri: str, manifest: dict, batch_size: int |
     del model, opt
 
     bare = BareBert(cfg, dev, amp_dtype)
-    for b in {int(b["input_ids"].shape[1]): b for b in batches}.values():
+    for b in one_per_width:
         bare.step(b)  # warm-up, as above
     sync()
     t0 = time.perf_counter()

@@ -60,20 +60,14 @@ def corpus(work: str, scale: float, signal: str) -> str:
     return out
 
 
-def run_stats(history: list[dict]) -> dict[str, float]:
-    """Padded token share (all epochs) and training seconds per epoch (epochs after the first: no start-up)."""
+def run_stats(history: list[dict], metrics: dict) -> dict[str, float]:
+    """Padded token share (all epochs), training seconds per epoch (epochs after the first: no start-up), the
+    selected epoch."""
     pad = [r["train_padded_token_frac"] for r in history if "train_padded_token_frac" in r]
     later = [r["time_train_s"] for r in history[1:]] or [r["time_train_s"] for r in history]
     return {"padded_token_frac": float(sum(pad) / len(pad)) if pad else math.nan,
             "epoch_train_s": float(sum(later) / len(later)), "epochs_run": len(history),
-            "best_epoch": None}
-
-
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    import numpy as np
-
-    a = np.asarray(xs, np.float64)
-    return float(a.mean()), float(a.std())
+            "best_epoch": metrics.get("selection", {}).get("selected_epoch")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from psamf.config import Config
+    from psamf.metrics import summarize_seeds
     from psamf.study import compare_to_reference, power_note
     from psamf.train import train
 
@@ -130,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             tr = train(cfg)
             test = {k: float(tr.metrics["test"][k]) for k in METRICS if tr.metrics["test"].get(k) is not None}
-            st = run_stats(tr.history)
-            st["best_epoch"] = tr.metrics.get("selection", {}).get("selected_epoch")
+            st = run_stats(tr.history, tr.metrics)
             res["rows"][r]["per_seed"][s] = {"test": test, **st, "wall_s": round(time.perf_counter() - t0, 1)}
             print(f"{r:8s} seed {s}: test MAE {test['mae']:.4f} Corr {test['corr']:.4f} padded tokens "
                   f"{100 * st['padded_token_frac']:.1f} % epoch {st['epoch_train_s']:.2f} s", flush=True)
@@ -146,9 +140,8 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|"]
     for r, e in res["rows"].items():
         vals = list(e["per_seed"].values())
-        cell = {k: mean_std([v["test"][k] for v in vals]) for k in METRICS}
-        pad = mean_std([v["padded_token_frac"] for v in vals])
-        ep = mean_std([v["epoch_train_s"] for v in vals])
+        cell = summarize_seeds([{k: v["test"][k] for k in METRICS} for v in vals])  # mean, population std
+        pad, ep = summarize_seeds([{"pad": v["padded_token_frac"], "ep": v["epoch_train_s"]} for v in vals]).values()
         e["summary"] = {**{k: {"mean": m, "std": sd} for k, (m, sd) in cell.items()},
                         "padded_token_frac": {"mean": pad[0], "std": pad[1]},
                         "epoch_train_s": {"mean": ep[0], "std": ep[1]}}
