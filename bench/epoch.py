@@ -2,11 +2,12 @@
 
 For each batching mode, the train split's batches for epoch 0 come from the real pipeline (`psamf.data.load_datasets`
 and `iter_batches` on an embedded local Ray, the run's DataConfig); they are collected first, so that the timings
-hold no data wait (that is measured in "Training throughput"), and one step per distinct padded width runs untimed
-first (allocator, kernel selection). Then:
+hold no data wait (that is measured in "Training throughput"). Then:
 
-    psamf      `psamf.engine.train_epoch` over the batches: the training loop's own path (forward, the four loss
-               terms, backward, clipping, Adam), timed as a whole
+    first pass `psamf.engine.train_epoch` over the batches with a fresh model: the training loop's own path (forward,
+               the four loss terms, backward, clipping, Adam) plus every shape's first-time cost (kernel selection,
+               allocator growth; with --compile, the compilations), as a worker session's first epoch pays it
+    psamf      the same again, timed as a whole: the steady epoch
     bare BERT  a plain HF BertModel of the sentiment BERT's geometry, forward + backward + Adam on each batch at its
                padded token width (bench/step.py's BareBert), summed over the batches
 
@@ -17,11 +18,13 @@ which costs the training step the same.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/epoch.py --preset paper --modes shuffle,grouped,noise0.1,strict --threads 2
     .venv/bin/python bench/epoch.py --preset tiny --scale 0.3                                   # a quick check
+    .venv/bin/python bench/epoch.py --preset tiny --modes grouped,buckets --compile             # torch.compile
     python bench/epoch.py --preset paper --device cuda --amp bf16 --batch-size 128              # on a GPU (gpu.sh)
 
 Modes: shuffle = `data.length_grouping=false`; grouped = the default (`length_grouping=true`, `length_noise=0.05`);
-noise0.1 = more jitter; strict = grouping without jitter. Synthetic MOSI (`psamf synth`, seeded), `psamf:tiny`
-tokenizer at MOSI's 50 tokens, random initialisation, no downloads.
+noise0.1 = more jitter; strict = grouping without jitter; buckets = grouped with token widths rounded up to 8 and frame
+counts to 32 (`data.token_pad_multiple`, `data.frame_pad_multiple`), so that an epoch has few distinct shapes.
+Synthetic MOSI (`psamf synth`, seeded), `psamf:tiny` tokenizer at MOSI's 50 tokens, random initialisation, no downloads.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ import psamf  # noqa: E402,F401  (before ray)
 
 MODES = {"shuffle": ["data.length_grouping=false"], "grouped": ["data.length_grouping=true", "data.length_noise=0.05"],
          "noise0.1": ["data.length_grouping=true", "data.length_noise=0.1"],
-         "strict": ["data.length_grouping=true", "data.length_noise=0.0"]}
+         "strict": ["data.length_grouping=true", "data.length_noise=0.0"],
+         "buckets": ["data.length_grouping=true", "data.length_noise=0.05", "data.token_pad_multiple=8",
+                     "data.frame_pad_multiple=32"]}
 
 
 def shards(work: str, scale: float) -> str:
@@ -56,7 +61,7 @@ def shards(work: str, scale: float) -> str:
 
 
 def run_mode(mode: str, preset: str, uri: str, manifest: dict, batch_size: int | None, peak: float,
-             max_batches: int | None, device: str = "cpu", amp: str = "off") -> dict:
+             max_batches: int | None, device: str = "cpu", amp: str = "off", compile_model: bool = False) -> dict:
     import torch
 
     from psamf import data, engine
@@ -69,6 +74,7 @@ def run_mode(mode: str, preset: str, uri: str, manifest: dict, batch_size: int |
     cfg = Config.from_preset(preset).override([
         f"data.uri={uri}", "data.tokenizer=psamf:tiny", "data.personality_tokenizer=psamf:tiny",
         "data.max_text_len=50", "data.dataset=mosi", f"optim.amp='{amp}'", *MODES[mode],
+        f"optim.compile={str(compile_model).lower()}",
         *([f"optim.batch_size={batch_size}"] if batch_size else [])])
     cfg.model.max_position_embeddings = max(cfg.model.max_position_embeddings, 50)
     bs = cfg.optim.batch_size
@@ -84,6 +90,7 @@ def run_mode(mode: str, preset: str, uri: str, manifest: dict, batch_size: int |
     slots = sum(b["attention_mask"].numel() for b in batches)
     widths = [int(b["input_ids"].shape[1]) for b in batches]
     fl, fl_bare = (sum(x) for x in zip(*(batch_flops(cfg, b) for b in batches)))  # (PSA-MF, bare BERT) per batch
+    shapes = {(int(b["input_ids"].shape[1]), int(b["audio"].shape[1]), int(b["visual"].shape[1])) for b in batches}
     one_per_width = list({int(b["input_ids"].shape[1]): b for b in batches}.values())
     dev = torch.device(device)
     amp_dtype = engine.resolve_amp(cfg.optim.amp, dev)
@@ -95,11 +102,17 @@ def run_mode(mode: str, preset: str, uri: str, manifest: dict, batch_size: int |
 
     torch.manual_seed(0)
     model = build_model(cfg.model, with_personality_encoder=False).to(dev).train()
+    engine.maybe_compile(model, cfg.optim)
     opt = engine.build_optimizer(model, cfg.optim)
-    # warm-up (allocator, kernels for every padded width the epoch has), not timed
-    for b in one_per_width:
-        engine.train_step(model, b, opt, cfg, device=dev, amp_dtype=amp_dtype, scaler=scaler)
+    if compile_model:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+    # first pass over the batches on a fresh model: every shape's first-time cost (kernel selection, allocator
+    # growth; with --compile the compilations), as a worker session's first epoch pays it. Then the timed pass.
     sync()
+    first = engine.train_epoch(model, batches, opt, cfg, device=dev, amp_dtype=amp_dtype, scaler=scaler)
+    sync()
+    graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) if compile_model else None
     st = engine.train_epoch(model, batches, opt, cfg, device=dev, amp_dtype=amp_dtype, scaler=scaler)
     sync()
     peak_mem = round(torch.cuda.max_memory_allocated() / 2**30, 3) if dev.type == "cuda" else None
@@ -118,6 +131,8 @@ def run_mode(mode: str, preset: str, uri: str, manifest: dict, batch_size: int |
         "mode": mode, "overrides": MODES[mode], "preset": preset, "batch_size": bs, "batches": len(batches),
         "samples": sum(len(b["label"]) for b in batches), "padded_token_frac": round(1 - real / slots, 4),
         "mean_padded_width": round(sum(widths) / len(widths), 2), "distinct_widths": len(set(widths)),
+        "distinct_shapes": len(shapes), "compile": compile_model, "compiled_graphs": graphs,
+        "first_pass_s": round(first.time, 2), "first_over_epoch": round(first.time / st.time, 3),
         "epoch_s": round(st.time, 2), "bare_bert_s": round(bare_s, 2), "epoch_over_bare": round(st.time / bare_s, 3),
         "samples_per_s": round(st.n / st.time, 2), "bare_bert_samples_per_s": round(st.n / bare_s, 2),
         "epoch_tflop": round(fl / 1e12, 3), "bare_bert_tflop": round(fl_bare / 1e12, 3),
@@ -138,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast (fp16 with loss scaling)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: psamf.flops.peak_tflops)")
+    p.add_argument("--compile", action="store_true", help="optim.compile: the first pass includes compiling")
     p.add_argument("--work", default="/tmp/psamf-bench-epoch")
     p.add_argument("--out", default=None, help="write the results as JSON")
     args = p.parse_args(argv)
@@ -160,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for mode in args.modes.split(","):
             r = run_mode(mode.strip(), args.preset, uri, manifest, args.batch_size, peak, args.max_batches,
-                         args.device, args.amp)
+                         args.device, args.amp, args.compile)
             rows.append(r)
             print(json.dumps(r), flush=True)
     finally:
@@ -169,12 +185,13 @@ def main(argv: list[str] | None = None) -> int:
             "torch_threads": torch.get_num_threads(), "peak_tflops": round(peak, 4), "peak_source": peak_src,
             "scale": args.scale}
     print(json.dumps(info))
-    print("| batches | padded tokens | mean width | widths | epoch (s) | bare BERT (s) | epoch / bare | samples/s | "
-          "MFU | bare MFU |\n|---|---|---|---|---|---|---|---|---|---|")
+    print("| batches | padded tokens | mean width | widths | shapes | first pass (s) | epoch (s) | bare BERT (s) | "
+          "epoch / bare | samples/s | MFU | bare MFU |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {100 * r['padded_token_frac']:.1f} % | {r['mean_padded_width']} "
-              f"| {r['distinct_widths']} | {r['epoch_s']} | {r['bare_bert_s']} | {r['epoch_over_bare']} "
-              f"| {r['samples_per_s']} | {r['mfu']:.1%} | {r['bare_bert_mfu']:.1%} |")
+              f"| {r['distinct_widths']} | {r['distinct_shapes']} | {r['first_pass_s']} | {r['epoch_s']} "
+              f"| {r['bare_bert_s']} | {r['epoch_over_bare']} | {r['samples_per_s']} | {r['mfu']:.1%} "
+              f"| {r['bare_bert_mfu']:.1%} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)

@@ -1,90 +1,135 @@
 #!/usr/bin/env bash
-# Every GPU measure of issue 11 in one prepared run (< 8 minutes on one H200), one JSON file per measure:
-#   step_<amp>_b<B>.json     PSA-MF train step (paper preset, MOSI shapes, precomputed CLS_p) at batch 32 and 128,
-#                            bf16 and fp16 with loss scaling: samples/s, step time, MFU, peak GPU memory, and the
-#                            bare-BERT limit (plain BertModel fwd + bwd + Adam at the same padded length) beside it
-#   step_compile_bf16_b128.json   the same with optim.compile (first_step_s includes compiling)
-#   profile_bf16_b128.json   where the step's time goes (bench/profile_step.py: phases, op families, host syncs)
-#   epoch_<amp>_b<B>.json    one epoch of MOSI-shaped batches from the real pipeline (bench/epoch.py), uniformly
+# Every GPU measure of issue 11 in one prepared run, one JSON file per measure, within a time budget (TOTAL
+# seconds, default 480: the stages run most important first, each under its own limit and the budget left; a stage
+# that fails or runs over is recorded as {"error": ...}, one that no longer fits as {"skipped": ...}):
+#   step_bf16_b128.json      PSA-MF train step (paper preset, MOSI shapes, precomputed CLS_p), bf16, batch 128:
+#                            samples/s, step time, MFU, peak GPU memory, and the bare-BERT limit (plain BertModel
+#                            fwd + bwd + Adam at the same padded length) beside it. Also b32, and fp16 with loss
+#                            scaling (step_fp16_b128.json, step_fp16_b32.json, step_bf16_b32.json)
+#   pipeline.json            the whole pipeline through Ray Train (bench/gpu_pipeline.sh: MOSI x4, batch 128, 3
+#                            epochs): first and steady epoch time, samples/s, data-wait fraction per epoch; and
+#                            pipeline_buckets.json, the same shards trained with shape buckets (token widths to 8,
+#                            frame counts to 32); raw files in pipeline/
+#   epoch_bf16_b128.json     one epoch of MOSI-shaped batches from the real pipeline (bench/epoch.py), uniformly
 #                            shuffled vs length-grouped (the default): padded-token share, epoch time, the bare-BERT
 #                            limit summed over the same batches, MFU
-#   pipeline.json            the whole pipeline through Ray Train (bench/gpu_pipeline.sh, batch 32): first and
-#                            steady epoch time, samples/s, data-wait fraction per epoch; its raw files in pipeline/
+#   profile_bf16_b128.json   where the step's time goes (bench/profile_step.py: phases, op families, host syncs)
+#   step_compile_bf16_b128.json   the step with optim.compile (first_step_s includes compiling)
 #   summary.json             all of the above in one list
 #
 #   bench/gpu.sh OUTDIR                 # on a GPU machine (default OUTDIR: $OUT, else ./gpu-bench)
 #   DEVICE=cpu bench/gpu.sh /tmp/dry    # dry run on a CPU: tiny preset, tiny sizes, amp off, same files
-# Each stage has its own time limit (a stage that runs over is recorded as {"error": ...} and the rest go on).
 set -uo pipefail
 OUTDIR=${1:-${OUT:-./gpu-bench}}
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
+TOTAL=${TOTAL:-480}
 HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$OUTDIR"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+BUCKETS="buckets:data.token_pad_multiple=8,data.frame_pad_multiple=32"
 if [ "$DEVICE" = cpu ]; then
-  PRESET=tiny; BATCHES="4"; AMPS="off"; STEPS=2; WARMUP=1; FRAMES=(--audio-frames 40 --visual-frames 50)
-  T_STEP=240; T_COMPILE=5; PIPE=(PRESET=tiny SCALE=0.1 EPOCHS=2 BATCH=8 USE_GPU=false RESUME=0); T_PIPE=420
-  EPOCH_SCALE=0.1; T_EPOCH=240
+  PRESET=tiny; BIG=4; SMALL=2; AMP1=off; AMP2=""; STEPS=2; WARMUP=1; FRAMES=(--audio-frames 40 --visual-frames 50)
+  T_STEP=240; PIPE=(PRESET=tiny SCALE=0.1 EPOCHS=2 BATCH=8 USE_GPU=false RESUME=0 EVAL=0 VARIANTS="$BUCKETS")
+  T_PIPE=420; EPOCH_SCALE=0.1; T_EPOCH=240; TOTAL=${TOTAL_CPU:-1500}
 else
-  PRESET=paper; BATCHES="32 128"; AMPS="bf16 fp16"; STEPS=20; WARMUP=3; FRAMES=()
-  T_STEP=90; T_COMPILE=150; PIPE=(PRESET=paper SCALE=1 EPOCHS=3 BATCH=32 USE_GPU=true RESUME=0); T_PIPE=240
-  EPOCH_SCALE=1; T_EPOCH=120
+  PRESET=paper; BIG=128; SMALL=32; AMP1=bf16; AMP2=fp16; STEPS=20; WARMUP=3; FRAMES=()
+  T_STEP=75; T_COMPILE=150; PIPE=(PRESET=paper SCALE=4 EPOCHS=3 BATCH=128 USE_GPU=true RESUME=0 EVAL=0
+                                 VARIANTS="$BUCKETS" VARIANT_EPOCHS=2)
+  T_PIPE=240; EPOCH_SCALE=1; T_EPOCH=120
 fi
-stamp() { echo "=== $(date +%T) $*"; }
+T0=$(date +%s)
+stamp() { echo "=== $(date +%T) (+$(( $(date +%s) - T0 )) s) $*"; }
 fail_json() { printf '{"error": "%s failed or ran over its time limit (rc %s): see the log", "rc": %s}\n' "$2" "$3" "$3" > "$1"; }
+# limit NAME SECONDS: the stage's limit, cut to the budget left; prints 0 (and records the skip) when < 30 s are left
+limit() {
+  local left=$(( TOTAL - ($(date +%s) - T0) )) want=$2
+  if [ "$left" -lt 30 ]; then
+    printf '{"skipped": "bench/gpu.sh time budget (TOTAL=%s s) spent before this stage"}\n' "$TOTAL" > "$OUTDIR/$1.json"
+    echo 0; return
+  fi
+  echo $(( want < left ? want : left ))
+}
 
 # one step measure -> one JSON (bench/step.py prints one JSON line per run, appended to --out)
 step() {  # step NAME TIMEOUT ARGS...
-  local name=$1 limit=$2; shift 2
-  stamp "$name"
+  local name=$1 lim; lim=$(limit "$1" "$2"); shift 2
+  [ "$lim" -gt 0 ] || return 0
+  stamp "$name (limit $lim s)"
   rm -f "$OUTDIR/$name.jsonl"
-  timeout "$limit" $PY "$HERE/step.py" --preset "$PRESET" --device "$DEVICE" --only precomputed \
+  timeout "$lim" $PY "$HERE/step.py" --preset "$PRESET" --device "$DEVICE" --only precomputed \
       --steps "$STEPS" --warmup "$WARMUP" "${FRAMES[@]}" --out "$OUTDIR/$name.jsonl" "$@"
   local rc=$?
   if [ $rc -eq 0 ]; then mv "$OUTDIR/$name.jsonl" "$OUTDIR/$name.json"; else fail_json "$OUTDIR/$name.json" "$name" $rc; fi
 }
 
-for B in $BATCHES; do
-  for AMP in $AMPS; do step "step_${AMP}_b${B}" "$T_STEP" --batch-size "$B" --amp "$AMP"; done
-done
-if [ "$DEVICE" != cpu ]; then
-  step step_compile_bf16_b128 "$T_COMPILE" --batch-size 128 --amp bf16 --compile --no-bare-bert
+pipeline() {
+  local lim; lim=$(limit pipeline "$T_PIPE")
+  [ "$lim" -gt 0 ] || return 0
+  stamp "pipeline through Ray Train (limit $lim s)"
+  mkdir -p "$OUTDIR/pipeline"
+  if env "${PIPE[@]}" PY="$PY" timeout "$lim" bash "$HERE/gpu_pipeline.sh" "$OUTDIR/pipeline"; then :; else
+    fail_json "$OUTDIR/pipeline.json" pipeline $?
+  fi
+  # per-epoch figures of every run that finished: history.json -> pipeline.json, history_<v>.json -> pipeline_<v>.json
+  $PY - "$OUTDIR" <<'PYEOF'
+import glob, json, os, sys
+d = sys.argv[1]
+for path in sorted(glob.glob(os.path.join(d, "pipeline", "history*.json"))):
+    variant = os.path.basename(path)[len("history"):-len(".json")]
+    recs = json.load(open(path))
+    recs = recs if isinstance(recs, list) else recs.get("history", [])
+    keys = ("epoch", "time_train_s", "time_eval_s", "time_setup_s", "samples_per_s_per_worker", "data_wait_frac",
+            "train_samples", "train_padded_token_frac")
+    epochs = [{k: r.get(k) for k in keys} for r in recs]
+    steady = [e["time_train_s"] for e in epochs[1:] if e["time_train_s"]]
+    out = {"epochs": epochs, "first_epoch_s": epochs[0]["time_train_s"] if epochs else None,
+           "steady_epoch_s": sum(steady) / len(steady) if steady else None}
+    rates = [e["samples_per_s_per_worker"] for e in epochs[1:] if e["samples_per_s_per_worker"]]
+    out["steady_samples_per_s"] = sum(rates) / len(rates) if rates else None
+    if out["first_epoch_s"] and out["steady_epoch_s"]:
+        out["first_over_steady"] = out["first_epoch_s"] / out["steady_epoch_s"]
+    if epochs and epochs[0]["time_setup_s"] is not None:  # the worker's set-up overlaps its first pass's start-up
+        out["setup_s"] = epochs[0]["time_setup_s"]
+    dst = os.path.join(d, f"pipeline{variant}.json")
+    with open(dst + ".tmp", "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(dst + ".tmp", dst)
+PYEOF
+}
+
+epoch() {
+  local lim; lim=$(limit "epoch_${AMP1}_b${BIG}" "$T_EPOCH")
+  [ "$lim" -gt 0 ] || return 0
+  stamp "epoch: shuffled vs length-grouped batches (limit $lim s)"
+  timeout "$lim" $PY "$HERE/epoch.py" --preset "$PRESET" --device "$DEVICE" --amp "$AMP1" \
+      --batch-size "$BIG" --modes shuffle,grouped --scale "$EPOCH_SCALE" --work "$OUTDIR/epoch-data" \
+      --out "$OUTDIR/epoch_${AMP1}_b${BIG}.json" \
+    || fail_json "$OUTDIR/epoch_${AMP1}_b${BIG}.json" epoch $?
+  rm -rf "$OUTDIR/epoch-data"
+}
+
+profile() {
+  local lim; lim=$(limit "profile_${AMP1}_b${BIG}" "$T_STEP")
+  [ "$lim" -gt 0 ] || return 0
+  stamp "profile (limit $lim s)"
+  timeout "$lim" $PY "$HERE/profile_step.py" --preset "$PRESET" --device "$DEVICE" --amp "$AMP1" \
+      --batch-size "$BIG" --steps 2 "${FRAMES[@]}" --out "$OUTDIR/profile_${AMP1}_b${BIG}.json" \
+    || fail_json "$OUTDIR/profile_${AMP1}_b${BIG}.json" profile $?
+}
+
+# most important first: the 4,000 samples/s target, the Ray Train targets, the padding, then the rest
+step "step_${AMP1}_b${BIG}" "$T_STEP" --batch-size "$BIG" --amp "$AMP1"
+pipeline
+epoch
+step "step_${AMP1}_b${SMALL}" "$T_STEP" --batch-size "$SMALL" --amp "$AMP1"
+if [ -n "$AMP2" ]; then
+  step "step_${AMP2}_b${BIG}" "$T_STEP" --batch-size "$BIG" --amp "$AMP2"
 fi
-
-B_LAST=${BATCHES##* }; AMP_FIRST=${AMPS%% *}
-stamp "profile"
-timeout "$T_STEP" $PY "$HERE/profile_step.py" --preset "$PRESET" --device "$DEVICE" --amp "$AMP_FIRST" \
-    --batch-size "$B_LAST" --steps 2 "${FRAMES[@]}" --out "$OUTDIR/profile_${AMP_FIRST}_b${B_LAST}.json" \
-  || fail_json "$OUTDIR/profile_${AMP_FIRST}_b${B_LAST}.json" profile $?
-
-stamp "epoch: shuffled vs length-grouped batches"
-timeout "$T_EPOCH" $PY "$HERE/epoch.py" --preset "$PRESET" --device "$DEVICE" --amp "$AMP_FIRST" \
-    --batch-size "$B_LAST" --modes shuffle,grouped --scale "$EPOCH_SCALE" --work "$OUTDIR/epoch-data" \
-    --out "$OUTDIR/epoch_${AMP_FIRST}_b${B_LAST}.json" \
-  || fail_json "$OUTDIR/epoch_${AMP_FIRST}_b${B_LAST}.json" epoch $?
-rm -rf "$OUTDIR/epoch-data"
-
-stamp "pipeline through Ray Train"
-mkdir -p "$OUTDIR/pipeline"
-if env "${PIPE[@]}" PY="$PY" timeout "$T_PIPE" bash "$HERE/gpu_pipeline.sh" "$OUTDIR/pipeline"; then
-  $PY - "$OUTDIR/pipeline/history.json" "$OUTDIR/pipeline.json" <<'EOF'
-import json, os, sys
-hist = json.load(open(sys.argv[1]))
-recs = hist if isinstance(hist, list) else hist.get("history", hist.get("epochs", []))
-epochs = [{k: r.get(k) for k in ("epoch", "time_train_s", "samples_per_s_per_worker", "data_wait_frac",
-                                 "train_samples")} for r in recs]
-steady = [e["time_train_s"] for e in epochs[1:] if e["time_train_s"]]
-out = {"epochs": epochs, "first_epoch_s": epochs[0]["time_train_s"] if epochs else None,
-       "steady_epoch_s": sum(steady) / len(steady) if steady else None}
-if out["first_epoch_s"] and out["steady_epoch_s"]:
-    out["first_over_steady"] = out["first_epoch_s"] / out["steady_epoch_s"]
-with open(sys.argv[2] + ".tmp", "w") as f:
-    json.dump(out, f, indent=1)
-os.replace(sys.argv[2] + ".tmp", sys.argv[2])
-EOF
-else
-  fail_json "$OUTDIR/pipeline.json" pipeline $?
+profile
+if [ "$DEVICE" != cpu ]; then
+  step "step_compile_${AMP1}_b${BIG}" "$T_COMPILE" --batch-size "$BIG" --amp "$AMP1" --compile --no-bare-bert
+  step "step_${AMP2}_b${SMALL}" "$T_STEP" --batch-size "$SMALL" --amp "$AMP2"
 fi
 
 $PY - "$OUTDIR" <<'EOF'
@@ -100,10 +145,13 @@ with open(os.path.join(d, "summary.json"), "w") as f:
     json.dump(rows, f, indent=1)
 for r in rows:
     keys = ("samples_per_s", "step_s", "mfu", "bare_bert_samples_per_s", "step_over_bare_bert", "peak_gpu_mem_gib",
-            "first_step_s", "first_epoch_s", "steady_epoch_s", "first_over_steady", "step_s", "error")
+            "first_step_s", "setup_s", "first_epoch_s", "steady_epoch_s", "first_over_steady", "steady_samples_per_s",
+            "error",
+            "skipped")
     print(r["file"], {k: r[k] for k in keys if k in r})
     for row in r.get("rows", []):  # epoch.json: one row per batching mode
-        print("  ", row["mode"], {k: row[k] for k in ("padded_token_frac", "epoch_s", "bare_bert_s", "epoch_over_bare",
-                                                      "samples_per_s", "mfu") if k in row})
+        print("  ", row["mode"], {k: row[k] for k in ("padded_token_frac", "distinct_shapes", "first_pass_s", "epoch_s",
+                                                      "bare_bert_s", "epoch_over_bare", "samples_per_s", "mfu")
+                                   if k in row})
 EOF
 stamp done

@@ -5,12 +5,19 @@
 #   the selected checkpoint with 1 Ray Train GPU worker and in-process, and compare.
 # Writes metrics.json, history.json (per-epoch samples/s, data wait), eval_*.json and gpu.txt to OUTDIR.
 #
+# VARIANTS: more training runs on the same shards after the main one, each a fresh run name, VARIANT_EPOCHS epochs,
+# its history in history_<name>.json: "name:override,override name2:override" (e.g. shape buckets).
+#
 #   bench/gpu_pipeline.sh OUTDIR                    # paper preset, full MOSI size, 3 + 1 epochs, batch 32
 #   PRESET=tiny SCALE=0.2 EPOCHS=1 USE_GPU=false bench/gpu_pipeline.sh /tmp/out   # dry run on a CPU machine
+#   BATCH=128 SCALE=4 RESUME=0 EVAL=0 VARIANTS="buckets:data.token_pad_multiple=8,data.frame_pad_multiple=32" \
+#       bench/gpu_pipeline.sh OUTDIR              # what bench/gpu.sh runs
 set -euo pipefail
 OUTDIR=${1:?usage: bench/gpu_pipeline.sh OUTDIR}
 PRESET=${PRESET:-paper}; SCALE=${SCALE:-1}; EPOCHS=${EPOCHS:-3}; BATCH=${BATCH:-32}; USE_GPU=${USE_GPU:-true}
 RESUME=${RESUME:-1}  # 0: skip the resume step
+EVAL=${EVAL:-1}  # 0: skip evaluating the selected checkpoint
+VARIANTS=${VARIANTS:-}; VARIANT_EPOCHS=${VARIANT_EPOCHS:-2}
 PY=${PY:-python3}
 W=$(mktemp -d)
 mkdir -p "$OUTDIR"
@@ -37,8 +44,16 @@ if [ "$RESUME" = 1 ]; then
   $PY -m psamf.cli train "${common[@]}" "optim.epochs=$((EPOCHS + 1))"
 fi
 cp "$W/runs/gpu/metrics.json" "$W/runs/gpu/history.json" "$OUTDIR/"
-stamp "evaluate the selected checkpoint: in-process, then one Ray Train worker"
-$PY -m psamf.cli evaluate "$W/runs/gpu" --num-workers 0 --out "$OUTDIR/eval_inproc.json"
-$PY -m psamf.cli evaluate "$W/runs/gpu" --num-workers 1 --out "$OUTDIR/eval_ray.json" "run.use_gpu=$USE_GPU"
+for v in $VARIANTS; do
+  name=${v%%:*}; IFS=, read -r -a extra <<< "${v#*:}"
+  stamp "variant $name: ${extra[*]}"
+  $PY -m psamf.cli train "${common[@]/run.name=gpu/run.name=gpu-$name}" "optim.epochs=$VARIANT_EPOCHS" "${extra[@]}"
+  cp "$W/runs/gpu-$name/history.json" "$OUTDIR/history_$name.json"
+done
+if [ "$EVAL" = 1 ]; then
+  stamp "evaluate the selected checkpoint: in-process, then one Ray Train worker"
+  $PY -m psamf.cli evaluate "$W/runs/gpu" --num-workers 0 --out "$OUTDIR/eval_inproc.json"
+  $PY -m psamf.cli evaluate "$W/runs/gpu" --num-workers 1 --out "$OUTDIR/eval_ray.json" "run.use_gpu=$USE_GPU"
+fi
 stamp done
 rm -rf "$W"

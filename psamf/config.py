@@ -197,8 +197,8 @@ class OptimConfig:
     # reference's 128 on 4 workers is batch_size=32 (x 4 workers) or batch_size=16 with grad_accum=2 on 4 workers
     # of half the memory
     grad_accum: int = 1
-    # torch.compile the model (nn.Module.compile: state_dict names unchanged). Off by default: compiling costs
-    # minutes per process and new shapes recompile (data.*_pad_multiple keeps them few); see docs/benchmarks.md
+    # torch.compile the BERT layers (engine.maybe_compile; state_dict names unchanged). Off by default: compiling
+    # costs a minute or more per worker process and gained nothing on the CPU; see docs/benchmarks.md, "torch.compile"
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -243,9 +243,9 @@ class DataConfig:
     materialize: bool = True  # read each split into the object store once: later epochs skip Parquet (docs/benchmarks.md)
     # Pad each batch's token width (to a multiple of this, at most max_text_len) and frame count (to a multiple of
     # this) beyond the batch's longest, so that a run sees a handful of shapes: kernels are chosen (and
-    # torch.compile traces) once per shape. Padding is masked, so one forward's predictions do not change (within
+    # torch.compile specialises) once per shape. Padding is masked, so one forward's predictions do not change (within
     # 1e-5), but round-off compounds over training (the pinned demo's metrics move), so the default is off (1 =
-    # the batch's longest); 8 / 32 are the suggested values on a GPU, especially with optim.compile.
+    # the batch's longest); 8 / 32 are the suggested values on a GPU.
     token_pad_multiple: int = 1
     frame_pad_multiple: int = 1
 

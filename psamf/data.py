@@ -6,6 +6,7 @@
     read_shards(paths, fs, shuffle)      read_parquet with Ray's footer-reader pool sized to the shard list
     split_config()                       ray.train.DataConfig(datasets_to_split=["train"]) for the TorchTrainer
     iter_batches(shard, data_cfg, B, epoch=, train=)   the batches a training / evaluation loop consumes
+    StartedEarly(batches)                fetches the first batch in a thread now (pipeline start-up behind setup)
     PadCollate                           ArrowBatchCollateFn: one Arrow batch -> dict of padded tensors
 
 Where each step runs (docs/ray-operations.md): tokenisation (both tokenizers), id checks and the
@@ -46,7 +47,8 @@ Batches (`iter_batches`) are dicts (B = rows, L_b / L_pb = the batch's longest t
 tokenizer rounded up to `data.token_pad_multiple` (at most max_text_len), T_a / T_v = the batch's longest
 audio / visual sequence rounded up to `data.frame_pad_multiple`; both 1 by default. With buckets a run sees a
 handful of shapes, and since every pad position is masked one forward's predictions do not depend on them). On a GPU the tensors are moved to
-the device except `audio_lengths` / `visual_lengths`, which the model needs on the host (LSTM packing):
+the device except `audio_lengths` / `visual_lengths`, which the model reads on the host (the batch's longest
+frame count; `psamf.model.HOST_INPUT_KEYS`):
 
     input_ids, attention_mask, token_type_ids          (B, L_b)  int64
     p_input_ids, p_attention_mask, p_token_type_ids    (B, L_pb) int64
@@ -103,6 +105,7 @@ __all__ = [
     "split_config",
     "PadCollate",
     "iter_batches",
+    "StartedEarly",
     "train_columns",
     "padding_stats",
 ]
@@ -486,6 +489,53 @@ def iter_batches(ds_or_shard: "ray.data.Dataset | ray.data.DataIterator", data_c
             if dev.type != "cpu":
                 b = move_to_device(b, dev)
             yield b
+
+
+class StartedEarly:
+    """Iterate `batches` (an `iter_batches` generator) with its first item fetched in a background thread that
+    starts now, so that the pipeline's start-up overlaps whatever the caller does before iterating.
+
+    A Train worker's first pass pays for Ray Data's start-up: the streaming-split coordinator's first epoch (a
+    barrier across the ranks), the executor, the stats actor, the first window of rows and its collate. That is
+    seconds per worker session (docs/benchmarks.md, "The first epoch of a worker session"), while the worker
+    builds the model, restores a checkpoint and wraps it for DDP; and 0.1-0.3 s for every later pass, while the
+    worker validates the previous epoch. The first `next()` waits for the thread (that
+    wait is data wait, as it would have been); after it the same generator continues in the caller's thread, so
+    the thread never runs concurrently with the consumer. An exception raised while fetching is raised by the
+    first `next()`. `close()` (or the end of iteration) finishes the generator; call it when the batches will
+    not be consumed."""
+
+    def __init__(self, batches: Iterator[Any]) -> None:
+        import threading
+
+        self._it = iter(batches)
+        self._first: list[Any] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fetch, name="psamf-first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first.append(next(self._it))
+        except StopIteration:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer's thread
+            self._error = e
+
+    def __iter__(self) -> Iterator[Any]:
+        self._thread.join()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        if self._first:
+            yield self._first.pop()
+            yield from self._it
+
+    def close(self) -> None:
+        self._thread.join()
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
 
 
 # ---------------------------------------------------------------------------------------------

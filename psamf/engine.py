@@ -324,11 +324,22 @@ def selectable_metrics(dataset: str) -> list[str]:
 
 
 def maybe_compile(model: nn.Module, optim: OptimConfig) -> nn.Module:
-    """`torch.compile` the model in place when `optim.compile` (nn.Module.compile: the module, its parameters and
-    state_dict names stay the same, so checkpoints, DDP and `param_groups` are unaffected). Compilation happens
-    lazily, at the first forward of each new shape. Returns the model."""
+    """With `optim.compile`, `torch.compile` every BERT layer of the model in place (the sentiment BERT's text layers,
+    the multimodal layers, the personality BERT's): `nn.Module.compile`, so modules, parameters and state_dict names
+    stay the same, and checkpoints, DDP and `param_groups` are unaffected. Compilation happens lazily, at a layer's
+    first forward; the second distinct sequence length compiles a dynamic-shape version that later lengths reuse.
+    Returns the model.
+
+    The BERT layers are where the matrix work is (99 % of a paper step's FLOPs). The whole model is not compiled: in
+    torch 2.13, compiled with the varying frame counts of real batches, its backward fails a stride assertion in the
+    cross-modal attention ("expected size 32==32, stride 7056==8000") after the switch to dynamic shapes, with or
+    without `dynamic=True` and shape buckets (docs/benchmarks.md, "torch.compile")."""
     if optim.compile:
-        model.compile()
+        from transformers.models.bert.modeling_bert import BertLayer
+
+        for m in model.modules():
+            if isinstance(m, BertLayer):
+                m.compile()
     return model
 
 

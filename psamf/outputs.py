@@ -67,7 +67,8 @@ def _tb_tag(key: str) -> str | None:
         return f"val/{name}"
     if key.startswith("lr_"):
         return f"lr/{key[len('lr_'):]}"
-    if key in ("samples_per_s_per_worker", "data_wait_frac", "time_train_s", "time_eval_s", "grad_norm"):
+    if key in ("samples_per_s_per_worker", "data_wait_frac", "time_train_s", "time_eval_s", "time_setup_s",
+               "grad_norm"):
         return f"perf/{key}"
     return None
 

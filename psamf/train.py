@@ -21,6 +21,10 @@ Resume: every epoch rank 0 writes a checkpoint and every rank reports (a collect
 `ray.train.get_checkpoint()`; Ray Train local mode (`run.num_workers=0`) persists and restores through
 `psamf.checkpoint.LocalCheckpoints` instead. An early-stopped or finished run re-run with the same config trains
 no further epoch and re-evaluates the selected checkpoint (same numbers); raise `optim.epochs` to continue it.
+
+Data start-up off the epochs: a worker starts its first training pass in a thread (`psamf.data.StartedEarly`)
+before it builds the model (the resume epoch comes from the latest checkpoint's meta.json), and every later pass
+once all ranks have finished the previous one, during its validation and checkpoint.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from psamf import runtime
 from psamf.checkpoint import (CHECKPOINT_DIR, CheckpointError, LocalCheckpoints, load_model_weights, open_checkpoint,
                               repair_run, save_checkpoint, verify_checkpoint)
 from psamf.config import Config, ConfigError
-from psamf.data import iter_batches, load_datasets, split_config
+from psamf.data import StartedEarly, iter_batches, load_datasets, split_config
 from psamf.engine import (EvalOutput, Selector, all_gather, build_optimizer, build_scheduler, epoch_record,
                           make_scaler, maybe_compile,
                           eval_metrics, eval_partition, evaluate, gather_eval, resolve_amp, rng_state,
@@ -144,11 +148,23 @@ class _Resumed:
     state: dict | None = None  # train_state.pt
 
 
-def _restore(store: Any, model: torch.nn.Module, selector: Selector) -> _Resumed:
-    """Load the latest checkpoint's weights and selection state, if any (before DDP wraps the model)."""
+def _next_epoch_hint(ckpt: Any) -> int:
+    """The epoch a run resumes at from `ckpt` (a Ray `Checkpoint` or None), read from its small meta.json without
+    downloading the rest; 0 without a checkpoint, -1 when meta.json cannot be read (`_restore` then reports the
+    damage). Lets a worker start its first pass before the model exists (`psamf.data.StartedEarly`)."""
+    if ckpt is None:
+        return 0
+    try:
+        with ckpt.filesystem.open_input_stream(f"{ckpt.path.rstrip('/')}/meta.json") as f:
+            return int(json.loads(f.read())["epoch"]) + 1
+    except Exception:  # noqa: BLE001 - a hint only
+        return -1
+
+
+def _restore(ckpt: Any, model: torch.nn.Module, selector: Selector) -> _Resumed:
+    """Load checkpoint `ckpt`'s weights and selection state, if any (before DDP wraps the model)."""
     import pyarrow.fs as pafs
 
-    ckpt = store.latest()
     if ckpt is None:
         return _Resumed(history=[])
     with open_checkpoint(ckpt) as d:
@@ -262,13 +278,26 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
     if cfg.run.num_workers > 0:  # local mode runs in the driver, whose logging is the command's business
         configure_worker_logging()
 
-    seed_everything(cfg.optim.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
-    raw = build_model(cfg.model)
     selector = Selector(cfg.optim.select_metric, cfg.optim.select_mode, cfg.optim.early_stop_patience)
     store = (_LocalModeCheckpoints(loop_config["storage"], cfg.run.name, cfg.run.keep_checkpoints, selector)
              if cfg.run.num_workers == 0 else RayCheckpoints())
-    res = _restore(store, raw, selector)
+    latest = store.latest()
+    train_shard = ray.train.get_dataset_shard("train")
+    # The first pass starts now, in a thread, and its pipeline start-up (seconds) overlaps the model's build,
+    # restore and DDP wrap below; each later pass starts during the previous epoch's validation (docs/benchmarks.md,
+    # "The first epoch of a worker session").
+    first = _next_epoch_hint(latest)
+    early = (StartedEarly(iter_batches(train_shard, cfg.data, cfg.optim.batch_size, epoch=first, train=True))
+             if 0 <= first < cfg.optim.epochs else None)
+
+    seed_everything(cfg.optim.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
+    raw = build_model(cfg.model)
+    res = _restore(latest, raw, selector)
     history = res.history
+    if early is not None and first != res.start_epoch:  # meta.json and train_state.pt disagree: start afresh
+        log.warning("checkpoint meta.json says epoch %d, train_state.pt %d", first - 1, res.start_epoch - 1)
+        early.close()
+        early = None
     maybe_compile(raw, cfg.optim)  # after the restore; in place, so `raw` (evaluation) is the compiled module too
     model = ray.train.torch.prepare_model(raw)
     optimizer = build_optimizer(model, cfg.optim)
@@ -277,7 +306,6 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
     if rank == 0 and res.resumed_from is not None:
         log.info("resumed %s from epoch %d (session %d)", cfg.run.name, res.resumed_from, res.session)
 
-    train_shard = ray.train.get_dataset_shard("train")
     final_splits = tuple(loop_config.get("final_splits") or ("valid", "test"))
     eval_shards = {s: ray.train.get_dataset_shard(s) for s in dict.fromkeys(("valid", *final_splits))}
     keep = None if world == 1 else eval_partition(rank, world)
@@ -291,22 +319,30 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
                                f"{counts[split]}: samples were dropped")
         return out
 
+    t_setup = time.perf_counter() - t_fn
     if rank == 0:
         log.info("worker setup (model, optimizer, resume) took %.1f s; training epochs %d..%d",
-                 time.perf_counter() - t_fn, res.start_epoch, cfg.optim.epochs - 1)
+                 t_setup, res.start_epoch, cfg.optim.epochs - 1)
     for epoch in range(res.start_epoch, cfg.optim.epochs):
         if selector.should_stop:
             break
-        batches = iter_batches(train_shard, cfg.data, cfg.optim.batch_size, epoch=epoch, train=True)
+        if early is not None and epoch == first:
+            batches, early = early, None
+        else:
+            batches = iter_batches(train_shard, cfg.data, cfg.optim.batch_size, epoch=epoch, train=True)
         mine = train_epoch(model, batches, optimizer, cfg, device=device, amp_dtype=amp_dtype, scaler=scaler,
                            after_first_step=_fault_hook(loop_config.get("fault"), rank, epoch),
                            where=f"epoch {epoch}, rank {rank}, ",
                            on_step=_step_progress(progress, epoch, counts.get("train"), cfg.optim.batch_size, world))
-        rec = epoch_record(epoch, mine, all_gather(mine), optimizer)
+        rec = epoch_record(epoch, mine, all_gather(mine), optimizer)  # every rank has finished its pass
+        if epoch + 1 < cfg.optim.epochs:  # the next pass starts during validation and checkpointing
+            first = epoch + 1
+            early = StartedEarly(iter_batches(train_shard, cfg.data, cfg.optim.batch_size, epoch=first, train=True))
         t_eval = time.perf_counter()
         rec.update(eval_metrics(run_eval("valid"), cfg.data.dataset, "val_"))
         rec["time_eval_s"] = time.perf_counter() - t_eval
-        rec.update({"world_size": world, "session": res.session, "resumed_from": res.resumed_from})
+        rec.update({"world_size": world, "session": res.session, "resumed_from": res.resumed_from,
+                    "time_setup_s": t_setup})  # this session's worker set-up before its first epoch (this rank)
         scheduler.step(rec["val_loss"])
         rec["is_best"] = selector.update(epoch, rec[cfg.optim.select_metric])
         rec["best_epoch"] = selector.best_epoch
@@ -321,6 +357,8 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
             if selector.should_stop:
                 log.info("early stop after epoch %d: no strict improvement of %s for %d epochs (best epoch %s)",
                          epoch, selector.metric, selector.bad_epochs, selector.best_epoch)
+    if early is not None:  # stopped early (in this session or an earlier one): the pass started is not needed
+        early.close()
     if selector.best_epoch is None:
         raise RuntimeError("no epoch was trained (optim.epochs reached before any epoch?)")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from psamf.config import DataConfig
-from psamf.data import PadCollate, _WindowCollate, padding_stats
+from psamf.data import PadCollate, StartedEarly, _WindowCollate, padding_stats
 from psamf.tokenizers import TINY
 
 L = 8
@@ -279,6 +279,48 @@ def test_window_short_batch_last():
     assert [len(b["sample_id"]) for b in bs] == [8, 8, 8, 8, 5]
 
 
+def test_started_early_fetches_the_first_item_before_iteration_and_yields_all_in_order():
+    import threading
+
+    fetched = threading.Event()
+    threads = []
+
+    def gen():
+        threads.append(threading.current_thread().name)
+        fetched.set()
+        for i in range(5):
+            if i:
+                threads.append(threading.current_thread().name)
+            yield i
+
+    early = StartedEarly(gen())
+    assert fetched.wait(10), "the first item was not fetched before iteration"
+    assert list(early) == [0, 1, 2, 3, 4]
+    assert threads[0] == "psamf-first-batch" and set(threads[1:]) == {threading.current_thread().name}
+    assert list(StartedEarly(iter(()))) == []
+
+
+def test_started_early_raises_a_fetch_error_on_first_next_and_close_finishes_the_generator():
+    def broken():
+        raise ValueError("shard s3://b/x.parquet: column 'audio' missing")
+        yield  # pragma: no cover
+
+    with pytest.raises(ValueError, match="column 'audio' missing"):
+        next(iter(StartedEarly(broken())))
+
+    finished = []
+
+    def gen():
+        try:
+            yield from range(100)
+        finally:
+            finished.append(True)
+
+    early = StartedEarly(gen())
+    early.close()  # never iterated: the generator is closed, its finally runs
+    assert finished == [True]
+
+
 # ---------------------------------------------------------------------------------------------
 # Ray pipeline
 # ---------------------------------------------------------------------------------------------
@@ -412,14 +454,22 @@ def test_two_train_workers_stream_disjoint_covering_shards(tmp_path, ray_cluster
 
         from psamf.data import iter_batches as _iter
 
+        import time as _time
+
+        from psamf.data import StartedEarly
+
         ctx = rt.get_context()
         shard = rt.get_dataset_shard("train")
-        train_ids = [s for b in _iter(shard, config["cfg"], 4, epoch=0, train=True, drop_last=False)
-                     for s in b["sample_id"]]
+        # epoch 0 as a Train worker runs it: the first pass started in a thread while the worker sets up
+        early = StartedEarly(_iter(shard, config["cfg"], 4, epoch=0, train=True, drop_last=False))
+        _time.sleep(0.5 * ctx.get_world_rank())  # the ranks' set-up takes different times
+        train_ids = [s for b in early for s in b["sample_id"]]
+        again = [s for b in _iter(shard, config["cfg"], 4, epoch=1, train=True, drop_last=False)
+                 for s in b["sample_id"]]
         valid_ids = [s for b in _iter(rt.get_dataset_shard("valid"), config["cfg"], 4, epoch=0, train=False)
                      for s in b["sample_id"]]
         with open(f"{config['out']}/rank{ctx.get_world_rank()}.json", "w") as f:
-            _json.dump({"train": train_ids, "valid": valid_ids}, f)
+            _json.dump({"train": train_ids, "again": again, "valid": valid_ids}, f)
 
     ds = build_datasets(cfg, splits=("train", "valid"))
     trainer = TorchTrainer(
@@ -433,6 +483,9 @@ def test_two_train_workers_stream_disjoint_covering_shards(tmp_path, ray_cluster
     assert r0["train"] and r1["train"] and not set(r0["train"]) & set(r1["train"])  # disjoint
     assert sorted(r0["train"] + r1["train"]) == sorted(raw.splits["train"].ids)  # together: the whole split
     assert len(r0["train"]) == len(r1["train"]) == 20  # equal split
+    # the next pass after an early-started one: the same contract
+    assert not set(r0["again"]) & set(r1["again"]) and len(r0["again"]) == len(r1["again"]) == 20
+    assert sorted(r0["again"] + r1["again"]) == sorted(raw.splits["train"].ids)
     # valid not split: every rank sees all of it, in the same order (sorted by length within windows: grouping)
     assert r0["valid"] == r1["valid"] and sorted(r0["valid"]) == sorted(raw.splits["valid"].ids)
 

@@ -368,6 +368,14 @@ def test_checkpoint_round_trip_resumes_identically(cfg, tmp_path):
         torch.testing.assert_close(a, b, msg=k)
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["epoch"] == 0 and meta["select_metric"] == cfg.optim.select_metric
+    # the epoch a worker starts its first pass at before the model exists: from meta.json alone
+    import pyarrow.fs as pafs
+    import ray.train
+
+    assert T._next_epoch_hint(ray.train.Checkpoint(str(tmp_path), filesystem=pafs.LocalFileSystem())) == 1
+    assert T._next_epoch_hint(None) == 0
+    os.remove(tmp_path / "meta.json")
+    assert T._next_epoch_hint(ray.train.Checkpoint(str(tmp_path), filesystem=pafs.LocalFileSystem())) == -1
 
 
 # ----------------------------------------------------------------------------- preflight (no Ray)
@@ -644,9 +652,12 @@ def test_move_to_device_keeps_the_frame_lengths_on_the_host():
     assert all(v.device.type == "meta" for k, v in moved.items() if k not in HOST_INPUT_KEYS)
 
 
-def test_optim_compile_compiles_the_model_in_place():
-    """optim.compile (off by default) wraps forward with torch.compile without renaming the state dict; compiling
-    itself is lazy (first forward), so this checks the config path only (docs/benchmarks.md measures it)."""
+def test_optim_compile_compiles_the_bert_layers_in_place():
+    """optim.compile (off by default) wraps each BERT layer's forward with torch.compile without renaming the state
+    dict; compiling itself is lazy (first forward), so this checks the config path only (the slow test below trains
+    with it)."""
+    from transformers.models.bert.modeling_bert import BertLayer
+
     from psamf.engine import maybe_compile
     from psamf.model import build_model
     from tests.helpers import tiny_cfg
@@ -654,8 +665,47 @@ def test_optim_compile_compiles_the_model_in_place():
     cfg = tiny_cfg()
     assert cfg.optim.compile is False
     model = build_model(cfg.model)
+    layers = [m for m in model.modules() if isinstance(m, BertLayer)]
+    assert len(layers) == cfg.model.text_layers + cfg.model.multimodal_layers + cfg.model.personality_layers
     keys = list(model.state_dict())
-    assert maybe_compile(model, cfg.optim)._compiled_call_impl is None
+    assert maybe_compile(model, cfg.optim) is model and all(m._compiled_call_impl is None for m in layers)
     on = cfg.override(["optim.compile=true"])
-    assert maybe_compile(model, on.optim) is model and model._compiled_call_impl is not None
+    assert maybe_compile(model, on.optim) is model and all(m._compiled_call_impl is not None for m in layers)
+    assert model._compiled_call_impl is None  # not the whole model (see maybe_compile)
     assert list(model.state_dict()) == keys
+
+
+@pytest.mark.slow
+def test_optim_compile_trains_over_batches_of_varying_shapes_like_eager():
+    """The training loop with optim.compile over batches whose token widths and frame counts all differ (as length-
+    grouped batches do), through the switch to dynamic shapes: the epoch's loss and every shape's gradients follow
+    the eager run's (dropout off: compiled dropout draws other masks)."""
+    from psamf.engine import maybe_compile
+
+    # without dropout: compiled dropout draws its masks from another random stream than eager
+    cfg = tiny_cfg().override(["model.hidden_dropout=0", "model.attention_dropout=0", "model.head_dropout=0"])
+    shapes = [(12, 30, 40), (9, 25, 33), (16, 20, 47), (7, 28, 21)]  # (tokens, audio frames, visual frames)
+    batches = [make_batch(cfg.model, B=6, L=L, T_a=Ta, T_v=Tv, seed=i) for i, (L, Ta, Tv) in enumerate(shapes)]
+    runs = []
+    for compiled in (False, True):
+        c = cfg.override([f"optim.compile={str(compiled).lower()}"])
+        model = _model(c, seed=3)
+        maybe_compile(model, c.optim)
+        opt = engine.build_optimizer(model, c.optim)
+        torch.manual_seed(0)
+        st = engine.train_epoch(model, batches, opt, c)
+        runs.append((st.sums["total"] / st.n, model, c))
+    (loss_e, eager, c_e), (loss_c, compiled, c_c) = runs
+    assert loss_c == pytest.approx(loss_e, rel=1e-4)
+    # on the same weights, every shape's gradients agree (Adam's normalised steps would amplify rounding in the
+    # weights after a few steps, so the weights themselves are not compared)
+    compiled.load_state_dict(eager.state_dict())
+    for b in batches:
+        grads = []
+        for model, c in ((eager, c_e), (compiled, c_c)):
+            model.zero_grad(set_to_none=True)
+            engine.forward_backward(model, b, c, torch.device("cpu"), None, None, 1.0)
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert grads[0].keys() == grads[1].keys() and grads[0]
+        for n in grads[0]:
+            torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-3, atol=1e-5, msg=n)
