@@ -19,6 +19,7 @@ which costs the training step the same.
     OMP_NUM_THREADS=2 .venv/bin/python bench/epoch.py --preset paper --modes shuffle,grouped,noise0.1,strict --threads 2
     .venv/bin/python bench/epoch.py --preset tiny --scale 0.3                                   # a quick check
     .venv/bin/python bench/epoch.py --preset tiny --modes grouped,buckets --compile             # torch.compile
+    .venv/bin/python bench/epoch.py --preset tiny --modes grouped --compile --whole-model       # fails (see docs)
     python bench/epoch.py --preset paper --device cuda --amp bf16 --batch-size 128              # on a GPU (gpu.sh)
 
 Modes: shuffle = `data.length_grouping=false`; grouped = the default (`length_grouping=true`, `length_noise=0.05`);
@@ -61,7 +62,8 @@ def shards(work: str, scale: float) -> str:
 
 
 def run_mode(mode: str, preset: str, uri: str, manifest: dict, batch_size: int | None, peak: float,
-             max_batches: int | None, device: str = "cpu", amp: str = "off", compile_model: bool = False) -> dict:
+             max_batches: int | None, device: str = "cpu", amp: str = "off", compile_model: bool = False,
+             whole_model: bool = False) -> dict:
     import torch
 
     from psamf import data, engine
@@ -102,7 +104,10 @@ def run_mode(mode: str, preset: str, uri: str, manifest: dict, batch_size: int |
 
     torch.manual_seed(0)
     model = build_model(cfg.model, with_personality_encoder=False).to(dev).train()
-    engine.maybe_compile(model, cfg.optim)
+    if compile_model and whole_model:
+        model.compile()  # what optim.compile did before 2026-12-02 (docs/benchmarks.md, "torch.compile")
+    else:
+        engine.maybe_compile(model, cfg.optim)
     opt = engine.build_optimizer(model, cfg.optim)
     if compile_model:
         torch._dynamo.reset()
@@ -131,7 +136,8 @@ def run_mode(mode: str, preset: str, uri: str, manifest: dict, batch_size: int |
         "mode": mode, "overrides": MODES[mode], "preset": preset, "batch_size": bs, "batches": len(batches),
         "samples": sum(len(b["label"]) for b in batches), "padded_token_frac": round(1 - real / slots, 4),
         "mean_padded_width": round(sum(widths) / len(widths), 2), "distinct_widths": len(set(widths)),
-        "distinct_shapes": len(shapes), "compile": compile_model, "compiled_graphs": graphs,
+        "distinct_shapes": len(shapes), "compile": ("whole model" if whole_model else "bert layers")
+        if compile_model else False, "compiled_graphs": graphs,
         "first_pass_s": round(first.time, 2), "first_over_epoch": round(first.time / st.time, 3),
         "epoch_s": round(st.time, 2), "bare_bert_s": round(bare_s, 2), "epoch_over_bare": round(st.time / bare_s, 3),
         "samples_per_s": round(st.n / st.time, 2), "bare_bert_samples_per_s": round(st.n / bare_s, 2),
@@ -154,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast (fp16 with loss scaling)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: psamf.flops.peak_tflops)")
     p.add_argument("--compile", action="store_true", help="optim.compile: the first pass includes compiling")
+    p.add_argument("--whole-model", action="store_true",
+                   help="with --compile: compile the whole model instead (fails in torch 2.13 on varied shapes)")
     p.add_argument("--work", default="/tmp/psamf-bench-epoch")
     p.add_argument("--out", default=None, help="write the results as JSON")
     args = p.parse_args(argv)
@@ -176,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for mode in args.modes.split(","):
             r = run_mode(mode.strip(), args.preset, uri, manifest, args.batch_size, peak, args.max_batches,
-                         args.device, args.amp, args.compile)
+                         args.device, args.amp, args.compile, args.whole_model)
             rows.append(r)
             print(json.dumps(r), flush=True)
     finally:
