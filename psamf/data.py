@@ -461,9 +461,8 @@ def iter_batches(ds_or_shard: "ray.data.Dataset | ray.data.DataIterator", data_c
     train=True: rows permuted within windows of `group_window * batch_size` rows, seeded by
     (`data_cfg.shuffle_seed`, `epoch`, window); with `data_cfg.length_grouping` (default), batches of similar
     transcript length (jittered by `data_cfg.length_noise`), in shuffled order. `drop_last` defaults to
-    `train`: every DDP rank then runs the
-    same number of full batches (the split is equal), and no batch of one row reaches the in-batch
-    contrastive losses. train=False: shard order, no drop (with `length_grouping`, sorted within windows
+    `train`: every DDP rank then runs the same number of full batches (the split is equal), and no batch of
+    one row reaches the in-batch contrastive losses. train=False: shard order, no drop (with `length_grouping`, sorted within windows
     for less padding, deterministically). Tensors are moved to `device` ("auto": the Ray Train device,
     else CPU). See the module docstring for the keys.
     """
@@ -499,9 +498,9 @@ class StartedEarly:
     barrier across the ranks), the executor, the stats actor, the first window of rows and its collate. That is
     seconds per worker session (docs/benchmarks.md, "The first epoch of a worker session"), while the worker
     builds the model, restores a checkpoint and wraps it for DDP; and 0.1-0.3 s for every later pass, while the
-    worker validates the previous epoch. The first `next()` waits for the thread (that
-    wait is data wait, as it would have been); after it the same generator continues in the caller's thread, so
-    the thread never runs concurrently with the consumer. An exception raised while fetching is raised by the
+    worker validates the previous epoch. The first `next()` waits for the thread (that wait is data wait, as it
+    would have been); after it the same generator continues in the caller's thread, so the thread never runs
+    concurrently with the consumer. An exception raised while fetching is raised by the
     first `next()`. `close()` (or the end of iteration) finishes the generator; call it when the batches will
     not be consumed."""
 

@@ -283,12 +283,15 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
              if cfg.run.num_workers == 0 else RayCheckpoints())
     latest = store.latest()
     train_shard = ray.train.get_dataset_shard("train")
+
+    def train_pass(epoch: int) -> Any:
+        return iter_batches(train_shard, cfg.data, cfg.optim.batch_size, epoch=epoch, train=True)
+
     # The first pass starts now, in a thread, and its pipeline start-up (seconds) overlaps the model's build,
     # restore and DDP wrap below; each later pass starts during the previous epoch's validation (docs/benchmarks.md,
     # "The first epoch of a worker session").
     first = _next_epoch_hint(latest)
-    early = (StartedEarly(iter_batches(train_shard, cfg.data, cfg.optim.batch_size, epoch=first, train=True))
-             if 0 <= first < cfg.optim.epochs else None)
+    early = StartedEarly(train_pass(first)) if 0 <= first < cfg.optim.epochs else None
 
     seed_everything(cfg.optim.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
     raw = build_model(cfg.model)
@@ -329,7 +332,7 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
         if early is not None and epoch == first:
             batches, early = early, None
         else:
-            batches = iter_batches(train_shard, cfg.data, cfg.optim.batch_size, epoch=epoch, train=True)
+            batches = train_pass(epoch)
         mine = train_epoch(model, batches, optimizer, cfg, device=device, amp_dtype=amp_dtype, scaler=scaler,
                            after_first_step=_fault_hook(loop_config.get("fault"), rank, epoch),
                            where=f"epoch {epoch}, rank {rank}, ",
@@ -337,7 +340,7 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
         rec = epoch_record(epoch, mine, all_gather(mine), optimizer)  # every rank has finished its pass
         if epoch + 1 < cfg.optim.epochs:  # the next pass starts during validation and checkpointing
             first = epoch + 1
-            early = StartedEarly(iter_batches(train_shard, cfg.data, cfg.optim.batch_size, epoch=first, train=True))
+            early = StartedEarly(train_pass(first))
         t_eval = time.perf_counter()
         rec.update(eval_metrics(run_eval("valid"), cfg.data.dataset, "val_"))
         rec["time_eval_s"] = time.perf_counter() - t_eval
