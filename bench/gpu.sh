@@ -80,7 +80,7 @@ for path in sorted(glob.glob(os.path.join(d, "pipeline", "history*.json"))):
     recs = json.load(open(path))
     recs = recs if isinstance(recs, list) else recs.get("history", [])
     keys = ("epoch", "time_train_s", "time_eval_s", "time_setup_s", "samples_per_s_per_worker", "data_wait_frac",
-            "train_samples", "train_padded_token_frac")
+            "train_samples", "train_padded_token_frac", "ended_at", "session")
     epochs = [{k: r.get(k) for k in keys} for r in recs]
     steady = [e["time_train_s"] for e in epochs[1:] if e["time_train_s"]]
     out = {"epochs": epochs, "first_epoch_s": epochs[0]["time_train_s"] if epochs else None,
@@ -91,6 +91,11 @@ for path in sorted(glob.glob(os.path.join(d, "pipeline", "history*.json"))):
         out["first_over_steady"] = out["first_epoch_s"] / out["steady_epoch_s"]
     if epochs and epochs[0]["time_setup_s"] is not None:  # the worker's set-up overlaps its first pass's start-up
         out["setup_s"] = epochs[0]["time_setup_s"]
+    ends = [e["ended_at"] for e in epochs if e["ended_at"] is not None and e["session"] == epochs[0]["session"]]
+    # whole epochs of the first session (train, validation, checkpoint, report): end of epoch k-1 to end of epoch k
+    out["periods_s"] = [b - a for a, b in zip(ends, ends[1:])]
+    if len(ends) >= 3:  # after the first period, which holds the first report
+        out["steady_period_s"] = (ends[-1] - ends[1]) / (len(ends) - 2)
     dst = os.path.join(d, f"pipeline{variant}.json")
     with open(dst + ".tmp", "w") as f:
         json.dump(out, f, indent=1)
@@ -146,7 +151,7 @@ with open(os.path.join(d, "summary.json"), "w") as f:
 for r in rows:
     keys = ("samples_per_s", "step_s", "mfu", "bare_bert_samples_per_s", "step_over_bare_bert", "peak_gpu_mem_gib",
             "first_step_s", "setup_s", "first_epoch_s", "steady_epoch_s", "first_over_steady", "steady_samples_per_s",
-            "error",
+            "periods_s", "steady_period_s", "error",
             "skipped")
     print(r["file"], {k: r[k] for k in keys if k in r})
     for row in r.get("rows", []):  # epoch.json: one row per batching mode

@@ -283,6 +283,10 @@ class RunConfig:
     # extra Ray resources each worker holds, e.g. {"accelerator_type:A10G": 0.001} to pin a GPU model, or a custom
     # resource of a node group (cluster/local/autoscaling.yaml's "accel" stands in for a GPU)
     worker_resources: dict[str, float] = field(default_factory=dict)
+    # how often Ray Train's controller polls the workers: a worker's epoch report (and checkpoint) is registered at
+    # the next poll, and every epoch waits for it; Ray's own default (2 s) sets a 2-second floor on an epoch.
+    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S in the environment overrides it (psamf.runtime.fit_trainer)
+    controller_poll_s: float = 0.25
 
     def __post_init__(self) -> None:
         for k, v in self.worker_resources.items():
@@ -296,6 +300,8 @@ class RunConfig:
                f"run.min_workers must be in [0, run.num_workers={self.num_workers}] (0 = a fixed worker count), "
                f"got {self.min_workers}")
         _check(self.elastic_resize_interval_s > 0, "run.elastic_resize_interval_s must be > 0")
+        _check(0 < self.controller_poll_s <= 60, f"run.controller_poll_s must be in (0, 60] seconds, "
+               f"got {self.controller_poll_s}")
         _check(self.cpus_per_worker > 0, "run.cpus_per_worker must be > 0")
         _check(self.gpus_per_worker > 0, "run.gpus_per_worker must be > 0")
         _check(self.max_failures >= -1, "run.max_failures must be >= -1")

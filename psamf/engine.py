@@ -257,6 +257,13 @@ def _subset(batch: Mapping[str, Any], keep: np.ndarray) -> dict[str, Any]:
     return out
 
 
+def _label_array(x: Any) -> np.ndarray:
+    """A 1-d float32 array of `x` (a tensor, on the host unless the caller moved it, or array-like)."""
+    if isinstance(x, Tensor):
+        return (x if x.device.type == "cpu" else x.cpu()).detach().float().numpy().reshape(-1)
+    return np.asarray(x, dtype=np.float32).reshape(-1)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Any]], cfg: Config, *,
              device: torch.device | None = None, amp_dtype: torch.dtype | None = None,
@@ -265,14 +272,17 @@ def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Any]], cfg: Config
 
     `keep(ids) -> bool mask` evaluates only the selected rows of each batch (used to partition an unsplit
     split across ranks). Pass the unwrapped model (not DDP): evaluation must not run DDP's collectives.
+    Predictions and loss sums stay on the device until the pass ends and come back in one copy each (on a GPU
+    a read per batch would stall the queue every batch); labels are taken from the batch before it moves.
     """
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     ids: list[str] = []
-    preds: list[np.ndarray] = []
+    preds: list[Tensor] = []  # on the device
     labels: list[np.ndarray] = []
-    sums: dict[str, float] = {}
+    terms: list[str] = []
+    sums: Tensor | None = None  # (terms,) loss term x batch size, summed in float64, on the device
     n = 0
     try:
         for batch in batches:
@@ -284,22 +294,25 @@ def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Any]], cfg: Config
                 if not mask.all():
                     batch = _subset(batch, mask)
                     bid = [b for b, m in zip(bid, mask) if m]
+            B = int(batch["label"].shape[0])
+            labels.append(_label_array(batch["label"]))  # the collate's host copy: no device read
             batch = move_to_device(batch, device)
             with _autocast(device, amp_dtype):
                 out = model(**model_inputs(batch))
             out = _float32(out)
-            B = int(batch["label"].shape[0])
             if losses:
-                for k, v in compute_losses(out, batch["label"].float(), cfg.loss, cfg.model).items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * B
+                values = compute_losses(out, batch["label"].float(), cfg.loss, cfg.model)
+                terms = list(values)
+                batch_sums = torch.stack([v.detach().double() for v in values.values()]) * B
+                sums = batch_sums if sums is None else sums + batch_sums
             ids += bid
-            preds.append(out.prediction.detach().float().cpu().numpy().reshape(-1))
-            labels.append(batch["label"].detach().float().cpu().numpy().reshape(-1))
+            preds.append(out.prediction.detach().float().reshape(-1))
             n += B
     finally:
         model.train(was_training)
-    return EvalOutput(ids=ids, pred=np.concatenate(preds) if preds else np.zeros(0, np.float32),
-                      label=np.concatenate(labels) if labels else np.zeros(0, np.float32), loss_sums=sums, n=n)
+    loss_sums = dict(zip(terms, sums.cpu().tolist())) if sums is not None else {}
+    return EvalOutput(ids=ids, pred=torch.cat(preds).cpu().numpy() if preds else np.zeros(0, np.float32),
+                      label=np.concatenate(labels) if labels else np.zeros(0, np.float32), loss_sums=loss_sums, n=n)
 
 
 def eval_metrics(out: EvalOutput, dataset: str, prefix: str = "val_") -> dict[str, float]:

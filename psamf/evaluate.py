@@ -91,6 +91,7 @@ def _evaluate_on_workers(cfg: Config, ck: Any, datasets: Mapping[str, Any], spli
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from psamf.runtime import fit_trainer
     from psamf.storage import resolve
 
     st = resolve(cfg.run.storage_path, cfg.run.s3_endpoint or cfg.data.s3_endpoint)
@@ -108,7 +109,7 @@ def _evaluate_on_workers(cfg: Config, ck: Any, datasets: Mapping[str, Any], spli
                                        storage_filesystem=st.storage_filesystem),
     )
     try:
-        result = trainer.fit()
+        result = fit_trainer(trainer, cfg.run.controller_poll_s)
     finally:
         try:
             st.fs.delete_dir(st.run_dir(name))  # Ray's run state of this throwaway evaluation run

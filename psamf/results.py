@@ -249,6 +249,7 @@ def write_run_outputs(pf: "Preflight", ret: Mapping[str, Any]) -> TrainResult:
         "checkpoint": checkpoint_uri(st, ret.get("checkpoint_path")),
         "world_size": ret.get("world_size"), "amp": ret.get("amp"), "device": ret.get("device"),
         "batch": ret.get("batch"),  # per worker, gradient accumulation, workers, global
+        "controller_poll_s": ret.get("controller_poll_s"),  # Ray Train's poll interval as the workers saw it
         "sessions": 1 + max((int(r.get("session", 0)) for r in history), default=0),
         **code_version(), "preset": cfg.preset,
     }

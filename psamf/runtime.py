@@ -34,6 +34,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,54 @@ def placement_group_reclaimer(interval_s: float = 2.0):
             reclaim_orphaned_placement_groups()
 
     return _Reclaimer()
+
+
+# Ray Train V2's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s), and only a
+# poll registers what a worker reported. psamf's workers wait for each epoch's report to be registered (so a worker
+# that dies right after it cannot lose the checkpoint), so with the default every epoch ends on the controller's
+# 2-second clock, and the controller sees the end of a run or a dead worker up to 2 s late. Ray reads the variable in
+# the process that calls `fit()` and passes it on to the controller it starts (docs/benchmarks.md, "The controller's
+# poll interval").
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+DEFAULT_POLL_S = 0.25
+
+
+def poll_interval(configured: float = DEFAULT_POLL_S) -> float:
+    """The poll interval a `fit()` gets: `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S` when the user set it, else `configured`
+    (`run.controller_poll_s`)."""
+    raw = os.environ.get(POLL_ENV)
+    if raw is None:
+        return configured
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{POLL_ENV}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"{POLL_ENV}={raw!r} must be > 0 seconds")
+    return value
+
+
+_POLL_LOCK = threading.Lock()
+_POLL_STATE = {"active": 0, "ours": False}  # fits in progress in this process; whether we set the variable
+
+
+def fit_trainer(trainer: Any, poll_s: float = DEFAULT_POLL_S) -> Any:
+    """`trainer.fit()` with its Ray Train controller polling the workers every `poll_s` seconds (unless the user set
+    `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`, which wins). The variable is set only while fits run, which is when Ray
+    reads it, and this process's environment is left as it was; fits that overlap in threads share the first one's
+    value."""
+    with _POLL_LOCK:
+        if _POLL_STATE["active"] == 0:
+            _POLL_STATE["ours"] = POLL_ENV not in os.environ
+            if _POLL_STATE["ours"]:
+                os.environ[POLL_ENV] = repr(float(poll_s))
+            else:
+                poll_interval()  # a bad user value fails here, with its name, not inside Ray's controller
+        _POLL_STATE["active"] += 1
+    try:
+        return trainer.fit()
+    finally:
+        with _POLL_LOCK:
+            _POLL_STATE["active"] -= 1
+            if _POLL_STATE["active"] == 0 and _POLL_STATE["ours"]:
+                os.environ.pop(POLL_ENV, None)

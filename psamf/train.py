@@ -36,7 +36,6 @@ import math
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -345,7 +344,8 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
         rec.update(eval_metrics(run_eval("valid"), cfg.data.dataset, "val_"))
         rec["time_eval_s"] = time.perf_counter() - t_eval
         rec.update({"world_size": world, "session": res.session, "resumed_from": res.resumed_from,
-                    "time_setup_s": t_setup})  # this session's worker set-up before its first epoch (this rank)
+                    "time_setup_s": t_setup,  # this session's worker set-up before its first epoch (this rank)
+                    "ended_at": time.time()})  # wall clock after validation: differences give the epoch period
         scheduler.step(rec["val_loss"])
         rec["is_best"] = selector.update(epoch, rec[cfg.optim.select_metric])
         rec["best_epoch"] = selector.best_epoch
@@ -380,6 +380,9 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off", "device": str(device),
         "batch": {"per_worker": cfg.optim.batch_size, "grad_accum": cfg.optim.grad_accum, "workers": world,
                   "global": cfg.optim.batch_size * cfg.optim.grad_accum * world},
+        # what the controller passed on to this worker (Ray propagates it): the poll interval the run really had
+        "controller_poll_s": (float(os.environ[runtime.POLL_ENV])
+                              if cfg.run.num_workers > 0 and runtime.POLL_ENV in os.environ else None),
         **{split: {"ids": out.ids, "pred": out.pred.tolist(), "label": out.label.tolist(),
                    "metrics": eval_metrics(out, cfg.data.dataset, "")} for split, out in final.items()},
     }
@@ -462,7 +465,7 @@ def fit(pf: Preflight, *, datasets: Mapping[str, Any] | None = None, callbacks: 
     printer = (HistoryPrinter(st.fs, run_dir, cfg.optim.select_metric)
                if runtime.quiet() and cfg.run.num_workers > 0 else contextlib.nullcontext())
     with printer:
-        result = trainer.fit()
+        result = runtime.fit_trainer(trainer, cfg.run.controller_poll_s)
     t2 = time.perf_counter()
     if result.error is not None:
         raise result.error

@@ -435,6 +435,7 @@ def _trial_driver(params: dict[str, Any], *, base: dict[str, Any], manifest: dic
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from psamf.runtime import fit_trainer
     from psamf.storage import write_bytes, write_json
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -451,7 +452,7 @@ def _trial_driver(params: dict[str, Any], *, base: dict[str, Any], manifest: dic
         return
     write_bytes(st.fs, f"{run_dir}/config.yaml", pf.cfg.to_yaml().encode())
     data = _load_datasets(pf.cfg, pf.manifest)
-    result = _build_trainer(pf, data, [TuneReportCallback()]).fit()
+    result = fit_trainer(_build_trainer(pf, data, [TuneReportCallback()]), pf.cfg.run.controller_poll_s)
     if result.error is not None:
         raise result.error
     ret = result.return_value or {}

@@ -1,3 +1,4 @@
+import os
 import re
 
 import pytest
@@ -148,7 +149,65 @@ def test_worker_resources_and_elastic_workers_reach_ray_trains_scaling_config():
     ("run.worker_resources=[accel]", "run.worker_resources must be a mapping of str to float"),
     ("run.worker_resources={accel: fast}", "run.worker_resources must be a mapping"),
     ("run.min_workers=3", "run.min_workers must be in [0, run.num_workers=2]"),
+    ("run.controller_poll_s=0", "run.controller_poll_s must be in (0, 60] seconds, got 0"),
+    ("run.controller_poll_s=120", "run.controller_poll_s must be in (0, 60] seconds, got 120"),
 ])
 def test_bad_worker_resources_and_min_workers_are_refused(override, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         Config.from_preset("tiny").override(["run.num_workers=2", override])
+
+
+def test_the_controller_poll_interval_is_set_for_the_fit_only_and_a_user_setting_wins(monkeypatch):
+    """`runtime.fit_trainer` hands `run.controller_poll_s` to Ray through RAY_TRAIN_HEALTH_CHECK_INTERVAL_S while
+    `fit()` runs (Ray reads it there), restores the environment after, also when fit raises, and leaves a value the
+    user exported alone. That the workers of a real run see it: tests/test_train_integration.py (metrics.json)."""
+    from psamf import runtime
+
+    class Probe:  # stands in for a TorchTrainer: only its fit() is called, and it reads what Ray would read
+        def __init__(self, fail: bool = False) -> None:
+            self.seen: str | None = None
+            self.fail = fail
+
+        def fit(self) -> str:
+            self.seen = os.environ.get(runtime.POLL_ENV)
+            if self.fail:
+                raise RuntimeError("worker failed")
+            return "result"
+
+    monkeypatch.delenv(runtime.POLL_ENV, raising=False)
+    assert Config.from_preset("tiny").run.controller_poll_s == runtime.DEFAULT_POLL_S == 0.25
+    p = Probe()
+    assert runtime.fit_trainer(p, 0.5) == "result" and p.seen == "0.5"
+    assert runtime.POLL_ENV not in os.environ
+    p = Probe(fail=True)
+    with pytest.raises(RuntimeError, match="worker failed"):
+        runtime.fit_trainer(p, 0.25)
+    assert p.seen == "0.25" and runtime.POLL_ENV not in os.environ
+    # two fits overlapping in threads: the second sees the first one's value, and the last to end cleans up
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+
+    class Held(Probe):
+        def fit(self) -> str:
+            inside.set()
+            release.wait(10)
+            return super().fit()
+
+    held = Held()
+    t = threading.Thread(target=runtime.fit_trainer, args=(held, 0.5))
+    t.start()
+    assert inside.wait(10)
+    p = Probe()
+    runtime.fit_trainer(p, 0.3)
+    assert p.seen == "0.5" and os.environ[runtime.POLL_ENV] == "0.5"  # the held fit is still running
+    release.set()
+    t.join(10)
+    assert held.seen == "0.5" and runtime.POLL_ENV not in os.environ
+    monkeypatch.setenv(runtime.POLL_ENV, "1.5")
+    p = Probe()
+    runtime.fit_trainer(p, 0.25)
+    assert p.seen == "1.5" and os.environ[runtime.POLL_ENV] == "1.5" and runtime.poll_interval(0.25) == 1.5
+    monkeypatch.setenv(runtime.POLL_ENV, "soon")
+    with pytest.raises(ValueError, match="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S='soon' is not a number"):
+        runtime.fit_trainer(Probe(), 0.25)

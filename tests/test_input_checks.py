@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from psamf.config import ablate
+from psamf.config import Config, ablate
 from psamf.data import PadCollate
 from psamf.model import build_model, check_inputs, model_inputs
 from tests.helpers import make_batch, tiny_cfg
@@ -132,3 +132,40 @@ def test_collate_rejects_a_bad_batch_on_the_host():
         PadCollate()(hand_table(p_lens=(3, 5, 1)))
     # with precomputed CLS_p the personality tokens are never encoded, so they are not checked
     PadCollate()(hand_table(with_cls=True, p_lens=(3, 5, 1)))
+
+
+@pytest.mark.parametrize("n_batches", [1, 4])
+def test_evaluate_reads_the_device_twice_per_pass_not_per_batch(n_batches, monkeypatch):
+    """Evaluation keeps predictions and loss sums on the device and copies each back once at the end of the pass;
+    labels come from the collate's host copy. Before, every batch read five loss terms (`float`), its predictions
+    and its labels back: seven stalls of a GPU's queue per batch. Counted here: the syncing ops the recorder sees,
+    plus every `.cpu()`, `.tolist()` and `.item()` call (on a CPU tensor `.cpu()` dispatches nothing)."""
+    from psamf.engine import evaluate
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    m = build_model(cfg.model)
+    batches = []
+    for s in range(n_batches):
+        b = make_batch(cfg.model, B=4, seed=s)
+        b["sample_id"] = [f"v{4 * s + i}" for i in range(4)]
+        batches.append(b)
+    reads: list[str] = []
+    for name in ("cpu", "tolist", "item"):
+        fn = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _fn=fn, _name=name, **k):
+            reads.append(_name)
+            return _fn(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    with HostSyncRecorder() as rec:
+        out = evaluate(m, batches, Config.from_preset("tiny"))
+    monkeypatch.undo()
+    assert rec.syncs == [], "\n".join(rec.syncs)
+    assert sorted(reads) == ["cpu", "cpu", "tolist"], reads  # predictions, loss sums (+ their list)
+    assert out.n == 4 * n_batches and out.pred.shape == out.label.shape == (4 * n_batches,)
+    np.testing.assert_array_equal(out.label, torch.cat([b["label"] for b in batches]).numpy())
+    assert set(out.loss_sums) == {"total", "l1", "ccl", "ps", "clm"}
+    l1 = float(np.mean(np.abs(out.pred.astype(np.float64) - out.label)))
+    assert out.loss_sums["l1"] / out.n == pytest.approx(l1, rel=1e-5)  # batch means x batch size = per-sample sum

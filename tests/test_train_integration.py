@@ -97,6 +97,8 @@ def test_two_worker_ddp_on_s3_learns_and_writes_every_output(s3_run, shards):
     m = res.metrics
     assert res.run_dir == f"s3://{bucket}/runs/s3run"
     assert _epochs(res.history) == [0, 1, 2] and m["world_size"] == 2
+    # run.controller_poll_s reached the controller, which passed it on to the workers (Ray's default is 2 s)
+    assert m["controller_poll_s"] == Config.from_preset("tiny").run.controller_poll_s == 0.25
     # it learns: validation MAE of the selected checkpoint below the predict-the-mean floor
     assert m["valid"]["mae"] < m["baselines"]["valid"]["mae_mean"] - 0.1, (m["valid"], m["baselines"]["valid"])
     assert m["valid"]["n"] == man["counts"]["valid"] and m["test"]["n"] == man["counts"]["test"]
@@ -273,6 +275,7 @@ def test_local_mode_checkpoints_and_resumes_like_ray_train(ray_cluster, shards, 
     first = T.train(_cfg(local, str(storage), "loc", *base, "optim.epochs=2"))
     sel = first.metrics["selection"]["selected_epoch"]
     assert _epochs(first.history) == [0, 1] and first.metrics["sessions"] == 1
+    assert first.metrics["controller_poll_s"] is None  # no controller in local mode
     assert kept() == sorted({f"checkpoint_epoch={sel:03d}", "checkpoint_epoch=001"})  # best 1 + latest
     assert first.metrics["checkpoint"] == str(run / f"checkpoint_epoch={sel:03d}")
 
