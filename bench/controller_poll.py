@@ -7,7 +7,8 @@ the embedded Ray as `psamf train` does, writes a synthetic MOSI-shaped data set 
 `psamf:tiny` tokens), then trains the `tiny` preset for `--epochs` epochs once per (repeat, interval), the intervals
 alternating, and prints one JSON line per run:
 
-- `fit_s`: the whole `trainer.fit()` (controller and worker start, epochs, final evaluation, end);
+- `fit_s`: the whole `psamf.train.fit` (splits loaded; `trainer.fit()`: controller and worker start, epochs, final
+  evaluation, end; the run's outputs written);
 - `epoch_period_s`: the mean difference of consecutive history records' `ended_at` (train + validation +
   checkpoint + report + the wait), over the epochs after the first;
 - `train_s`, `eval_s`: the same epochs' mean `time_train_s` and `time_eval_s`; `rest_s`: period - train - eval (progress files, checkpoint, report and the wait for its registration).
