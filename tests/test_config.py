@@ -211,3 +211,25 @@ def test_the_controller_poll_interval_is_set_for_the_fit_only_and_a_user_setting
     monkeypatch.setenv(runtime.POLL_ENV, "soon")
     with pytest.raises(ValueError, match="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S='soon' is not a number"):
         runtime.fit_trainer(Probe(), 0.25)
+
+
+def test_every_ray_train_fit_in_the_package_goes_through_fit_trainer():
+    """A `TorchTrainer.fit()` called directly would run with Ray's 2-second poll. Tune's `Tuner.fit()` is the only
+    other `fit()` in the package (its trials call `fit_trainer` themselves)."""
+    import ast
+    from pathlib import Path
+
+    import psamf
+
+    root = Path(psamf.__file__).parent
+    direct = []
+    for path in sorted(root.rglob("*.py")):
+        src = path.read_text()
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "fit" \
+                    and not node.args and not node.keywords:
+                target = ast.get_source_segment(src, node.func.value) or ""
+                if path.name != "runtime.py" and "tuner" not in target.lower():
+                    direct.append(f"{path.relative_to(root)}:{node.lineno}: {target}.fit()")
+    assert direct == [], direct
+    assert "fit_trainer(" in (root / "train.py").read_text() + (root / "tune.py").read_text()
