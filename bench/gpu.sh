@@ -17,7 +17,9 @@
 #   step_compile_bf16_b128.json   the step with optim.compile (first_step_s includes compiling)
 #   summary.json             all of the above in one list
 #
-#   bench/gpu.sh OUTDIR                 # on a GPU machine (default OUTDIR: $OUT, else ./gpu-bench)
+#   bench/gpu.sh OUTDIR                 # on a GPU machine (default OUTDIR: $OUT, else ./gpu-bench); on one without
+#                                       # Ray: bench/gpu_wheels.sh here, then carry .whl/ and
+#                                       # `source bench/gpu_setup.sh && bash bench/gpu.sh "$OUT"` there
 #   DEVICE=cpu bench/gpu.sh /tmp/dry    # dry run on a CPU: tiny preset, tiny sizes, amp off, same files
 set -uo pipefail
 OUTDIR=${1:-${OUT:-./gpu-bench}}
