@@ -11,7 +11,8 @@ alternating, and prints one JSON line per run:
   evaluation, end; the run's outputs written);
 - `epoch_period_s`: the mean difference of consecutive history records' `ended_at` (train + validation +
   checkpoint + report + the wait), over the epochs after the first;
-- `train_s`, `eval_s`: the same epochs' mean `time_train_s` and `time_eval_s`; `rest_s`: period - train - eval (progress files, checkpoint, report and the wait for its registration).
+- `train_s`, `eval_s`: the same epochs' mean `time_train_s` and `time_eval_s`; `rest_s`: period - train - eval
+  (progress files, checkpoint, report and the wait for its registration).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/controller_poll.py --intervals 0.25 2.0 --repeats 3 --workers 1
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -34,10 +36,6 @@ from psamf import runtime  # noqa: E402
 from psamf.config import Config  # noqa: E402
 from psamf.prepare import prepare  # noqa: E402
 from psamf.synth import synthesize  # noqa: E402
-
-
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
 
 
 def main() -> None:
@@ -69,8 +67,9 @@ def main() -> None:
             wall = time.perf_counter() - t
             h = res.history
             later = h[1:]
-            period = mean([b["ended_at"] - a["ended_at"] for a, b in zip(h, h[1:])])
-            train, ev = mean([r["time_train_s"] for r in later]), mean([r["time_eval_s"] for r in later])
+            period = statistics.fmean(b["ended_at"] - a["ended_at"] for a, b in zip(h, h[1:]))
+            train = statistics.fmean(r["time_train_s"] for r in later)
+            ev = statistics.fmean(r["time_eval_s"] for r in later)
             print(json.dumps({"repeat": rep, "interval_s": iv, "workers": args.workers, "epochs": args.epochs,
                               "seen_by_workers": res.metrics["controller_poll_s"], "fit_s": round(wall, 2),
                               "epoch_period_s": round(period, 3), "train_s": round(train, 3), "eval_s": round(ev, 3),
