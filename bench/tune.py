@@ -3,6 +3,8 @@ machine's embedded local Ray, ASHA against no early stopping.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/tune.py                          # 16 trials, 3 epochs, both schedulers
     OMP_NUM_THREADS=1 .venv/bin/python bench/tune.py --trials 4 --epochs 2 --schedulers asha --out tune.json
+    OMP_NUM_THREADS=1 .venv/bin/python bench/tune.py --trials 8 --schedulers asha --workers-per-trial 1,0
+        # a Ray Train worker group per trial against trials that train in their own process
 
 Reports, per scheduler: trials per hour; the fraction of the machine kept busy (sum over trials of the trial's wall
 time x the CPUs it holds, over elapsed time x the cluster's CPUs); epochs trained; and a trial's start-up overhead
@@ -27,11 +29,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from psamf import tune  # noqa: E402
 
 
-def _space(shards: str, trials: int, epochs: int, scheduler: str) -> tune.SearchSpace:
+def _space(shards: str, trials: int, epochs: int, scheduler: str, workers: int,
+           concurrent: int | None) -> tune.SearchSpace:
     return tune.SearchSpace.from_dict({
         "base": {"preset": "tiny", "overrides": {"data.uri": shards, "optim.epochs": epochs}},
         "metric": "val_mae", "mode": "min", "num_samples": trials, "search": "optuna", "scheduler": scheduler,
-        "grace_period": 1, "reduction_factor": 2, "workers_per_trial": 1, "seed": 0,
+        "grace_period": 1, "reduction_factor": 2, "workers_per_trial": workers, "seed": 0,
+        "max_concurrent_trials": concurrent,
         "space": {"optim.lr_main": {"loguniform": [1e-3, 1e-2]}, "optim.lr_bert": {"loguniform": [1e-4, 3e-3]},
                   "loss.w_ccl": {"uniform": [0.0, 1.0]},
                   "model.sim_mode": {"choice": ["batch_dissimilarity", "per_sample_dissimilarity"]}},
@@ -66,6 +70,9 @@ def main() -> int:
     p.add_argument("--trials", type=int, default=16)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--schedulers", default="asha,none")
+    p.add_argument("--workers-per-trial", default="1",
+                   help="comma list: 1 = a Ray Train worker group per trial, 0 = the trial trains in its own process")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at a time (default: what fits)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -91,17 +98,21 @@ def main() -> int:
             loads.append(os.getloadavg()[0])
 
     threading.Thread(target=sample, daemon=True).start()
-    for sched in [s for s in args.schedulers.split(",") if s]:
-        space = _space(shards, args.trials, args.epochs, sched)
-        storage = os.path.join(tmp, "runs")
-        t0 = time.perf_counter()
-        res = tune.run_search(space, name=f"bench-{sched}", storage_path=storage, out=io.StringIO())
-        elapsed = time.perf_counter() - t0
-        k = tune.max_concurrent_trials(space, ray.cluster_resources())
-        m = _measure(res, storage, elapsed, cpus, space.workers_per_trial * space.base.run.cpus_per_worker + 1)
-        m["concurrent"] = k
-        out["runs"][sched] = m
-        print(f"{sched}: {json.dumps(m)}", flush=True)
+    for w in [int(x) for x in args.workers_per_trial.split(",") if x]:
+        for sched in [s for s in args.schedulers.split(",") if s]:
+            space = _space(shards, args.trials, args.epochs, sched, w, args.max_concurrent)
+            storage = os.path.join(tmp, "runs")
+            key = f"{sched} w{w}"
+            t0 = time.perf_counter()
+            res = tune.run_search(space, name=f"bench-{sched}-w{w}", storage_path=storage, out=io.StringIO())
+            elapsed = time.perf_counter() - t0
+            k = space.max_concurrent_trials or tune.max_concurrent_trials(space, ray.cluster_resources())
+            held = max(1, w) * space.base.run.cpus_per_worker + (1 if w else 0)  # + the driver's CPU
+            m = _measure(res, storage, elapsed, cpus, held)
+            m.update(concurrent=k, workers_per_trial=w,
+                     best=[(r["trial_id"], r.get("best_val_mae"), r["epochs_run"], r["status"]) for r in res.rows])
+            out["runs"][key] = m
+            print(f"{key}: {json.dumps(m)}", flush=True)
     out["load_after"] = os.getloadavg()
     stop.set()
     out["load_samples"] = loads
@@ -110,10 +121,12 @@ def main() -> int:
               f"({len(loads)} samples)")
     print(f"load average before {out['load_before']}, after {out['load_after']}; {out['cores']} cores, "
           f"{cpus:g} Ray CPUs")
-    print("| scheduler | trials | epochs | concurrent | trials/hour | busy | start-up s | train+eval s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| scheduler, workers per trial | trials | epochs | concurrent | elapsed s | trials/hour | busy | start-up s "
+          "| train+eval s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for s, m in out["runs"].items():
-        print(f"| {s} | {m['trials']} | {m['epochs']} | {m['concurrent']} | {m['trials_per_hour']:.0f} | "
+        print(f"| {s} | {m['trials']} | {m['epochs']} | {m['concurrent']} | {m['elapsed_s']:.1f} | "
+              f"{m['trials_per_hour']:.0f} | "
               f"{m['busy_fraction']:.2f} | {m['startup_s_mean']:.1f} | {m['train_eval_s_mean']:.1f} |")
     if args.out:
         with open(args.out, "w") as f:

@@ -5,6 +5,7 @@ Plain PyTorch lives in `psamf.engine` (step, epoch, evaluation, selection), the 
 This module only adds Ray Train around them (style: a plain loop with Ray at the edges):
 
     train_fn_per_worker(loop_config)    get_dataset_shard, prepare_model (DDP), resume, report every epoch
+    train_in_trial(loop_config, datasets) -> dict   the same loop in a Tune trial's own process, without Ray Train
     build_trainer(cfg, datasets, storage, counts=..., callbacks=...) -> TorchTrainer
     fit(pf, datasets=None, callbacks=()) -> TrainResult      one run: fit, then write its outputs
     train(cfg, seeds=None) -> TrainResult                    start/join Ray, preflight, fit (or one run per seed)
@@ -37,7 +38,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -54,8 +55,8 @@ from psamf.model import build_model
 from psamf.preflight import Preflight, check_placeholders, preflight
 from psamf.results import HistoryPrinter, ProgressFiles, TrainResult, format_record, write_run_outputs
 
-__all__ = ["train_fn_per_worker", "build_trainer", "fit", "train", "seed_config", "worker_device", "FAULT_ENV",
-           "configure_worker_logging"]
+__all__ = ["train_fn_per_worker", "train_in_trial", "build_loop_config", "build_trainer", "fit", "train", "seed_config",
+           "worker_device", "FAULT_ENV", "configure_worker_logging"]
 
 log = logging.getLogger("psamf.train")
 
@@ -136,6 +137,33 @@ class _LocalModeCheckpoints(LocalCheckpoints):
         if path is None:
             raise RuntimeError(f"the checkpoint of the selected epoch {epoch} is not in {self.run_dir}")
         return ray.train.Checkpoint(path, filesystem=self.fs)
+
+
+class _TrialCheckpoints(_LocalModeCheckpoints):
+    """`LocalCheckpoints` of a Tune trial that trains in its own process (`train_in_trial`): every epoch's
+    metrics go to Ray Tune, with the checkpoint's path, as `TuneReportCallback` forwards them from a worker
+    group."""
+
+    def report(self, metrics: Mapping[str, Any], local_dir: str | None, epoch: int, history: Sequence[Any]) -> None:
+        import ray.tune
+
+        if local_dir:
+            self.save(local_dir, epoch, history)
+        path = self.path(epoch)
+        ray.tune.report({**metrics, **({"checkpoint_path": path} if path else {})})
+
+
+@dataclass
+class _WorkerEnv:
+    """What the training loop needs from whatever runs it: its rank and world size, its device, the datasets (a
+    Ray Train shard or a whole Ray Dataset), the model wrapper (DDP or none) and the checkpoint store."""
+
+    rank: int
+    world: int
+    device: torch.device
+    shard: Callable[[str], Any]
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module]
+    store: Any
 
 
 @dataclass
@@ -269,19 +297,55 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
     t_fn = time.perf_counter()
     cfg = Config.from_dict(loop_config["config"], source="train_loop_config")
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = worker_device()
+    if cfg.run.num_workers > 0:  # local mode runs in the driver, whose logging is the command's business
+        configure_worker_logging()
+    selector = _selector(cfg)
+    store = (_LocalModeCheckpoints(loop_config["storage"], cfg.run.name, cfg.run.keep_checkpoints, selector)
+             if cfg.run.num_workers == 0 else RayCheckpoints())
+    env = _WorkerEnv(rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=worker_device(),
+                     shard=ray.train.get_dataset_shard, prepare_model=ray.train.torch.prepare_model, store=store)
+    return _train_loop(loop_config, cfg, env, selector, t_fn)
+
+
+def train_in_trial(loop_config: Mapping[str, Any], datasets: Mapping[str, Any]) -> dict[str, Any]:
+    """The training loop in a Ray Tune trial's own process, without Ray Train (`workers_per_trial: 0` in a search):
+    one rank, the whole datasets, the trial's device (the GPU Ray gave the trial when `run.use_gpu`), checkpoints
+    in the run directory as in local mode (`LocalCheckpoints`: a restarted trial resumes them), every epoch
+    reported to Tune. Ray 2.60 refuses `ray.train.*` calls inside a Tune function, and a trial of one process
+    needs no worker group: starting one (controller, worker actor, dataset split) is most of a short trial.
+    Returns what rank 0 of `train_fn_per_worker` returns."""
+    t_fn = time.perf_counter()
+    cfg = Config.from_dict(loop_config["config"], source="train_loop_config")
+    if cfg.run.use_gpu and not torch.cuda.is_available():
+        raise RuntimeError(f"run.use_gpu=true, but the trial's process sees no CUDA device "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    configure_worker_logging()
+    selector = _selector(cfg)
+    device = torch.device("cuda", 0) if cfg.run.use_gpu else torch.device("cpu")  # Ray set the visible GPU
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    store = _TrialCheckpoints(loop_config["storage"], cfg.run.name, cfg.run.keep_checkpoints, selector)
+    env = _WorkerEnv(rank=0, world=1, device=device, shard=lambda name: datasets[name],
+                     prepare_model=lambda m: m.to(device), store=store)
+    out = _train_loop(loop_config, cfg, env, selector, t_fn)
+    assert out is not None  # rank 0
+    return out
+
+
+def _selector(cfg: Config) -> Selector:
+    return Selector(cfg.optim.select_metric, cfg.optim.select_mode, cfg.optim.early_stop_patience)
+
+
+def _train_loop(loop_config: Mapping[str, Any], cfg: Config, env: _WorkerEnv, selector: Selector,
+                t_fn: float) -> dict[str, Any] | None:
+    """The loop of `train_fn_per_worker` and `train_in_trial`: set-up, epochs, the selected checkpoint's final
+    evaluation; rank 0 returns the run's results."""
+    rank, world, device, store = env.rank, env.world, env.device, env.store
     amp_dtype = resolve_amp(cfg.optim.amp, device)
     scaler = make_scaler(amp_dtype, device)
     counts = loop_config.get("counts") or {}
-    if cfg.run.num_workers > 0:  # local mode runs in the driver, whose logging is the command's business
-        configure_worker_logging()
-
-    selector = Selector(cfg.optim.select_metric, cfg.optim.select_mode, cfg.optim.early_stop_patience)
-    store = (_LocalModeCheckpoints(loop_config["storage"], cfg.run.name, cfg.run.keep_checkpoints, selector)
-             if cfg.run.num_workers == 0 else RayCheckpoints())
     latest = store.latest()
-    train_shard = ray.train.get_dataset_shard("train")
+    train_shard = env.shard("train")
 
     def train_pass(epoch: int) -> Any:
         return iter_batches(train_shard, cfg.data, cfg.optim.batch_size, epoch=epoch, train=True)
@@ -301,7 +365,7 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
         early.close()
         early = None
     maybe_compile(raw, cfg.optim)  # after the restore; in place, so `raw` (evaluation) is the compiled module too
-    model = ray.train.torch.prepare_model(raw)
+    model = env.prepare_model(raw)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)
     _restore_optim(res, optimizer, scheduler, cfg.optim.seed, rank, world, scaler)
@@ -309,7 +373,7 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
         log.info("resumed %s from epoch %d (session %d)", cfg.run.name, res.resumed_from, res.session)
 
     final_splits = tuple(loop_config.get("final_splits") or ("valid", "test"))
-    eval_shards = {s: ray.train.get_dataset_shard(s) for s in dict.fromkeys(("valid", *final_splits))}
+    eval_shards = {s: env.shard(s) for s in dict.fromkeys(("valid", *final_splits))}
     keep = None if world == 1 else eval_partition(rank, world)
     progress = ProgressFiles(loop_config.get("storage"), cfg.run.name) if rank == 0 else None
 
@@ -393,6 +457,22 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
 # =============================================================================================
 
 
+def build_loop_config(cfg: Config, storage: Any, *, counts: Mapping[str, int] | None = None,
+                      final_splits: Sequence[str] = ("valid", "test"),
+                      fault: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The `loop_config` of `train_fn_per_worker` and `train_in_trial` (see `train_fn_per_worker`). `fault`: the
+    FAULT_ENV testing hook as read by a process whose environment the caller does not share (a Tune trial's
+    driver: the search's driver reads it); by default this process's FAULT_ENV."""
+    return {
+        "config": cfg.to_dict(),
+        "counts": {s: int(n) for s, n in (counts or {}).items()},
+        "storage": (cfg.run.storage_path if "://" in cfg.run.storage_path else storage.root,
+                    cfg.run.s3_endpoint or cfg.data.s3_endpoint),
+        "final_splits": list(final_splits),
+        "fault": dict(fault) if fault else _fault_spec(),
+    }
+
+
 def build_trainer(cfg: Config, datasets: Mapping[str, Any], storage: Any, *,
                   counts: Mapping[str, int] | None = None, callbacks: Sequence[Any] = (),
                   final_splits: Sequence[str] = ("valid", "test")):
@@ -411,14 +491,7 @@ def build_trainer(cfg: Config, datasets: Mapping[str, Any], storage: Any, *,
                                                      checkpoint_score_order=cfg.optim.select_mode),
         callbacks=list(callbacks) or None,
     )
-    loop_config = {
-        "config": cfg.to_dict(),
-        "counts": {s: int(n) for s, n in (counts or {}).items()},
-        "storage": (cfg.run.storage_path if "://" in cfg.run.storage_path else storage.root,
-                    cfg.run.s3_endpoint or cfg.data.s3_endpoint),
-        "final_splits": list(final_splits),
-        "fault": _fault_spec(),
-    }
+    loop_config = build_loop_config(cfg, storage, counts=counts, final_splits=final_splits)
     return TorchTrainer(train_fn_per_worker, train_loop_config=loop_config, datasets=dict(datasets),
                         dataset_config=split_config(),
                         scaling_config=ray.train.ScalingConfig(**cfg.run.scaling_kwargs()),

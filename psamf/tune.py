@@ -14,7 +14,7 @@ The search file::
     scheduler: asha          # asha | none; max_t = optim.epochs
     grace_period: 1          # ASHA: epochs before the first cut
     reduction_factor: 2
-    workers_per_trial: 1
+    workers_per_trial: 1     # Ray Train DDP workers per trial; 0: the trial trains in its own process (below)
     max_concurrent_trials: null  # null: as many as fit the cluster now; on an autoscaling cluster, the most you
                                  # want at once (pending trials make the autoscaler add nodes, up to its maximum)
     seed: 0
@@ -50,6 +50,13 @@ Why it is built this way:
   the cluster's CPUs with one left for Ray Data (and GPUs when `use_gpu`), so a 2-core laptop and a GPU cluster
   both work unedited and Ray Data read tasks never starve (docs/ray-operations.md §2). A head advertising `TRAIN_DRIVER`
   slots runs the trial drivers there with no CPU.
+* **Trials in their own process** (`workers_per_trial: 0`). A one-process trial does not need a Ray Train worker
+  group: the trial's own actor holds one worker's resources (`run.cpus_per_worker`, a GPU when `run.use_gpu`,
+  `run.worker_resources`), trains there (`psamf.train.train_in_trial`: the same loop, checkpoints as in local
+  mode) and reports every epoch to Tune itself. Starting the controller, the worker actor and the dataset split
+  was most of a short trial (docs/benchmarks.md, "Search throughput"). Ray 2.60 refuses `ray.train.*` inside a
+  Tune function, so Ray Train's own local mode cannot do this. Tune restarts a failed trial `run.max_failures`
+  times (there is no Train restart inside it) and the trial resumes from its latest checkpoint.
 
 Outputs in `<storage>/<name>/`: `search.yaml` (the resolved search), `trials.parquet` + `trials.csv`,
 `best.yaml`, `metrics.json`, `plots/*.png`, and per trial `trials/<id>/` (Train run: checkpoints,
@@ -112,6 +119,19 @@ def _build_trainer(pf: Any, datasets: Mapping[str, Any], callbacks: Sequence[Any
 
     return build_trainer(pf.cfg, datasets, pf.storage, counts=pf.manifest.get("counts"), callbacks=callbacks,
                          final_splits=("valid",))
+
+
+def _train_in_trial(pf: Any, datasets: Mapping[str, Any], fault: Mapping[str, Any] | None) -> dict[str, Any]:
+    from psamf.train import build_loop_config, train_in_trial
+
+    return train_in_trial(build_loop_config(pf.cfg, pf.storage, counts=pf.manifest.get("counts"),
+                                            final_splits=("valid",), fault=fault), datasets)
+
+
+def _fault_spec() -> dict[str, Any] | None:
+    from psamf.train import _fault_spec as spec
+
+    return spec()
 
 
 def _selectable_metrics(dataset: str) -> list[str]:
@@ -259,7 +279,7 @@ class SearchSpace:
         _one_of(src, "search", self.search, SEARCHES)
         _one_of(src, "scheduler", self.scheduler, SCHEDULERS)
         for name, low in (("num_samples", 1), ("grace_period", 1), ("reduction_factor", 2),
-                          ("workers_per_trial", 1)):
+                          ("workers_per_trial", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{src}: {name} must be >= {low}, got {getattr(self, name)}")
         if self.scheduler == "asha" and self.grace_period > self.base.optim.epochs:
@@ -414,24 +434,27 @@ def load_search(name: str, storage_path: str = "runs", s3_endpoint: str | None =
 
 def max_concurrent_trials(space: SearchSpace, resources: Mapping[str, float]) -> int:
     """Trials that fit side by side: each holds workers x cpus_per_worker CPUs plus one for its driver (unless
-    the cluster advertises TRAIN_DRIVER slots for drivers), one CPU stays free for Ray Data; GPUs when use_gpu."""
+    the cluster advertises TRAIN_DRIVER slots for drivers), one CPU stays free for Ray Data; GPUs when use_gpu.
+    A trial that trains in its own process (`workers_per_trial: 0`) holds one worker's resources and no driver."""
     run, w = space.base.run, space.workers_per_trial
     cpu, gpu = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
-    drivers = resources.get("TRAIN_DRIVER")
-    per_trial = w * run.cpus_per_worker + (0 if drivers else 1)
+    drivers = resources.get("TRAIN_DRIVER") if w > 0 else None
+    per_trial = max(1, w) * run.cpus_per_worker + (0 if drivers or w == 0 else 1)
     k = int((cpu - 1) // per_trial) if per_trial > 0 else space.num_samples
     if drivers:
         k = min(k, int(drivers))
     if run.use_gpu:
-        k = min(k, int(gpu // (w * run.gpus_per_worker)))
+        k = min(k, int(gpu // (max(1, w) * run.gpus_per_worker)))
     for key, amount in run.worker_resources.items():
-        k = min(k, int(float(resources.get(key, 0)) // (w * amount)))
+        k = min(k, int(float(resources.get(key, 0)) // (max(1, w) * amount)))
     return max(1, min(k, space.num_samples))
 
 
 def _trial_driver(params: dict[str, Any], *, base: dict[str, Any], manifest: dict[str, Any],
-                  trials_uri: str, s3_endpoint: str | None) -> None:
-    """One trial = one Train V2 run named by the trial id (a restored trial resumes its own checkpoints)."""
+                  trials_uri: str, s3_endpoint: str | None, fault: dict[str, Any] | None = None) -> None:
+    """One trial = one Train V2 run named by the trial id (a restored trial resumes its own checkpoints). With
+    `workers_per_trial: 0` the run is in Ray Train's local mode: it trains in this process, which holds the
+    worker's resources, and reports each epoch to Tune itself (no worker group, no controller to start)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -452,10 +475,13 @@ def _trial_driver(params: dict[str, Any], *, base: dict[str, Any], manifest: dic
         return
     write_bytes(st.fs, f"{run_dir}/config.yaml", pf.cfg.to_yaml().encode())
     data = _load_datasets(pf.cfg, pf.manifest)
-    result = fit_trainer(_build_trainer(pf, data, [TuneReportCallback()]), pf.cfg.run.controller_poll_s)
-    if result.error is not None:
-        raise result.error
-    ret = result.return_value or {}
+    if pf.cfg.run.num_workers == 0:  # workers_per_trial: 0, the trial trains in this process
+        ret = _train_in_trial(pf, data, fault)
+    else:
+        result = fit_trainer(_build_trainer(pf, data, [TuneReportCallback()]), pf.cfg.run.controller_poll_s)
+        if result.error is not None:
+            raise result.error
+        ret = result.return_value or {}
     write_json(st.fs, f"{run_dir}/done.json", {
         "trial_id": trial_id, "selected_epoch": ret.get("selected_epoch"), "early_stopped": ret.get("early_stopped"),
         "checkpoint_path": ret.get("checkpoint_path"), "valid": (ret.get("valid") or {}).get("metrics")})
@@ -524,10 +550,28 @@ def _trainable(space: SearchSpace, manifest: Mapping[str, Any], trials_uri: str)
     base = space.base.to_dict()
     base["preset"] = space.base.preset
     endpoint = space.base.run.s3_endpoint or space.base.data.s3_endpoint
+    # the testing hook's FAULT_ENV as this process sees it: the trials' processes inherit the environment Ray
+    # started with, not this process's later changes
     fn = tune.with_parameters(_trial_driver, base=base, manifest=dict(manifest), trials_uri=trials_uri,
-                              s3_endpoint=endpoint)
-    drivers = ray.cluster_resources().get("TRAIN_DRIVER")
-    return tune.with_resources(fn, {"CPU": 0, "TRAIN_DRIVER": 1} if drivers else {"CPU": 1})
+                              s3_endpoint=endpoint, fault=_fault_spec() if space.workers_per_trial == 0 else None)
+    return tune.with_resources(fn, _trial_resources(space, ray.cluster_resources()))
+
+
+def _trial_retries(space: SearchSpace) -> int:
+    """Tune's restarts of a failed trial. A trial with a worker group has Ray Train's own restarts inside
+    (`run.max_failures`), and Tune restarts it once more; a trial that trains in its own process has only Tune's,
+    so it gets `run.max_failures` of them (-1: unlimited). Either way the run resumes from its latest checkpoint."""
+    return space.base.run.max_failures if space.workers_per_trial == 0 else 1
+
+
+def _trial_resources(space: SearchSpace, cluster: Mapping[str, float]) -> dict[str, float]:
+    """What a trial's own actor holds: a worker's resources when it trains itself (`workers_per_trial: 0`),
+    otherwise one CPU for the driver, or a TRAIN_DRIVER slot and no CPU where the cluster advertises them."""
+    run = space.base.run
+    if space.workers_per_trial == 0:
+        return {"CPU": run.cpus_per_worker, **({"GPU": run.gpus_per_worker} if run.use_gpu else {}),
+                **run.worker_resources}
+    return {"CPU": 0, "TRAIN_DRIVER": 1} if cluster.get("TRAIN_DRIVER") else {"CPU": 1}
 
 
 def _tuner(space: SearchSpace, name: str, st: Any, manifest: Mapping[str, Any], resume: bool, out: Any) -> Any:
@@ -558,7 +602,7 @@ def _tuner(space: SearchSpace, name: str, st: Any, manifest: Mapping[str, Any], 
                                     trial_dirname_creator=lambda t: t.trial_id,
                                     trial_name_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=st.storage_path, storage_filesystem=st.storage_filesystem,
-                                  failure_config=tune.FailureConfig(max_failures=1), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=_trial_retries(space)), verbose=0,
                                   callbacks=[JsonLoggerCallback(), CSVLoggerCallback(),
                                              _ConsoleLine(st.fs, f"{st.run_dir(name)}/trials", space.metric,
                                                           space.mode, space.max_t),

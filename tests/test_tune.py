@@ -43,6 +43,7 @@ def _space(tmp_path: Path, space: dict, **top) -> Path:
     ({"metric": "test_mae"}, {"optim.lr_main": {"uniform": [1e-4, 1e-3]}}, r"metric='test_mae'.*validation"),
     ({}, {"model.cross_heads": {"grid": [1, 2]}}, r"grid.*search: grid or random"),
     ({}, {"run.num_workers": {"choice": [1, 2]}}, r"space\.run\.num_workers cannot be searched"),
+    ({"workers_per_trial": -1}, {"optim.lr_main": {"uniform": [1e-4, 1e-3]}}, r"workers_per_trial must be >= 0"),
 ])
 def test_invalid_search_fails_before_any_trial(tmp_path, top, space, match):
     path = _space(tmp_path, space, **top)
@@ -79,6 +80,26 @@ def test_max_concurrent_trials_fits_the_cluster(tmp_path):
     s.base = s.base.replace({"run.use_gpu": True})
     assert max_concurrent_trials(s, {"CPU": 1024, "GPU": 64}) == 32  # GPUs bound it
     assert max_concurrent_trials(s, {"CPU": 1024, "GPU": 64, "TRAIN_DRIVER": 4}) == 4
+
+
+def test_a_trial_that_trains_in_its_own_process_holds_one_workers_resources_and_no_driver(tmp_path):
+    from psamf.tune import _trial_resources, _trial_retries
+
+    s = SearchSpace.from_yaml(_space(tmp_path, {"optim.lr_main": {"uniform": [1e-4, 1e-3]}}, num_samples=64,
+                                     workers_per_trial=0))
+    assert max_concurrent_trials(s, {"CPU": 4}) == 3  # (4 - 1 for Ray Data) // 1 CPU; no driver CPU
+    assert max_concurrent_trials(s, {"CPU": 2}) == 1
+    assert _trial_resources(s, {"CPU": 4}) == {"CPU": 1.0}
+    assert _trial_resources(s, {"CPU": 4, "TRAIN_DRIVER": 2}) == {"CPU": 1.0}  # trains: not on a driver slot
+    assert _trial_retries(s) == s.base.run.max_failures == 2  # Ray Train's restarts become Tune's
+    s.base = s.base.replace({"run.use_gpu": True, "run.cpus_per_worker": 4, "run.worker_resources": {"H200": 1}})
+    assert _trial_resources(s, {}) == {"CPU": 4.0, "GPU": 1.0, "H200": 1}
+    assert max_concurrent_trials(s, {"CPU": 1024, "GPU": 8, "H200": 8, "TRAIN_DRIVER": 2}) == 8  # GPUs bound it
+    assert max_concurrent_trials(s, {"CPU": 1024, "GPU": 8, "H200": 3}) == 3
+    w1 = SearchSpace.from_yaml(_space(tmp_path, {"optim.lr_main": {"uniform": [1e-4, 1e-3]}}, workers_per_trial=1))
+    assert _trial_resources(w1, {"CPU": 4}) == {"CPU": 1}  # the driver's CPU; the worker group holds its own
+    assert _trial_resources(w1, {"CPU": 4, "TRAIN_DRIVER": 2}) == {"CPU": 0, "TRAIN_DRIVER": 1}
+    assert _trial_retries(w1) == 1
 
 
 # ---------------------------------------------------------------------------------------------- Ray
@@ -240,3 +261,63 @@ def test_a_trial_restored_without_its_config_gets_its_values_from_its_own_files(
     (tmp_path / "t" / "config.yaml").write_text(yaml.safe_dump({"model": {"align_layer": 1, "text_layers": 3}}))
     assert _recorded_params(fs, str(tmp_path / "t"), keys) == {"model.align_layer": 1, "model.text_layers": 3}
     assert _recorded_params(fs, str(tmp_path / "none"), keys) == {}
+
+
+def _small_search(shards: str, workers: int, **top) -> SearchSpace:
+    return SearchSpace.from_dict({
+        "base": {"preset": "tiny", "overrides": {"data.uri": shards, "optim.epochs": 3}},
+        "metric": "val_mae", "mode": "min", "num_samples": 4, "search": "optuna", "scheduler": "asha",
+        "grace_period": 1, "reduction_factor": 2, "workers_per_trial": workers, "max_concurrent_trials": 1, "seed": 0,
+        "space": {"optim.lr_main": {"loguniform": [1e-3, 1e-2]}, "optim.lr_bert": {"loguniform": [1e-4, 3e-3]},
+                  "loss.w_ccl": {"uniform": [0.0, 1.0]}}, **top}, source="test")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_trials_in_their_own_process_find_what_worker_group_trials_find(ray_cluster, shards, tmp_path):
+    """The same seeded 4-trial Optuna + ASHA search, one trial at a time, with a Ray Train worker group per trial
+    (`workers_per_trial: 1`) and with every trial training in its own process (`0`): the same parameters, the same
+    ASHA decisions (statuses, epochs) and the same validation MAE per trial; the in-process trials leave no Ray
+    Train run state behind (no controller ran), and report every epoch to Tune with its checkpoint."""
+    rows = {}
+    for w in (1, 0):
+        res = run_search(_small_search(shards, w), name=f"w{w}", storage_path=str(tmp_path / "runs"))
+        rows[w] = sorted(res.rows, key=lambda r: r["config/optim.lr_main"])
+    assert len(rows[0]) == len(rows[1]) == 4
+    assert {r["status"] for r in rows[0]} <= {"finished", "stopped-early"}
+    assert sum(r["status"] == "stopped-early" for r in rows[0]) >= 1  # ASHA stopped in-process trials too
+    for a, b in zip(rows[0], rows[1]):
+        for k in ("config/optim.lr_main", "config/optim.lr_bert", "config/loss.w_ccl", "status", "epochs_run"):
+            assert a[k] == b[k], k
+        assert a["best_val_mae"] == pytest.approx(b["best_val_mae"], abs=1e-6)
+    for r in rows[0]:
+        d = tmp_path / "runs" / "w0" / "trials" / r["trial_id"]
+        assert not (d / "checkpoint_manager_snapshot.json").exists() and not (d / ".validate_storage_marker").exists()
+        hist = json.loads((d / "history.json").read_text())
+        assert [h["epoch"] for h in hist] == list(range(r["epochs_run"])) and {h["world_size"] for h in hist} == {1}
+        results = [json.loads(line) for line in (tmp_path / "runs" / "w0" / r["trial_id"] / "result.json")
+                   .read_text().splitlines()]
+        assert [x["epoch"] for x in results] == list(range(r["epochs_run"]))
+        for x in results:
+            assert x["checkpoint_path"].endswith(f"checkpoint_epoch={x['epoch']:03d}")
+    w1 = tmp_path / "runs" / "w1" / "trials" / rows[1][0]["trial_id"]
+    assert (w1 / "checkpoint_manager_snapshot.json").exists()  # what the check above would have seen
+
+
+@pytest.mark.integration
+def test_a_trial_killed_in_its_own_process_is_restarted_by_tune_and_resumes_its_checkpoint(ray_cluster, shards,
+                                                                                          tmp_path, monkeypatch):
+    """`workers_per_trial: 0`: the trial's process exits hard after the first step of epoch 1 (the FAULT_ENV hook);
+    Tune restarts the trial (`run.max_failures` restarts), which resumes from the checkpoint of epoch 0 instead of
+    training from scratch, and the search ends with the trial finished and every epoch recorded once."""
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("PSAMF_FAULT_INJECT", f"rank=0,epoch=1,marker={marker}")
+    space = _small_search(shards, 0, num_samples=1, search="grid", scheduler="none",
+                          space={"model.text_layers": {"grid": [2]}})
+    res = run_search(space, name="killed", storage_path=str(tmp_path / "runs"))
+    assert marker.exists() and "exited at epoch 1" in marker.read_text()
+    (row,) = res.rows
+    assert row["status"] == "finished" and row["epochs_run"] == 3
+    hist = json.loads((tmp_path / "runs" / "killed" / "trials" / row["trial_id"] / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [0, 1, 2]
+    assert [h["session"] for h in hist] == [0, 1, 1] and [h["resumed_from"] for h in hist] == [None, 0, 0]

@@ -33,11 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after training, a 4-trial Ray Tune search of the tiny preset with ASHA (default: on)")
 
 
-# The demo's search (as jobs/search/tiny-demo.yaml, on the demo's shards): 4 Optuna trials, 3 epochs each, ASHA.
+# The demo's search (as jobs/search/tiny-demo.yaml, on the demo's shards): 4 Optuna trials, 3 epochs each, ASHA,
+# each trial training in its own process (`workers_per_trial: 0`: no Ray Train worker group to start per trial).
 DEMO_SEARCH = {
     "base": {"preset": "tiny", "overrides": {"optim.epochs": 3}},
     "metric": "val_mae", "mode": "min", "num_samples": 4, "search": "optuna", "scheduler": "asha",
-    "grace_period": 1, "reduction_factor": 2, "workers_per_trial": 1, "seed": 0,
+    "grace_period": 1, "reduction_factor": 2, "workers_per_trial": 0, "seed": 0,
     "space": {
         "optim.lr_main": {"loguniform": [1.0e-3, 1.0e-2]},
         "optim.lr_bert": {"loguniform": [1.0e-4, 3.0e-3]},
