@@ -55,7 +55,7 @@ def _preflight(cfg: Config, *, manifest: Mapping[str, Any] | None = None, check_
 def _fit_one(pf: Any) -> Any:
     from psamf.train import fit
 
-    return fit(pf)
+    return fit(pf, in_trial=True)  # a grid trial: run.num_workers=0 trains in the trial's own process
 
 
 def _init_ray(num_workers: int) -> None:
@@ -115,11 +115,13 @@ def _trial_config(cfg: Config, name: str, row: str, seed: int, storage_path: str
 
 
 def max_concurrent_trials(cfgs: Sequence[Config], n_trials: int, resources: Mapping[str, float]) -> int:
-    """How many trials fit side by side: each needs its workers' CPUs (GPUs) plus its driver's CPU, and
-    RAY_DATA_CPU stays free for Ray Data, so a 2-core machine runs one trial at a time instead of hanging."""
+    """How many trials fit side by side: each needs its workers' CPUs (GPUs) plus its driver's CPU (a run with
+    `run.num_workers=0` trains in the trial's process: one worker's resources, no driver), and RAY_DATA_CPU
+    stays free for Ray Data, so a 2-core machine runs one trial at a time instead of hanging."""
     w = max(max(1, c.run.num_workers) for c in cfgs)
     cpw = max(c.run.cpus_per_worker for c in cfgs)
-    k = int((resources.get("CPU", 0) - RAY_DATA_CPU) // (w * cpw + DRIVER_CPU))
+    driver = DRIVER_CPU if any(c.run.num_workers > 0 for c in cfgs) else 0.0
+    k = int((resources.get("CPU", 0) - RAY_DATA_CPU) // (w * cpw + driver))
     if any(c.run.use_gpu for c in cfgs):
         gpw = max(c.run.gpus_per_worker for c in cfgs if c.run.use_gpu)
         k = min(k, int(resources.get("GPU", 0) // (w * gpw)))
@@ -127,6 +129,21 @@ def max_concurrent_trials(cfgs: Sequence[Config], n_trials: int, resources: Mapp
         need = max(c.run.worker_resources.get(key, 0) for c in cfgs)
         k = min(k, int(resources.get(key, 0) // (w * need)))
     return max(1, min(n_trials, k))
+
+
+class _TrialResources:
+    """A grid trial's resources by its row (Tune calls this with the trial's config): the driver's CPU when the
+    row's run has a Ray Train worker group (which holds the workers' resources itself), one worker's resources
+    when it trains in the trial's own process (`run.num_workers=0`, `psamf.train.train_in_trial`)."""
+
+    def __init__(self, runs: Mapping[str, Any]):
+        self.runs = dict(runs)
+
+    def __call__(self, config: Mapping[str, Any]) -> Any:
+        from ray.tune import PlacementGroupFactory
+
+        run = self.runs[config["row"]]
+        return PlacementGroupFactory([run.resources_per_worker() if run.num_workers == 0 else {"CPU": DRIVER_CPU}])
 
 
 def _grid_trial(config: dict[str, Any], *, rows: Mapping[str, dict[str, Any]], manifest: Mapping[str, Any],
@@ -152,10 +169,6 @@ def _check_grid(rows: Sequence[tuple[str, Config]], seeds: Sequence[int]) -> tup
     for r, cfg in rows:
         if "/" in r or (r == "" and len(names) > 1):
             raise ConfigError(f"grid row name {r!r}: no '/', and empty only for a single row")
-        if cfg.run.num_workers < 1:
-            # Ray 2.60 refuses `ray.train.get_context()` in a function that a Tune trial runs in-process
-            raise ConfigError(f"grid row {r!r}: run.num_workers={cfg.run.num_workers} (Ray Train local mode) cannot "
-                              "run inside a Ray Tune trial, which every grid run is; use run.num_workers >= 1")
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not seeds:
         raise ConfigError("a grid needs at least one seed")
@@ -190,7 +203,7 @@ def run_grid(rows: Sequence[tuple[str, Config]], seeds: Sequence[int], *, name: 
     k = max_concurrent_trials([p.cfg for p in pfs], len(pfs), ray.cluster_resources())
     trainable = ray.tune.with_resources(ray.tune.with_parameters(
         _grid_trial, rows={r: c.to_dict() for r, c in rows}, manifest=manifest, name=name,
-        storage_path=storage_path), {"CPU": DRIVER_CPU})
+        storage_path=storage_path), _TrialResources({r: c.run for r, c in rows}))
     exp = grid_dir or name
     exp_uri = f"{st.uri.rstrip('/')}/{exp}"
     if resume and ray.tune.Tuner.can_restore(exp_uri if st.storage_filesystem is None else f"{st.root}/{exp}",

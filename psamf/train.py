@@ -140,17 +140,22 @@ class _LocalModeCheckpoints(LocalCheckpoints):
 
 
 class _TrialCheckpoints(_LocalModeCheckpoints):
-    """`LocalCheckpoints` of a Tune trial that trains in its own process (`train_in_trial`): every epoch's
-    metrics go to Ray Tune, with the checkpoint's path, as `TuneReportCallback` forwards them from a worker
-    group."""
+    """`LocalCheckpoints` of a Tune trial that trains in its own process (`train_in_trial`). With `to_tune` every
+    epoch's metrics go to Ray Tune, with the checkpoint's path, as `TuneReportCallback` forwards them from a worker
+    group (a search's trials); without, the trial reports once itself (a study grid's)."""
+
+    def __init__(self, *args: Any, to_tune: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.to_tune = to_tune
 
     def report(self, metrics: Mapping[str, Any], local_dir: str | None, epoch: int, history: Sequence[Any]) -> None:
-        import ray.tune
-
         if local_dir:
             self.save(local_dir, epoch, history)
-        path = self.path(epoch)
-        ray.tune.report({**metrics, **({"checkpoint_path": path} if path else {})})
+        if self.to_tune:
+            import ray.tune
+
+            path = self.path(epoch)
+            ray.tune.report({**metrics, **({"checkpoint_path": path} if path else {})})
 
 
 @dataclass
@@ -307,13 +312,14 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
     return _train_loop(loop_config, cfg, env, selector, t_fn)
 
 
-def train_in_trial(loop_config: Mapping[str, Any], datasets: Mapping[str, Any]) -> dict[str, Any]:
-    """The training loop in a Ray Tune trial's own process, without Ray Train (`workers_per_trial: 0` in a search):
-    one rank, the whole datasets, the trial's device (the GPU Ray gave the trial when `run.use_gpu`), checkpoints
-    in the run directory as in local mode (`LocalCheckpoints`: a restarted trial resumes them), every epoch
-    reported to Tune. Ray 2.60 refuses `ray.train.*` calls inside a Tune function, and a trial of one process
-    needs no worker group: starting one (controller, worker actor, dataset split) is most of a short trial.
-    Returns what rank 0 of `train_fn_per_worker` returns."""
+def train_in_trial(loop_config: Mapping[str, Any], datasets: Mapping[str, Any], *,
+                   report_epochs: bool = True) -> dict[str, Any]:
+    """The training loop in a Ray Tune trial's own process, without Ray Train (`workers_per_trial: 0` in a search,
+    `run.num_workers=0` in a study grid): one rank, the whole datasets, the trial's device (the GPU Ray gave the
+    trial when `run.use_gpu`), checkpoints in the run directory as in local mode (`LocalCheckpoints`: a restarted
+    trial resumes them), every epoch reported to Tune when `report_epochs`. Ray 2.60 refuses `ray.train.*` calls
+    inside a Tune function, and a trial of one process needs no worker group: starting one (controller, worker
+    actor, dataset split) is most of a short trial. Returns what rank 0 of `train_fn_per_worker` returns."""
     t_fn = time.perf_counter()
     cfg = Config.from_dict(loop_config["config"], source="train_loop_config")
     if cfg.run.use_gpu and not torch.cuda.is_available():
@@ -324,7 +330,8 @@ def train_in_trial(loop_config: Mapping[str, Any], datasets: Mapping[str, Any]) 
     device = torch.device("cuda", 0) if cfg.run.use_gpu else torch.device("cpu")  # Ray set the visible GPU
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    store = _TrialCheckpoints(loop_config["storage"], cfg.run.name, cfg.run.keep_checkpoints, selector)
+    store = _TrialCheckpoints(loop_config["storage"], cfg.run.name, cfg.run.keep_checkpoints, selector,
+                              to_tune=report_epochs)
     env = _WorkerEnv(rank=0, world=1, device=device, shard=lambda name: datasets[name],
                      prepare_model=lambda m: m.to(device), store=store)
     out = _train_loop(loop_config, cfg, env, selector, t_fn)
@@ -513,9 +520,12 @@ def _trim_history(fs: Any, run_dir: str, resume_epoch: int | None) -> None:
         write_history(fs, run_dir, keep)
 
 
-def fit(pf: Preflight, *, datasets: Mapping[str, Any] | None = None, callbacks: Sequence[Any] = ()) -> TrainResult:
+def fit(pf: Preflight, *, datasets: Mapping[str, Any] | None = None, callbacks: Sequence[Any] = (),
+        in_trial: bool = False) -> TrainResult:
     """Fit one run (one seed) and write its outputs. `pf` comes from `preflight`; `datasets` default to the
-    manifest's splits (`psamf.data.load_datasets`)."""
+    manifest's splits (`psamf.data.load_datasets`). `in_trial`: this is a Ray Tune trial's function (a study
+    grid's), where a run with `run.num_workers=0` trains in this process through `train_in_trial` (Ray Train's
+    local mode refuses to run in a Tune function)."""
     from psamf.storage import write_bytes
 
     cfg, st = pf.cfg, pf.storage
@@ -532,8 +542,15 @@ def fit(pf: Preflight, *, datasets: Mapping[str, Any] | None = None, callbacks: 
     t0 = time.perf_counter()
     if datasets is None:
         datasets = load_datasets(cfg.data, pf.manifest)
-    trainer = build_trainer(cfg, datasets, st, counts=pf.manifest.get("counts"), callbacks=callbacks)
     t1 = time.perf_counter()
+    if in_trial and cfg.run.num_workers == 0:
+        ret = train_in_trial(build_loop_config(cfg, st, counts=pf.manifest.get("counts")), datasets,
+                             report_epochs=False)
+        out = write_run_outputs(pf, ret)
+        log.info("run %s: datasets %.1f s, training in the trial %.1f s", cfg.run.name, t1 - t0,
+                 time.perf_counter() - t1)
+        return out
+    trainer = build_trainer(cfg, datasets, st, counts=pf.manifest.get("counts"), callbacks=callbacks)
     # local mode runs the loop in this process, so its log lines already reach the console
     printer = (HistoryPrinter(st.fs, run_dir, cfg.optim.select_metric)
                if runtime.quiet() and cfg.run.num_workers > 0 else contextlib.nullcontext())

@@ -567,10 +567,8 @@ def _trial_retries(space: SearchSpace) -> int:
 def _trial_resources(space: SearchSpace, cluster: Mapping[str, float]) -> dict[str, float]:
     """What a trial's own actor holds: a worker's resources when it trains itself (`workers_per_trial: 0`),
     otherwise one CPU for the driver, or a TRAIN_DRIVER slot and no CPU where the cluster advertises them."""
-    run = space.base.run
     if space.workers_per_trial == 0:
-        return {"CPU": run.cpus_per_worker, **({"GPU": run.gpus_per_worker} if run.use_gpu else {}),
-                **run.worker_resources}
+        return space.base.run.resources_per_worker()
     return {"CPU": 0, "TRAIN_DRIVER": 1} if cluster.get("TRAIN_DRIVER") else {"CPU": 1}
 
 

@@ -186,13 +186,17 @@ def test_a_study_can_run_a_subset_of_its_rows_that_holds_the_reference():
         S.study_layers(cfg.override(["model.align_layer=1"]), [1], only=["align0"], storage_path="/nonexistent")
 
 
-def test_a_grid_of_local_mode_runs_is_refused_before_any_trial():
-    """Ray Train local mode (run.num_workers=0) fails inside a Tune trial in Ray 2.60 (seen: a DeprecationWarning
-    from `ray.train.get_context` in every trial): the grid says so, naming the row, before Ray starts."""
-    cfg = Config.from_preset("tiny")
-    with pytest.raises(ConfigError, match=r"grid row 'frozen': run\.num_workers=0 .*local mode"):
-        S.run_grid([("full", cfg), ("frozen", cfg.override(["run.num_workers=0"]))], [1], name="x",
-                   storage_path="/nonexistent")
+def test_a_grid_trial_of_a_run_without_workers_holds_one_workers_resources():
+    """A row with run.num_workers=0 trains in the trial's own process: the trial holds one worker's resources and
+    needs no driver CPU; a row with a worker group keeps the driver's CPU (its workers hold their own)."""
+    cfg = Config.from_preset("tiny").override(["run.num_workers=1"])
+    own = cfg.override(["run.num_workers=0", "run.cpus_per_worker=2", "run.use_gpu=true"])
+    res = S._TrialResources({"full": cfg.run, "own": own.run})
+    assert res({"row": "full", "seed": 1}).bundles == [{"CPU": S.DRIVER_CPU}]
+    assert res({"row": "own", "seed": 1}).bundles == [{"CPU": 2.0, "GPU": 1.0}]
+    solo = cfg.override(["run.num_workers=0"])
+    assert S.max_concurrent_trials([solo], 8, {"CPU": 4}) == 3  # (4 - 1 for Ray Data) // 1: no driver CPU
+    assert S.max_concurrent_trials([solo, cfg], 8, {"CPU": 4}) == 1  # a mixed grid sizes for the larger trial
 
 
 def test_max_concurrent_trials_leaves_a_cpu_for_ray_data():
@@ -233,3 +237,23 @@ def test_a_real_grid_flags_a_crippled_row_and_writes_every_output(ray_cluster, s
     assert [g.status for g in again] == ["ok"] * 4
     assert {g.run_name: os.path.getmtime(os.path.join(tmp_path, g.run_name, "metrics.json")) for g in again} == mtimes
     assert storage_target(str(tmp_path)).uri == str(tmp_path)
+
+
+@pytest.mark.integration
+def test_a_grid_row_without_workers_trains_in_its_trial_and_matches_a_one_worker_row(ray_cluster, shards, tmp_path):
+    """The same run as a one-worker Ray Train run and in the trial's own process (run.num_workers=0; Ray Train's
+    local mode would fail inside a Tune trial): both rows finish with the same test metrics (same seed, same data
+    order, one process each), and only the first leaves Ray Train's run state behind."""
+    uri, _ = shards
+    base = Config.from_preset("tiny").override([f"data.uri={uri}", "run.num_workers=1", "optim.epochs=2",
+                                                 "run.max_failures=0"])
+    grid = S.run_grid([("group", base), ("own", base.override(["run.num_workers=0"]))], [1], name="g",
+                      storage_path=str(tmp_path))
+    assert [(g.row, g.status) for g in grid] == [("group", "ok"), ("own", "ok")], [g.error for g in grid]
+    group, own = (g.metrics["test"] for g in grid)
+    for k in ("mae", "corr", "acc7", "acc2_non0"):
+        assert own[k] == pytest.approx(group[k], abs=1e-5), k
+    assert [len(g.history) for g in grid] == [2, 2]
+    assert (tmp_path / "g-group-seed1" / "checkpoint_manager_snapshot.json").exists()
+    assert not (tmp_path / "g-own-seed1" / "checkpoint_manager_snapshot.json").exists()
+    assert grid[1].metrics.get("controller_poll_s") is None
