@@ -484,7 +484,8 @@ def _trial_driver(params: dict[str, Any], *, base: dict[str, Any], manifest: dic
         ret = result.return_value or {}
     write_json(st.fs, f"{run_dir}/done.json", {
         "trial_id": trial_id, "selected_epoch": ret.get("selected_epoch"), "early_stopped": ret.get("early_stopped"),
-        "checkpoint_path": ret.get("checkpoint_path"), "valid": (ret.get("valid") or {}).get("metrics")})
+        "checkpoint_path": ret.get("checkpoint_path"), "valid": (ret.get("valid") or {}).get("metrics"),
+        "device": ret.get("device"), "world_size": ret.get("world_size")})
 
 
 class _ConsoleLine:

@@ -321,3 +321,5 @@ def test_a_trial_killed_in_its_own_process_is_restarted_by_tune_and_resumes_its_
     hist = json.loads((tmp_path / "runs" / "killed" / "trials" / row["trial_id"] / "history.json").read_text())
     assert [h["epoch"] for h in hist] == [0, 1, 2]
     assert [h["session"] for h in hist] == [0, 1, 1] and [h["resumed_from"] for h in hist] == [None, 0, 0]
+    done = json.loads((tmp_path / "runs" / "killed" / "trials" / row["trial_id"] / "done.json").read_text())
+    assert done["device"] == "cpu" and done["world_size"] == 1 and done["selected_epoch"] in (0, 1, 2)
