@@ -15,6 +15,8 @@
 #                            limit summed over the same batches, MFU
 #   profile_bf16_b128.json   where the step's time goes (bench/profile_step.py: phases, op families, host syncs)
 #   step_compile_bf16_b128.json   the step with optim.compile (first_step_s includes compiling)
+#   search_own_process.json  a 2-trial tiny search whose trials train in their own process on their GPU
+#                            (workers_per_trial: 0, run.use_gpu=true): elapsed, start-up per trial, each trial's device
 #   summary.json             all of the above in one list
 #
 #   bench/gpu.sh OUTDIR                 # on a GPU machine (default OUTDIR: $OUT, else ./gpu-bench); on one without
@@ -33,12 +35,12 @@ BUCKETS="buckets:data.token_pad_multiple=8,data.frame_pad_multiple=32"
 if [ "$DEVICE" = cpu ]; then
   PRESET=tiny; BIG=4; SMALL=2; AMP1=off; AMP2=""; STEPS=2; WARMUP=1; FRAMES=(--audio-frames 40 --visual-frames 50)
   T_STEP=240; PIPE=(PRESET=tiny SCALE=0.1 EPOCHS=2 BATCH=8 USE_GPU=false RESUME=0 EVAL=0 VARIANTS="$BUCKETS")
-  T_PIPE=420; EPOCH_SCALE=0.1; T_EPOCH=240; TOTAL=${TOTAL_CPU:-1500}
+  T_PIPE=420; EPOCH_SCALE=0.1; T_EPOCH=240; TOTAL=${TOTAL_CPU:-1500}; T_SEARCH=240; SEARCH_SET=()
 else
   PRESET=paper; BIG=128; SMALL=32; AMP1=bf16; AMP2=fp16; STEPS=20; WARMUP=3; FRAMES=()
   T_STEP=75; T_COMPILE=150; PIPE=(PRESET=paper SCALE=4 EPOCHS=3 BATCH=128 USE_GPU=true RESUME=0 EVAL=0
                                  VARIANTS="$BUCKETS" VARIANT_EPOCHS=2)
-  T_PIPE=240; EPOCH_SCALE=1; T_EPOCH=120
+  T_PIPE=240; EPOCH_SCALE=1; T_EPOCH=120; T_SEARCH=90; SEARCH_SET=(--set run.use_gpu=true)
 fi
 T0=$(date +%s)
 stamp() { echo "=== $(date +%T) (+$(( $(date +%s) - T0 )) s) $*"; }
@@ -116,6 +118,15 @@ epoch() {
   rm -rf "$OUTDIR/epoch-data"
 }
 
+search() {  # a search whose trials train in their own process (workers_per_trial: 0) on the trial's GPU
+  local lim; lim=$(limit search_own_process "$T_SEARCH")
+  [ "$lim" -gt 0 ] || return 0
+  stamp "search, trials in their own process (limit $lim s)"
+  OMP_NUM_THREADS=1 timeout "$lim" $PY "$HERE/tune.py" --trials 2 --epochs 2 --schedulers none \
+      --workers-per-trial 0 "${SEARCH_SET[@]}" --out "$OUTDIR/search_own_process.json" \
+    || fail_json "$OUTDIR/search_own_process.json" search $?
+}
+
 profile() {
   local lim; lim=$(limit "profile_${AMP1}_b${BIG}" "$T_STEP")
   [ "$lim" -gt 0 ] || return 0
@@ -138,6 +149,7 @@ if [ "$DEVICE" != cpu ]; then
   step "step_compile_${AMP1}_b${BIG}" "$T_COMPILE" --batch-size "$BIG" --amp "$AMP1" --compile --no-bare-bert
   step "step_${AMP2}_b${SMALL}" "$T_STEP" --batch-size "$SMALL" --amp "$AMP2"
 fi
+search
 
 $PY - "$OUTDIR" <<'EOF'
 import glob, json, os, sys
@@ -153,7 +165,7 @@ with open(os.path.join(d, "summary.json"), "w") as f:
 for r in rows:
     keys = ("samples_per_s", "step_s", "mfu", "bare_bert_samples_per_s", "step_over_bare_bert", "peak_gpu_mem_gib",
             "first_step_s", "setup_s", "first_epoch_s", "steady_epoch_s", "first_over_steady", "steady_samples_per_s",
-            "periods_s", "steady_period_s", "error",
+            "periods_s", "steady_period_s", "runs", "error",
             "skipped")
     print(r["file"], {k: r[k] for k in keys if k in r})
     for row in r.get("rows", []):  # epoch.json: one row per batching mode

@@ -30,9 +30,9 @@ from psamf import tune  # noqa: E402
 
 
 def _space(shards: str, trials: int, epochs: int, scheduler: str, workers: int,
-           concurrent: int | None) -> tune.SearchSpace:
+           concurrent: int | None, overrides: dict) -> tune.SearchSpace:
     return tune.SearchSpace.from_dict({
-        "base": {"preset": "tiny", "overrides": {"data.uri": shards, "optim.epochs": epochs}},
+        "base": {"preset": "tiny", "overrides": {"data.uri": shards, "optim.epochs": epochs, **overrides}},
         "metric": "val_mae", "mode": "min", "num_samples": trials, "search": "optuna", "scheduler": scheduler,
         "grace_period": 1, "reduction_factor": 2, "workers_per_trial": workers, "seed": 0,
         "max_concurrent_trials": concurrent,
@@ -46,8 +46,12 @@ def _measure(res: tune.SearchResult, storage: str, elapsed: float, cpus: float, 
     """Busy fraction and start-up overhead from each trial's Tune result log and Train history."""
     import pandas as pd
 
-    busy, startup, train = 0.0, [], []
+    busy, startup, train, devices = 0.0, [], [], []
     for r in res.rows:
+        done = os.path.join(storage, res.name, "trials", r["trial_id"], "done.json")
+        if os.path.exists(done):
+            with open(done) as f:
+                devices.append(json.load(f).get("device"))
         csv = [p for p in os.scandir(os.path.join(storage, res.name, r["trial_id"])) if p.name == "progress.csv"]
         if not csv:
             continue
@@ -61,7 +65,7 @@ def _measure(res: tune.SearchResult, storage: str, elapsed: float, cpus: float, 
     return {"trials": n, "elapsed_s": elapsed, "trials_per_hour": 3600 * n / elapsed,
             "busy_fraction": busy / (elapsed * cpus), "epochs": sum(r["epochs_run"] for r in res.rows),
             "startup_s_mean": sum(startup) / max(1, len(startup)),
-            "train_eval_s_mean": sum(train) / max(1, len(train)),
+            "train_eval_s_mean": sum(train) / max(1, len(train)), "devices": devices,
             "statuses": {s: sum(r["status"] == s for r in res.rows) for s in tune.TRIAL_STATUSES}}
 
 
@@ -73,6 +77,8 @@ def main() -> int:
     p.add_argument("--workers-per-trial", default="1",
                    help="comma list: 1 = a Ray Train worker group per trial, 0 = the trial trains in its own process")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at a time (default: what fits)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a base config override, e.g. run.use_gpu=true (repeatable)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -82,6 +88,9 @@ def main() -> int:
     from psamf.runtime import init_ray
     from psamf.synth import synthesize
 
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     tmp = tempfile.mkdtemp(prefix="psamf-bench-tune-")
     paths = synthesize("mosi", "mmsa", os.path.join(tmp, "synth"), seed=0, scale=0.15)
     shards = os.path.join(tmp, "shards")
@@ -100,7 +109,7 @@ def main() -> int:
     threading.Thread(target=sample, daemon=True).start()
     for w in [int(x) for x in args.workers_per_trial.split(",") if x]:
         for sched in [s for s in args.schedulers.split(",") if s]:
-            space = _space(shards, args.trials, args.epochs, sched, w, args.max_concurrent)
+            space = _space(shards, args.trials, args.epochs, sched, w, args.max_concurrent, overrides)
             storage = os.path.join(tmp, "runs")
             key = f"{sched} w{w}"
             t0 = time.perf_counter()
