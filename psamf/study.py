@@ -218,7 +218,10 @@ def run_grid(rows: Sequence[tuple[str, Config]], seeds: Sequence[int], *, name: 
         tuner = ray.tune.Tuner(
             trainable,
             param_space={"row": ray.tune.grid_search(names), "seed": ray.tune.grid_search(seeds)},
-            tune_config=ray.tune.TuneConfig(max_concurrent_trials=k),
+            # runs without workers train in the trial's actor: the next trial may reuse it (no new process to
+            # start and no imports to repeat; each run seeds itself and builds its own model and data)
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=k,
+                                            reuse_actors=all(c.run.num_workers == 0 for _, c in rows)),
             run_config=ray.tune.RunConfig(name=exp, storage_path=st.storage_path,
                                           storage_filesystem=st.storage_filesystem, verbose=0,
                                           failure_config=ray.tune.FailureConfig(max_failures=0),

@@ -396,41 +396,50 @@ def _train_loop(loop_config: Mapping[str, Any], cfg: Config, env: _WorkerEnv, se
     if rank == 0:
         log.info("worker setup (model, optimizer, resume) took %.1f s; training epochs %d..%d",
                  t_setup, res.start_epoch, cfg.optim.epochs - 1)
-    for epoch in range(res.start_epoch, cfg.optim.epochs):
-        if selector.should_stop:
-            break
-        if early is not None and epoch == first:
-            batches, early = early, None
-        else:
-            batches = train_pass(epoch)
-        mine = train_epoch(model, batches, optimizer, cfg, device=device, amp_dtype=amp_dtype, scaler=scaler,
-                           after_first_step=_fault_hook(loop_config.get("fault"), rank, epoch),
-                           where=f"epoch {epoch}, rank {rank}, ",
-                           on_step=_step_progress(progress, epoch, counts.get("train"), cfg.optim.batch_size, world))
-        rec = epoch_record(epoch, mine, all_gather(mine), optimizer)  # every rank has finished its pass
-        if epoch + 1 < cfg.optim.epochs:  # the next pass starts during validation and checkpointing
-            first = epoch + 1
-            early = StartedEarly(train_pass(first))
-        t_eval = time.perf_counter()
-        rec.update(eval_metrics(run_eval("valid"), cfg.data.dataset, "val_"))
-        rec["time_eval_s"] = time.perf_counter() - t_eval
-        rec.update({"world_size": world, "session": res.session, "resumed_from": res.resumed_from,
-                    "time_setup_s": t_setup,  # this session's worker set-up before its first epoch (this rank)
-                    "ended_at": time.time()})  # wall clock after validation: differences give the epoch period
-        scheduler.step(rec["val_loss"])
-        rec["is_best"] = selector.update(epoch, rec[cfg.optim.select_metric])
-        rec["best_epoch"] = selector.best_epoch
-        history.append(rec)
-        if progress is not None:  # before the report: a Tune scheduler may stop the trial as soon as it reports
-            progress.write(history)
-        _checkpoint_epoch(store, rank, rec, model=raw, optimizer=optimizer, scheduler=scheduler, selector=selector,
-                          history=history, cfg=cfg, session=res.session, scaler=scaler)
-        if progress is not None:
-            log.info("epoch %d (%.1f s): %s", epoch, rec["time_train_s"] + rec["time_eval_s"],
-                     format_record(rec, cfg.optim.select_metric))
+    try:
+        for epoch in range(res.start_epoch, cfg.optim.epochs):
             if selector.should_stop:
-                log.info("early stop after epoch %d: no strict improvement of %s for %d epochs (best epoch %s)",
-                         epoch, selector.metric, selector.bad_epochs, selector.best_epoch)
+                break
+            if early is not None and epoch == first:
+                batches, early = early, None
+            else:
+                batches = train_pass(epoch)
+            mine = train_epoch(model, batches, optimizer, cfg, device=device, amp_dtype=amp_dtype, scaler=scaler,
+                               after_first_step=_fault_hook(loop_config.get("fault"), rank, epoch),
+                               where=f"epoch {epoch}, rank {rank}, ",
+                               on_step=_step_progress(progress, epoch, counts.get("train"), cfg.optim.batch_size,
+                                                      world))
+            rec = epoch_record(epoch, mine, all_gather(mine), optimizer)  # every rank has finished its pass
+            if epoch + 1 < cfg.optim.epochs:  # the next pass starts during validation and checkpointing
+                first = epoch + 1
+                early = StartedEarly(train_pass(first))
+            t_eval = time.perf_counter()
+            rec.update(eval_metrics(run_eval("valid"), cfg.data.dataset, "val_"))
+            rec["time_eval_s"] = time.perf_counter() - t_eval
+            rec.update({"world_size": world, "session": res.session, "resumed_from": res.resumed_from,
+                        "time_setup_s": t_setup,  # this session's worker set-up before its first epoch (this rank)
+                        "ended_at": time.time()})  # wall clock after validation: differences give the epoch period
+            scheduler.step(rec["val_loss"])
+            rec["is_best"] = selector.update(epoch, rec[cfg.optim.select_metric])
+            rec["best_epoch"] = selector.best_epoch
+            history.append(rec)
+            if progress is not None:  # before the report: a Tune scheduler may stop the trial as soon as it reports
+                progress.write(history)
+            _checkpoint_epoch(store, rank, rec, model=raw, optimizer=optimizer, scheduler=scheduler,
+                              selector=selector, history=history, cfg=cfg, session=res.session, scaler=scaler)
+            if progress is not None:
+                log.info("epoch %d (%.1f s): %s", epoch, rec["time_train_s"] + rec["time_eval_s"],
+                         format_record(rec, cfg.optim.select_metric))
+                if selector.should_stop:
+                    log.info("early stop after epoch %d: no strict improvement of %s for %d epochs (best epoch %s)",
+                             epoch, selector.metric, selector.bad_epochs, selector.best_epoch)
+    except BaseException:
+        # A Tune stop of an in-process trial ends here too (SystemExit at its report), and Tune may reuse the actor
+        # for the next trial: end the pass started for the next epoch. Only with one rank: with several, its first
+        # batch may wait for the other ranks' passes, and a failing rank must not hang on that.
+        if early is not None and world == 1:
+            early.close()
+        raise
     if early is not None:  # stopped early (in this session or an earlier one): the pass started is not needed
         early.close()
     if selector.best_epoch is None:

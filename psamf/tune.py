@@ -598,6 +598,9 @@ def _tuner(space: SearchSpace, name: str, st: Any, manifest: Mapping[str, Any], 
         tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
                                     search_alg=_searcher(space, k), scheduler=_scheduler(space),
                                     max_concurrent_trials=k if space.search == "optuna" else None,
+                                    # a trial that trains in its actor leaves it to the next trial (same
+                                    # resources): no process to start, no imports to repeat
+                                    reuse_actors=space.workers_per_trial == 0,
                                     trial_dirname_creator=lambda t: t.trial_id,
                                     trial_name_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=st.storage_path, storage_filesystem=st.storage_filesystem,

@@ -278,7 +278,8 @@ def test_trials_in_their_own_process_find_what_worker_group_trials_find(ray_clus
     """The same seeded 4-trial Optuna + ASHA search, one trial at a time, with a Ray Train worker group per trial
     (`workers_per_trial: 1`) and with every trial training in its own process (`0`): the same parameters, the same
     ASHA decisions (statuses, epochs) and the same validation MAE per trial; the in-process trials leave no Ray
-    Train run state behind (no controller ran), and report every epoch to Tune with its checkpoint."""
+    Train run state behind (no controller ran), report every epoch to Tune with its checkpoint, and run in fewer
+    processes than trials (Tune reuses the actor)."""
     rows = {}
     for w in (1, 0):
         res = run_search(_small_search(shards, w), name=f"w{w}", storage_path=str(tmp_path / "runs"))
@@ -302,6 +303,13 @@ def test_trials_in_their_own_process_find_what_worker_group_trials_find(ray_clus
             assert x["checkpoint_path"].endswith(f"checkpoint_epoch={x['epoch']:03d}")
     w1 = tmp_path / "runs" / "w1" / "trials" / rows[1][0]["trial_id"]
     assert (w1 / "checkpoint_manager_snapshot.json").exists()  # what the check above would have seen
+
+    def pids(w: int) -> set:  # the process of each trial's function, as Tune records it in every result
+        return {json.loads(line)["pid"] for r in rows[w]
+                for line in (tmp_path / "runs" / f"w{w}" / r["trial_id"] / "result.json").read_text().splitlines()}
+
+    assert len(pids(1)) == 4  # a new trial actor each time
+    assert len(pids(0)) < 4, pids(0)  # trials in their own process reuse the actor (even after an ASHA stop)
 
 
 @pytest.mark.integration
