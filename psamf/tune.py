@@ -53,8 +53,9 @@ Why it is built this way:
 * **Trials in their own process** (`workers_per_trial: 0`). A one-process trial does not need a Ray Train worker
   group: the trial's own actor holds one worker's resources (`run.cpus_per_worker`, a GPU when `run.use_gpu`,
   `run.worker_resources`), trains there (`psamf.train.train_in_trial`: the same loop, checkpoints as in local
-  mode) and reports every epoch to Tune itself. Starting the controller, the worker actor and the dataset split
-  was most of a short trial (docs/benchmarks.md, "Search throughput"). Ray 2.60 refuses `ray.train.*` inside a
+  mode) and reports every epoch to Tune itself; Tune reuses the actor for the next trial (`reuse_actors`). Starting
+  the controller, the worker actor, the dataset split and a new process was most of a short trial
+  (docs/benchmarks.md, "Search throughput"). Ray 2.60 refuses `ray.train.*` inside a
   Tune function, so Ray Train's own local mode cannot do this. Tune restarts a failed trial `run.max_failures`
   times (there is no Train restart inside it) and the trial resumes from its latest checkpoint.
 
