@@ -314,20 +314,29 @@ def test_trials_in_their_own_process_find_what_worker_group_trials_find(ray_clus
 
 @pytest.mark.integration
 def test_a_trial_killed_in_its_own_process_is_restarted_by_tune_and_resumes_its_checkpoint(ray_cluster, shards,
+                                                                                          s3_server, s3_bucket,
                                                                                           tmp_path, monkeypatch):
-    """`workers_per_trial: 0`: the trial's process exits hard after the first step of epoch 1 (the FAULT_ENV hook);
-    Tune restarts the trial (`run.max_failures` restarts), which resumes from the checkpoint of epoch 0 instead of
-    training from scratch, and the search ends with the trial finished and every epoch recorded once."""
+    """`workers_per_trial: 0`, the search on S3 (moto): the trial's process exits hard after the first step of
+    epoch 1 (the FAULT_ENV hook); Tune restarts the trial (`run.max_failures` restarts), which resumes from the
+    checkpoint of epoch 0 in S3 instead of training from scratch, and the search ends with the trial finished and
+    every epoch recorded once."""
+    from psamf.storage import read_json, resolve
+
     marker = tmp_path / "marker"
     monkeypatch.setenv("PSAMF_FAULT_INJECT", f"rank=0,epoch=1,marker={marker}")
+    storage = f"s3://{s3_bucket}/searches"
     space = _small_search(shards, 0, num_samples=1, search="grid", scheduler="none",
                           space={"model.text_layers": {"grid": [2]}})
-    res = run_search(space, name="killed", storage_path=str(tmp_path / "runs"))
+    space.base = space.base.replace({"run.s3_endpoint": s3_server})
+    res = run_search(space, name="killed", storage_path=storage)
     assert marker.exists() and "exited at epoch 1" in marker.read_text()
     (row,) = res.rows
     assert row["status"] == "finished" and row["epochs_run"] == 3
-    hist = json.loads((tmp_path / "runs" / "killed" / "trials" / row["trial_id"] / "history.json").read_text())
+    st = resolve(storage, s3_server)
+    trial = f"{st.run_dir('killed')}/trials/{row['trial_id']}"
+    hist = read_json(st.fs, f"{trial}/history.json")
     assert [h["epoch"] for h in hist] == [0, 1, 2]
     assert [h["session"] for h in hist] == [0, 1, 1] and [h["resumed_from"] for h in hist] == [None, 0, 0]
-    done = json.loads((tmp_path / "runs" / "killed" / "trials" / row["trial_id"] / "done.json").read_text())
+    done = read_json(st.fs, f"{trial}/done.json")
     assert done["device"] == "cpu" and done["world_size"] == 1 and done["selected_epoch"] in (0, 1, 2)
+    assert done["checkpoint_path"].startswith(f"{s3_bucket}/searches/killed/trials/{row['trial_id']}/checkpoint_")
