@@ -55,9 +55,9 @@ Why it is built this way:
   `run.worker_resources`), trains there (`psamf.train.train_in_trial`: the same loop, checkpoints as in local
   mode) and reports every epoch to Tune itself; Tune reuses the actor for the next trial (`reuse_actors`). Starting
   the controller, the worker actor, the dataset split and a new process was most of a short trial
-  (docs/benchmarks.md, "Search throughput"). Ray 2.60 refuses `ray.train.*` inside a
-  Tune function, so Ray Train's own local mode cannot do this. Tune restarts a failed trial `run.max_failures`
-  times (there is no Train restart inside it) and the trial resumes from its latest checkpoint.
+  (docs/benchmarks.md, "Search throughput"). Ray 2.60 refuses `ray.train.*` inside a Tune function, so Ray
+  Train's own local mode cannot do this. Tune restarts a failed trial `run.max_failures` times (there is no Train
+  restart inside it) and the trial resumes from its latest checkpoint.
 
 Outputs in `<storage>/<name>/`: `search.yaml` (the resolved search), `trials.parquet` + `trials.csv`,
 `best.yaml`, `metrics.json`, `plots/*.png`, and per trial `trials/<id>/` (Train run: checkpoints,
@@ -454,8 +454,8 @@ def max_concurrent_trials(space: SearchSpace, resources: Mapping[str, float]) ->
 def _trial_driver(params: dict[str, Any], *, base: dict[str, Any], manifest: dict[str, Any],
                   trials_uri: str, s3_endpoint: str | None, fault: dict[str, Any] | None = None) -> None:
     """One trial = one Train V2 run named by the trial id (a restored trial resumes its own checkpoints). With
-    `workers_per_trial: 0` the run is in Ray Train's local mode: it trains in this process, which holds the
-    worker's resources, and reports each epoch to Tune itself (no worker group, no controller to start)."""
+    `workers_per_trial: 0` the run trains in this process, without Ray Train (`psamf.train.train_in_trial`): the
+    process holds one worker's resources and reports each epoch to Tune itself (no worker group to start)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
