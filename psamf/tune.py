@@ -437,17 +437,18 @@ def max_concurrent_trials(space: SearchSpace, resources: Mapping[str, float]) ->
     """Trials that fit side by side: each holds workers x cpus_per_worker CPUs plus one for its driver (unless
     the cluster advertises TRAIN_DRIVER slots for drivers), one CPU stays free for Ray Data; GPUs when use_gpu.
     A trial that trains in its own process (`workers_per_trial: 0`) holds one worker's resources and no driver."""
-    run, w = space.base.run, space.workers_per_trial
+    run, in_trial = space.base.run, space.workers_per_trial == 0
+    workers = max(1, space.workers_per_trial)  # processes that train: the trial itself when in_trial
     cpu, gpu = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
-    drivers = resources.get("TRAIN_DRIVER") if w > 0 else None
-    per_trial = max(1, w) * run.cpus_per_worker + (0 if drivers or w == 0 else 1)
+    drivers = None if in_trial else resources.get("TRAIN_DRIVER")
+    per_trial = workers * run.cpus_per_worker + (0 if drivers or in_trial else 1)
     k = int((cpu - 1) // per_trial) if per_trial > 0 else space.num_samples
     if drivers:
         k = min(k, int(drivers))
     if run.use_gpu:
-        k = min(k, int(gpu // (max(1, w) * run.gpus_per_worker)))
+        k = min(k, int(gpu // (workers * run.gpus_per_worker)))
     for key, amount in run.worker_resources.items():
-        k = min(k, int(float(resources.get(key, 0)) // (max(1, w) * amount)))
+        k = min(k, int(float(resources.get(key, 0)) // (workers * amount)))
     return max(1, min(k, space.num_samples))
 
 
