@@ -2,6 +2,8 @@
 # Every GPU measure of issue 11 in one prepared run, one JSON file per measure, within a time budget (TOTAL
 # seconds, default 480: the stages run most important first, each under its own limit and the budget left; a stage
 # that fails or runs over is recorded as {"error": ...}, one that no longer fits as {"skipped": ...}):
+#   checks.json              first, seconds: the GPU-only code paths give the CPU's answers (bench/gpu_checks.py:
+#                            the loss terms' early copy, page-locked batches, the epoch loop over them)
 #   step_bf16_b128.json      PSA-MF train step (paper preset, MOSI shapes, precomputed CLS_p), bf16, batch 128:
 #                            samples/s, step time, MFU, peak GPU memory, and the bare-BERT limit (plain BertModel
 #                            fwd + bwd + Adam at the same padded length) beside it. Also b32, and fp16 with loss
@@ -127,6 +129,14 @@ search() {  # a search whose trials train in their own process (workers_per_tria
     || fail_json "$OUTDIR/search_own_process.json" search $?
 }
 
+checks() {
+  local lim; lim=$(limit checks 90)
+  [ "$lim" -gt 0 ] || return 0
+  stamp "checks of the GPU-only code paths (limit $lim s)"
+  timeout "$lim" $PY "$HERE/gpu_checks.py" --device "$DEVICE" --out "$OUTDIR/checks.json" \
+    || { [ -s "$OUTDIR/checks.json" ] || fail_json "$OUTDIR/checks.json" checks $?; }
+}
+
 profile() {
   local lim; lim=$(limit "profile_${AMP1}_b${BIG}" "$T_STEP")
   [ "$lim" -gt 0 ] || return 0
@@ -136,7 +146,9 @@ profile() {
     || fail_json "$OUTDIR/profile_${AMP1}_b${BIG}.json" profile $?
 }
 
-# most important first: the 4,000 samples/s target, the Ray Train targets, the padding, then the rest
+# most important first: the GPU-only code paths, the 4,000 samples/s target, the Ray Train targets, the padding,
+# then the rest
+checks
 step "step_${AMP1}_b${BIG}" "$T_STEP" --batch-size "$BIG" --amp "$AMP1"
 pipeline
 epoch
@@ -163,9 +175,9 @@ for p in sorted(glob.glob(os.path.join(d, "*.json"))):
 with open(os.path.join(d, "summary.json"), "w") as f:
     json.dump(rows, f, indent=1)
 for r in rows:
-    keys = ("samples_per_s", "step_s", "mfu", "bare_bert_samples_per_s", "step_over_bare_bert", "peak_gpu_mem_gib",
+    keys = ("samples_per_s", "loop_samples_per_s", "step_s", "mfu", "bare_bert_samples_per_s", "step_over_bare_bert", "peak_gpu_mem_gib",
             "first_step_s", "setup_s", "first_epoch_s", "steady_epoch_s", "first_over_steady", "steady_samples_per_s",
-            "periods_s", "steady_period_s", "runs", "error",
+            "periods_s", "steady_period_s", "runs", "ok", "error",
             "skipped")
     print(r["file"], {k: r[k] for k in keys if k in r})
     for row in r.get("rows", []):  # epoch.json: one row per batching mode

@@ -105,6 +105,7 @@ __all__ = [
     "split_config",
     "PadCollate",
     "iter_batches",
+    "pin_batch",
     "StartedEarly",
     "train_columns",
     "padding_stats",
@@ -396,10 +397,11 @@ class _WindowCollate(ArrowBatchCollateFn):
     """
 
     def __init__(self, collate: PadCollate, batch_size: int, *, seed: int, epoch: int, shuffle: bool,
-                 group: bool, noise: float = 0.0):
+                 group: bool, noise: float = 0.0, pin_memory: bool = False):
         super().__init__()
         self.collate, self.batch_size = collate, batch_size
         self.seed, self.epoch, self.shuffle, self.group, self.noise = seed, epoch, shuffle, group, noise
+        self.pin_memory = pin_memory
 
     def batch_order(self, n: int, first_index: int, text_len: np.ndarray | None) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, self.epoch, max(0, first_index)]) if self.shuffle else None
@@ -429,11 +431,22 @@ class _WindowCollate(ArrowBatchCollateFn):
         if n == 0:
             return []
         if not self.shuffle and not self.group:  # evaluation: zero-copy slices in shard order
-            return [self.collate(window.slice(i, self.batch_size)) for i in range(0, n, self.batch_size)]
-        first = int(_column(window, "index")[0].as_py())
-        text_len = _column(window, "text_len").to_numpy(zero_copy_only=False) \
-            if self.group and "text_len" in window.column_names else None
-        return [self.collate(window.take(pa.array(rows))) for rows in self.batch_order(n, first, text_len)]
+            batches = [self.collate(window.slice(i, self.batch_size)) for i in range(0, n, self.batch_size)]
+        else:
+            first = int(_column(window, "index")[0].as_py())
+            text_len = _column(window, "text_len").to_numpy(zero_copy_only=False) \
+                if self.group and "text_len" in window.column_names else None
+            batches = [self.collate(window.take(pa.array(rows))) for rows in self.batch_order(n, first, text_len)]
+        return [pin_batch(b) for b in batches] if self.pin_memory else batches
+
+
+def pin_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch with its tensors in page-locked memory (on Ray's collate thread), so that the training loop's
+    `.to(device, non_blocking=True)` is an asynchronous copy; the host-side keys (`HOST_INPUT_KEYS`) stay put."""
+    from psamf.model import HOST_INPUT_KEYS
+
+    return {k: (v.pin_memory() if hasattr(v, "pin_memory") and k not in HOST_INPUT_KEYS else v)
+            for k, v in batch.items()}
 
 
 def _resolve_device(device: Any) -> "torch.device":
@@ -455,21 +468,31 @@ def _resolve_device(device: Any) -> "torch.device":
 
 def iter_batches(ds_or_shard: "ray.data.Dataset | ray.data.DataIterator", data_cfg: DataConfig, batch_size: int,
                  *, epoch: int, train: bool, drop_last: bool | None = None, device: Any = "auto",
-                 manifest: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+                 manifest: Mapping[str, Any] | None = None, pin_memory: bool = False) -> Iterator[dict[str, Any]]:
     """Batches for one pass over a dataset or a Train worker's shard (`get_dataset_shard(name)`).
 
     train=True: rows permuted within windows of `group_window * batch_size` rows, seeded by
     (`data_cfg.shuffle_seed`, `epoch`, window); with `data_cfg.length_grouping` (default), batches of similar
     transcript length (jittered by `data_cfg.length_noise`), in shuffled order. `drop_last` defaults to
     `train`: every DDP rank then runs the same number of full batches (the split is equal), and no batch of
-    one row reaches the in-batch contrastive losses. train=False: shard order, no drop (with `length_grouping`, sorted within windows
-    for less padding, deterministically). Tensors are moved to `device` ("auto": the Ray Train device,
-    else CPU). See the module docstring for the keys.
+    one row reaches the in-batch contrastive losses. train=False: shard order, no drop (with `length_grouping`,
+    sorted within windows for less padding, deterministically). Tensors are moved to `device` ("auto": the Ray
+    Train device, else CPU). See the module docstring for the keys.
+
+    The training loop asks for host batches (`device="cpu"`) and moves them itself, so that the labels an
+    evaluation reads stay on the host; for a CUDA device it sets `pin_memory=True`: the collate threads then
+    put the tensors in page-locked memory and the loop's copies to the GPU are asynchronous.
     """
     from psamf.engine import move_to_device  # frame lengths stay on the host (psamf.model.HOST_INPUT_KEYS)
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if pin_memory:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("iter_batches(pin_memory=True) needs a CUDA device: page-locked batches only speed up "
+                             "copies to a GPU, and this process sees none")
     if drop_last is None:
         drop_last = train
     it = ds_or_shard.iterator() if hasattr(ds_or_shard, "iterator") else ds_or_shard
@@ -477,7 +500,7 @@ def iter_batches(ds_or_shard: "ray.data.Dataset | ray.data.DataIterator", data_c
     group = bool(data_cfg.length_grouping)
     window_batches = data_cfg.group_window if (train or group) else 1
     wc = _WindowCollate(collate, batch_size, seed=data_cfg.shuffle_seed, epoch=epoch, shuffle=train, group=group,
-                        noise=data_cfg.length_noise)
+                        noise=data_cfg.length_noise, pin_memory=pin_memory)
     dev = _resolve_device(device)
     prefetch = max(1, math.ceil(data_cfg.prefetch_batches / window_batches)) if data_cfg.prefetch_batches else 0
     for window in it.iter_torch_batches(batch_size=batch_size * window_batches, collate_fn=wc,

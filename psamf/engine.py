@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import random
 import time
 import zlib
@@ -53,10 +54,14 @@ __all__ = [
     "batch_ids",
     "train_step",
     "forward_backward",
+    "HostCopy",
     "optimizer_step",
     "make_scaler",
     "train_epoch",
     "epoch_record",
+    "memory_stats",
+    "reset_gpu_peak",
+    "release_memory",
     "evaluate",
     "gather_eval",
     "eval_metrics",
@@ -147,23 +152,47 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+class HostCopy:
+    """A tensor's values as of now, read on the host later. On CUDA: a non-blocking copy into page-locked memory
+    and an event recorded after it, so that `tolist()` waits for the work queued before the copy, not for what
+    was queued since. Elsewhere (the CPU, other devices) a copy on the tensor's device, read by `tolist()`."""
+
+    def __init__(self, t: Tensor) -> None:
+        self._event: torch.cuda.Event | None = None
+        if t.device.type == "cuda":
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(t.device))
+            self._t = host
+        else:
+            self._t = t.detach().clone()
+
+    def tolist(self) -> Any:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._t.tolist()
+
+
 def forward_backward(model: nn.Module, batch: Mapping[str, Any], cfg: Config, device: torch.device,
                      amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None,
                      loss_scale: float) -> dict[str, float]:
     """Forward, losses and backward of one (micro-)batch; gradients accumulate into `.grad`. The backward pass
     sees `total x loss_scale` (1 / grad_accum), scaled further by `scaler` under float16.
 
-    The loss terms come back to the host in one copy, after the backward pass has been queued: the step's only
-    device-to-host sync (one read per term plus a `bool(isfinite)` would be six, each stalling the GPU queue).
-    A non-finite total still raises before the optimiser touches the weights."""
+    The loss terms come back to the host in one copy (one read per term plus a `bool(isfinite)` would be six
+    device-to-host syncs, each stalling the GPU queue). On a GPU that copy is queued before the backward pass,
+    into pinned memory, and waited for after the backward pass has been queued: the host then waits for the
+    forward pass only, and queues the optimiser step and the next batch while the device still runs the backward
+    pass. A non-finite total still raises before the optimiser touches the weights."""
     with _autocast(device, amp_dtype):
         out = model(**model_inputs(batch))
     terms = compute_losses(_float32(out), batch["label"].float(), cfg.loss, cfg.model)
     total = terms["total"]
+    values = HostCopy(torch.stack([v.detach().float() for v in terms.values()]))  # queued before the backward
     scaled = total * loss_scale if loss_scale != 1.0 else total
     (scaler.scale(scaled) if scaler is not None else scaled).backward()
-    values = torch.stack([v.detach().float() for v in terms.values()]).cpu().tolist()  # the one host sync
-    stats = dict(zip(terms, values))
+    stats = dict(zip(terms, values.tolist()))  # the step's one wait on the device
     if not math.isfinite(stats["total"]):
         raise FloatingPointError(f"non-finite training loss: {stats}")
     stats["batch_size"] = int(batch["label"].shape[0])
@@ -602,6 +631,47 @@ def _host_floats(values: Sequence[Tensor | float]) -> list[float]:
     tensors = [v for v in values if isinstance(v, Tensor)]
     read = iter(torch.stack([t.float() for t in tensors]).cpu().tolist() if tensors else [])
     return [next(read) if isinstance(v, Tensor) else float(v) for v in values]
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """This process's memory now, for an epoch's history record: `rss_gib`, its resident set (Linux; a reused
+    Tune trial actor whose value climbs from trial to trial is leaking), and on CUDA `peak_gpu_mem_gib`, the most
+    the caching allocator held for tensors since the last `reset_gpu_peak(device)` (the training loop resets it
+    at the start of every epoch, so it is that epoch's peak, validation included)."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/statm") as f:
+            out["rss_gib"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        pass
+    if device.type == "cuda":
+        out["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def release_memory() -> None:
+    """Give back what a finished run left behind, for a process that goes on to the next (a reused Tune trial
+    actor): collect reference cycles, empty PyTorch's CUDA cache, and return the C heap's free pages to the
+    system (glibc's `malloc_trim`; elsewhere a no-op). docs/benchmarks.md, "Search throughput", has the figures."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
+def reset_gpu_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def epoch_record(epoch: int, mine: EpochStats, parts: Sequence[EpochStats],

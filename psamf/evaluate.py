@@ -79,7 +79,7 @@ def _eval_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
     out = {}
     for split in loop_config["splits"]:
         batches = iter_batches(ray.train.get_dataset_shard(split), cfg.data, loop_config["batch_size"], epoch=0,
-                               train=False)
+                               train=False, device="cpu", pin_memory=device.type == "cuda")  # labels on the host
         merged = gather_eval(evaluate(model, batches, cfg, device=device, keep=keep,
                                       amp_dtype=resolve_amp(cfg.optim.amp, device)))
         out[split] = _result(merged, cfg.data.dataset, split, (loop_config.get("counts") or {}).get(split), world)
@@ -139,8 +139,15 @@ def evaluate_checkpoint(checkpoint: str, *, splits: Sequence[str] = ("valid", "t
         if problems:
             raise CheckpointError("; ".join(p.replace(local, ck_path) for p in problems))
         cfg = checkpoint_config(local).override(list(overrides))
-        runtime.init_ray(max(1, num_workers))
         manifest = read_manifest(cfg.data.uri, cfg.data.s3_endpoint)
+        have = sorted(manifest.get("counts") or {})
+        missing = [s for s in splits if s not in have]
+        if missing or not splits:
+            what = f"no split {', '.join(map(repr, missing))}" if missing else "no split given"
+            raise ConfigError(f"--splits {','.join(splits)!r}: {what} (the data set at {cfg.data.uri} has "
+                              f"{', '.join(have)})")
+        log.info("evaluating %s on %s", ck_path, ", ".join(splits))
+        runtime.init_ray(max(1, num_workers))
         counts = {s: int(n) for s, n in (manifest.get("counts") or {}).items()}
         bs = batch_size or cfg.optim.batch_size
         datasets = load_datasets(cfg.data, manifest, tuple(splits))

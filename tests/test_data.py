@@ -273,6 +273,16 @@ def test_length_noise_varies_batches_across_epochs_and_keeps_padding_low():
     assert flat == sorted(flat)
 
 
+def test_pinned_batches_are_refused_without_cuda(monkeypatch):
+    """`pin_memory=True` is what the training loop asks for on a GPU; in a process without CUDA it is a clear error
+    naming the argument, not a failure inside Ray's collate threads (bench/gpu_checks.py covers the GPU side)."""
+    from psamf.data import iter_batches
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    with pytest.raises(ValueError, match=r"pin_memory=True\) needs a CUDA device"):
+        next(iter_batches(None, DataConfig(uri="unused"), 4, epoch=0, train=True, pin_memory=True))
+
+
 def test_window_short_batch_last():
     tbl = varied_table(37)
     bs = _WindowCollate(PadCollate(sample_ids=True), 8, seed=0, epoch=3, shuffle=True, group=True)(tbl)
