@@ -46,7 +46,7 @@ def _measure(res: tune.SearchResult, storage: str, elapsed: float, cpus: float, 
     """Busy fraction and start-up overhead from each trial's Tune result log and Train history."""
     import pandas as pd
 
-    busy, startup, train, devices = 0.0, [], [], []
+    busy, startup, train, devices, mem = 0.0, [], [], [], []
     for r in res.rows:
         done = os.path.join(storage, res.name, "trials", r["trial_id"], "done.json")
         if os.path.exists(done):
@@ -61,12 +61,26 @@ def _measure(res: tune.SearchResult, storage: str, elapsed: float, cpus: float, 
         own = float(first.get("time_train_s", 0)) + float(first.get("time_eval_s", 0))
         startup.append(float(first["time_this_iter_s"]) - own)
         train.append(float((df.get("time_train_s", 0) + df.get("time_eval_s", 0)).sum()))
+        if "rss_gib" in df and "pid" in df:  # the trial's process after its last epoch (rank 0's)
+            mem.append((float(df["timestamp"].iloc[0]), int(df["pid"].iloc[-1]), float(df["rss_gib"].iloc[-1])))
     n = len(res.rows)
     return {"trials": n, "elapsed_s": elapsed, "trials_per_hour": 3600 * n / elapsed,
             "busy_fraction": busy / (elapsed * cpus), "epochs": sum(r["epochs_run"] for r in res.rows),
             "startup_s_mean": sum(startup) / max(1, len(startup)),
-            "train_eval_s_mean": sum(train) / max(1, len(train)), "devices": devices,
+            "train_eval_s_mean": sum(train) / max(1, len(train)), "devices": devices, "memory": _memory(mem),
             "statuses": {s: sum(r["status"] == s for r in res.rows) for s in tune.TRIAL_STATUSES}}
+
+
+def _memory(mem: list[tuple[float, int, float]]) -> dict:
+    """Per training process (pid), the resident set after each of its trials in start order: a reused trial actor
+    (workers_per_trial 0) whose figure climbs from trial to trial holds on to something."""
+    by_pid: dict[int, list[float]] = {}
+    for _, pid, rss in sorted(mem):
+        by_pid.setdefault(pid, []).append(round(rss, 3))
+    longest = max(by_pid.values(), key=len, default=[])
+    return {"processes": len(by_pid), "trials_per_process_max": len(longest),
+            "rss_gib_by_process": {str(p): v for p, v in by_pid.items()},
+            "rss_gib_first_last_of_busiest": [longest[0], longest[-1]] if longest else None}
 
 
 def main() -> int:

@@ -68,7 +68,7 @@ def _tb_tag(key: str) -> str | None:
     if key.startswith("lr_"):
         return f"lr/{key[len('lr_'):]}"
     if key in ("samples_per_s_per_worker", "data_wait_frac", "time_train_s", "time_eval_s", "time_setup_s",
-               "grad_norm"):
+               "grad_norm", "rss_gib", "peak_gpu_mem_gib"):
         return f"perf/{key}"
     return None
 

@@ -48,11 +48,11 @@ from psamf.checkpoint import (CHECKPOINT_DIR, CheckpointError, LocalCheckpoints,
 from psamf.config import Config, ConfigError
 from psamf.data import StartedEarly, iter_batches, load_datasets, split_config
 from psamf.engine import (EvalOutput, Selector, all_gather, build_optimizer, build_scheduler, epoch_record,
-                          make_scaler, maybe_compile,
-                          eval_metrics, eval_partition, evaluate, gather_eval, resolve_amp, rng_state,
-                          seed_everything, set_rng_state, train_epoch)
+                          eval_metrics, eval_partition, evaluate, gather_eval, make_scaler, maybe_compile,
+                          memory_stats, release_memory, reset_gpu_peak, resolve_amp, rng_state, seed_everything,
+                          set_rng_state, train_epoch)
 from psamf.model import build_model
-from psamf.preflight import Preflight, check_placeholders, preflight
+from psamf.preflight import Preflight, check_placeholders, preflight, read_manifest
 from psamf.results import HistoryPrinter, ProgressFiles, TrainResult, format_record, write_run_outputs
 
 __all__ = ["train_fn_per_worker", "train_in_trial", "build_loop_config", "build_trainer", "fit", "train", "seed_config",
@@ -334,7 +334,11 @@ def train_in_trial(loop_config: Mapping[str, Any], datasets: Mapping[str, Any], 
                               to_tune=report_epochs)
     env = _WorkerEnv(rank=0, world=1, device=device, shard=lambda name: datasets[name],
                      prepare_model=lambda m: m.to(device), store=store)
-    out = _train_loop(loop_config, cfg, env, selector, t_fn)
+    try:
+        out = _train_loop(loop_config, cfg, env, selector, t_fn)
+    finally:
+        env = None  # the process may train the next trial: give back what this one held
+        release_memory()
     assert out is not None  # rank 0
     return out
 
@@ -353,9 +357,12 @@ def _train_loop(loop_config: Mapping[str, Any], cfg: Config, env: _WorkerEnv, se
     counts = loop_config.get("counts") or {}
     latest = store.latest()
     train_shard = env.shard("train")
+    # Host batches, page-locked for a GPU; the engine moves them (asynchronously) and evaluation reads its labels
+    # from the host copy instead of the device.
+    host_batches = {"device": "cpu", "pin_memory": device.type == "cuda"}
 
     def train_pass(epoch: int) -> Any:
-        return iter_batches(train_shard, cfg.data, cfg.optim.batch_size, epoch=epoch, train=True)
+        return iter_batches(train_shard, cfg.data, cfg.optim.batch_size, epoch=epoch, train=True, **host_batches)
 
     # The first pass starts now, in a thread, and its pipeline start-up (seconds) overlaps the model's build,
     # restore and DDP wrap below; each later pass starts during the previous epoch's validation (docs/benchmarks.md,
@@ -385,7 +392,8 @@ def _train_loop(loop_config: Mapping[str, Any], cfg: Config, env: _WorkerEnv, se
     progress = ProgressFiles(loop_config.get("storage"), cfg.run.name) if rank == 0 else None
 
     def run_eval(split: str) -> EvalOutput:
-        batches = iter_batches(eval_shards[split], cfg.data, cfg.optim.batch_size, epoch=0, train=False)
+        batches = iter_batches(eval_shards[split], cfg.data, cfg.optim.batch_size, epoch=0, train=False,
+                               **host_batches)
         out = gather_eval(evaluate(raw, batches, cfg, device=device, amp_dtype=amp_dtype, keep=keep))
         if counts.get(split) is not None and out.n != counts[split]:
             raise RuntimeError(f"{split}: evaluated {out.n} samples across {world} worker(s), the split has "
@@ -404,6 +412,7 @@ def _train_loop(loop_config: Mapping[str, Any], cfg: Config, env: _WorkerEnv, se
                 batches, early = early, None
             else:
                 batches = train_pass(epoch)
+            reset_gpu_peak(device)
             mine = train_epoch(model, batches, optimizer, cfg, device=device, amp_dtype=amp_dtype, scaler=scaler,
                                after_first_step=_fault_hook(loop_config.get("fault"), rank, epoch),
                                where=f"epoch {epoch}, rank {rank}, ",
@@ -418,7 +427,8 @@ def _train_loop(loop_config: Mapping[str, Any], cfg: Config, env: _WorkerEnv, se
             rec["time_eval_s"] = time.perf_counter() - t_eval
             rec.update({"world_size": world, "session": res.session, "resumed_from": res.resumed_from,
                         "time_setup_s": t_setup,  # this session's worker set-up before its first epoch (this rank)
-                        "ended_at": time.time()})  # wall clock after validation: differences give the epoch period
+                        "ended_at": time.time(),  # wall clock after validation: differences give the epoch period
+                        **memory_stats(device)})  # this rank's resident set; the epoch's peak GPU memory
             scheduler.step(rec["val_loss"])
             rec["is_best"] = selector.update(epoch, rec[cfg.optim.select_metric])
             rec["best_epoch"] = selector.best_epoch
@@ -542,7 +552,11 @@ def fit(pf: Preflight, *, datasets: Mapping[str, Any] | None = None, callbacks: 
     # damaged checkpoints set aside, Ray's run snapshot consistent with the checkpoint directories left
     resume_epoch = repair_run(st.fs, run_dir)
     _trim_history(st.fs, run_dir, resume_epoch)
-    if resume_epoch is not None:
+    if resume_epoch is not None and resume_epoch + 1 >= cfg.optim.epochs:
+        log.info("run %s has trained all %d epochs (%s): nothing left to train, its selected checkpoint is evaluated "
+                 "again; raise optim.epochs to continue it, or choose a new run name", cfg.run.name, cfg.optim.epochs,
+                 st.run_uri(cfg.run.name))
+    elif resume_epoch is not None:
         log.info("run %s: resuming from the checkpoint of epoch %d (%s/%s)", cfg.run.name, resume_epoch,
                  st.run_uri(cfg.run.name), CHECKPOINT_DIR.format(epoch=resume_epoch))
     # the resolved config goes into the run directory before any worker starts (the resume guard, once the run
@@ -585,9 +599,10 @@ def train(cfg: Config, *, seeds: Sequence[int] | None = None) -> TrainResult:
     """Train one run (or one run per seed) and write every output. Starts or joins Ray (`runtime.init_ray`).
     Every config is checked (`preflight`) before any worker starts."""
     check_placeholders(cfg)  # before Ray starts: such a config could only fail later, obscurely
+    manifest = read_manifest(cfg.data.uri, cfg.data.s3_endpoint)  # no data set: fail before Ray starts
     runtime.init_ray(cfg.run.num_workers)
     if not seeds:
-        return fit(preflight(cfg))
+        return fit(preflight(cfg, manifest=manifest))
     from psamf.study import train_seeds
 
     return train_seeds(cfg, seeds)

@@ -652,6 +652,63 @@ def test_move_to_device_keeps_the_frame_lengths_on_the_host():
     assert all(v.device.type == "meta" for k, v in moved.items() if k not in HOST_INPUT_KEYS)
 
 
+def test_host_copy_holds_the_values_of_when_it_was_made():
+    """The loss terms' copy is started before the backward pass and read after it (on a GPU the host then waits
+    for the forward pass only): what it reads must be the values at the time of the copy, whatever runs since."""
+    from psamf.engine import HostCopy
+
+    t = torch.tensor([1.5, float("nan"), -2.0])
+    copy = HostCopy(t)
+    t.mul_(10)
+    got = copy.tolist()
+    assert got[0] == 1.5 and math.isnan(got[1]) and got[2] == -2.0
+
+
+def test_forward_backward_reports_the_terms_it_backpropagated(cfg):
+    """forward_backward's floats are the same loss terms as a separate forward computes, and its gradients are those
+    of their total: reading the terms before the backward pass changes neither."""
+    model = _model(cfg)
+    batch = _batch(cfg)
+    torch.manual_seed(5)
+    terms = engine.compute_losses(model(**engine.model_inputs(batch)), batch["label"].float(), cfg.loss, cfg.model)
+    terms["total"].backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    stats = engine.forward_backward(model, batch, cfg, torch.device("cpu"), None, None, 1.0)
+    assert set(stats) == set(terms) | {"batch_size"} and stats["batch_size"] == batch["label"].shape[0]
+    for k, v in terms.items():
+        assert stats[k] == pytest.approx(float(v), rel=1e-6, abs=1e-7), k
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and got
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], msg=n)
+
+
+def test_release_memory_collects_what_a_finished_run_left_in_cycles():
+    """A reused Tune trial actor calls it after each trial (bench/tune.py measures the resident set): the cycles a
+    run leaves (a model referenced from its own hooks, say) are gone afterwards, not at the next collection."""
+    import gc
+    import weakref
+
+    from psamf.engine import release_memory
+
+    class Holder:
+        pass
+
+    gc.disable()
+    try:
+        h = Holder()
+        h.me, h.weights = h, torch.zeros(1000)
+        alive = weakref.ref(h)
+        del h
+        assert alive() is not None  # a cycle: reference counting alone does not free it
+        release_memory()
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
 def test_optim_compile_compiles_the_bert_layers_in_place():
     """optim.compile (off by default) wraps each BERT layer's forward with torch.compile without renaming the state
     dict; compiling itself is lazy (first forward), so this checks the config path only (the slow test below trains

@@ -105,6 +105,9 @@ def test_two_worker_ddp_on_s3_learns_and_writes_every_output(s3_run, shards):
     sel = m["selection"]["selected_epoch"]
     assert m["selection"]["metric"] == "val_loss"
     assert m["valid"]["mae"] == pytest.approx(res.history[sel]["val_mae"], abs=1e-5)  # re-evaluated = recorded
+    # every epoch records rank 0's resident set (a worker process holds torch, Ray and the model: 0.2-8 GiB);
+    # peak GPU memory only on a GPU
+    assert all(0.2 < r["rss_gib"] < 8 and "peak_gpu_mem_gib" not in r for r in res.history), res.history
 
     run = f"{bucket}/runs/s3run"
     for name in ("metrics.json", "predictions.parquet", "curves.png", "history.json", "config.yaml"):
