@@ -11,13 +11,13 @@ PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 .PHONY: demo test test-fast test-quick bench clean
 
+# CPU torch first (pinned), so the package's own torch>=2.4 range is already satisfied. pip byte-compiles what it
+# installs (about a minute on 2 cores). Keep it so: where PYTHONDONTWRITEBYTECODE is set, as on the CI machine,
+# Python never writes a .pyc on import, and every Ray worker process would compile torch, transformers and Ray
+# from source again (16 s against 6 s to import them; docs/benchmarks.md).
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# CPU torch first (pinned), so the package's own torch>=2.4 range is already satisfied. pip byte-compiles what
-	# it installs (about a minute on 2 cores). Keep it so: where PYTHONDONTWRITEBYTECODE is set, as on the CI
-	# machine, Python never writes a .pyc on import, and every Ray worker process would compile torch,
-	# transformers and Ray from source again (16 s against 6 s to import them; docs/benchmarks.md).
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test,tune,cluster]"
 	touch $(STAMP)

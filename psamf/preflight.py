@@ -201,8 +201,16 @@ def preflight(cfg: Config, *, check_resources: bool = True, manifest: Mapping[st
     return Preflight(cfg=new, manifest=man, storage=storage)
 
 
+# optim fields a resumed run may change: how long it trains, when it stops, and how fast each step runs.
+# Every other optim field is the run's recipe: the learning rates, weight decays and plateau schedule come back
+# from the checkpoint's optimiser and scheduler states (a new value would be silently ignored), and a new batch
+# size, accumulation or clipping would change the run half-way while its config.yaml claimed one recipe.
+RESUMABLE_OPTIM = ("epochs", "early_stop_patience", "amp", "compile")
+
+
 def check_resume_compatible(old: Config, new: Config) -> None:
-    """A re-used run name resumes: the model, loss and data must be those of the checkpoints."""
+    """A re-used run name resumes: the model, loss, data and training recipe must be those of the checkpoints
+    (of `optim`, only `RESUMABLE_OPTIM` may change)."""
     diffs = []
     od, nd = old.to_dict(), new.to_dict()
     for sec in ("model", "loss"):
@@ -210,9 +218,9 @@ def check_resume_compatible(old: Config, new: Config) -> None:
     for k in ("uri", "dataset", "tokenizer", "personality_tokenizer", "max_text_len"):
         if od["data"].get(k) != nd["data"][k]:
             diffs.append(f"data.{k}: {od['data'].get(k)!r} -> {nd['data'][k]!r}")
-    for k in ("select_metric", "select_mode", "seed"):
-        if od["optim"].get(k) != nd["optim"][k]:
-            diffs.append(f"optim.{k}: {od['optim'].get(k)!r} -> {nd['optim'][k]!r}")
+    for k in nd["optim"]:
+        if k not in RESUMABLE_OPTIM and k in od["optim"] and od["optim"][k] != nd["optim"][k]:
+            diffs.append(f"optim.{k}: {od['optim'][k]!r} -> {nd['optim'][k]!r}")
     if diffs:
         raise ConfigError(f"run.name={new.run.name!r} already exists under {new.run.storage_path} with a different "
                           f"configuration; re-using a name resumes that run. Differences: {'; '.join(diffs)}. "

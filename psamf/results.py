@@ -21,8 +21,8 @@ import numpy as np
 if TYPE_CHECKING:
     from psamf.preflight import Preflight
 
-__all__ = ["TrainResult", "write_run_outputs", "metrics_table", "format_record", "ProgressFiles", "HistoryPrinter",
-           "git_sha", "code_version", "checkpoint_uri", "GIT_SHA_ENV"]
+__all__ = ["TrainResult", "write_run_outputs", "metrics_table", "floors_line", "format_record", "ProgressFiles",
+           "HistoryPrinter", "git_sha", "code_version", "checkpoint_uri", "GIT_SHA_ENV"]
 
 GIT_SHA_ENV = "PSAMF_GIT_SHA"  # the commit of a cluster run, set at submission where .git is not uploaded
 
@@ -60,13 +60,15 @@ def format_record(rec: Mapping[str, Any], select: str) -> str:
 
 
 
-def metrics_table(metrics: Mapping[str, Any]) -> str:
-    """Valid and test metrics of one run side by side (accuracies/F1 in %, MAE/Corr/losses raw)."""
-    keys = [k for k in metrics["test"] if k not in ("n", "n_non0")]
-    lines = [f"{'metric':<10} {'valid':>9} {'test':>9}"]
+def metrics_table(metrics: Mapping[str, Any], splits: Sequence[str] = ("valid", "test")) -> str:
+    """The metrics of `splits` side by side, one column each (`metrics[split]` holds a split's metrics, as in a
+    run's metrics.json; accuracies/F1 in %, MAE/Corr/losses raw)."""
+    splits = list(splits)
+    keys = [k for k in metrics[splits[-1]] if k not in ("n", "n_non0")]
+    lines = [f"{'metric':<10} " + " ".join(f"{s:>9}" for s in splits)]
     for k in keys:
         row = []
-        for split in ("valid", "test"):
+        for split in splits:
             v = metrics[split].get(k)
             if v is None or (isinstance(v, float) and math.isnan(v)):
                 row.append(f"{'nan':>9}")
@@ -75,9 +77,22 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
             else:
                 row.append(f"{v:>9.4f}")
         lines.append(f"{k:<10} " + " ".join(row))
-    lines.append(f"{'n':<10} {metrics['valid'].get('n', 0):>9} {metrics['test'].get('n', 0):>9}")
+    lines.append(f"{'n':<10} " + " ".join(f"{metrics[s].get('n', 0):>9}" for s in splits))
     return "\n".join(lines)
 
+
+
+def floors_line(baselines: Mapping[str, Any], split: str = "test") -> str:
+    """One line of the input-free floors a model must beat on `split` (metrics.json `baselines[split]`)."""
+    b = baselines
+    parts = [f"MAE of predicting 0 = {b['mae_zero']:.4f}" if b.get("mae_zero") is not None else None,
+             f"of the {split} mean = {b['mae_mean']:.4f}" if b.get("mae_mean") is not None else None]
+    accs = [f"{label} {100 * b[k]:.2f}%" for k, label in (("acc2_has0", "Acc-2 Has0"), ("acc2_non0", "Acc-2 Non0"),
+                                                          ("acc7", "Acc-7")) if b.get(k) is not None]
+    line = ", ".join(p for p in parts if p)
+    if accs:
+        line += ("; " if line else "") + "majority class " + ", ".join(accs)
+    return f"{split} floors (input-free predictors): {line}"
 
 
 class ProgressFiles:

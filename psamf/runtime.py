@@ -57,6 +57,14 @@ def quiet() -> bool:
     return _EMBEDDED["quiet"]
 
 
+def quiet_tune_console() -> None:
+    """Ray Tune's console output off for psamf's searches and grids, which print their own line per trial and
+    summary: with Ray's new output engine (`RAY_AIR_NEW_OUTPUT`, default on) even `verbose=0` prints a
+    "Configuration for experiment" box and a TensorBoard hint pointing at Ray's temporary session directory
+    instead of the run directories. Set RAY_AIR_NEW_OUTPUT=1 yourself to get Ray's output back."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
 def _quiet_driver() -> None:
     import warnings
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -160,6 +161,35 @@ def _grid_trial(config: dict[str, Any], *, rows: Mapping[str, dict[str, Any]], m
     ray.tune.report({"row": row, "seed": seed, "run_dir": res.run_dir, **final})
 
 
+class _GridLine:
+    """A Tune callback: one console line per ended grid trial (run name, valid and test MAE, how many are done),
+    so that a grid of runs that each take minutes shows its progress as it goes."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        from ray.tune import Callback
+
+        class _Impl(Callback):
+            def __init__(self, name: str, total: int):
+                # plain values only: the Tuner pickles its RunConfig (callbacks included) into the experiment state
+                self.name, self.total, self.ended, self.t0 = name, total, 0, time.time()
+
+            def _line(self, trial: Any, what: str) -> None:
+                self.ended += 1
+                run = trial_run_name(self.name, trial.config.get("row", ""), int(trial.config.get("seed", 0)))
+                print(f"run {run}: {what} ({self.ended}/{self.total} ended, {time.time() - self.t0:.0f} s)",
+                      flush=True)
+
+            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                r = trial.last_result or {}
+                vals = " ".join(f"{k}={r[k]:.4f}" for k in ("valid_mae", "test_mae") if isinstance(r.get(k), float))
+                self._line(trial, f"finished {vals}".rstrip())
+
+            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                self._line(trial, "failed (its error follows the grid)")
+
+        return _Impl(*args, **kwargs)
+
+
 def _check_grid(rows: Sequence[tuple[str, Config]], seeds: Sequence[int]) -> tuple[list[str], list[int]]:
     names = [r for r, _ in rows]
     if not names:
@@ -225,8 +255,10 @@ def run_grid(rows: Sequence[tuple[str, Config]], seeds: Sequence[int], *, name: 
             run_config=ray.tune.RunConfig(name=exp, storage_path=st.storage_path,
                                           storage_filesystem=st.storage_filesystem, verbose=0,
                                           failure_config=ray.tune.FailureConfig(max_failures=0),
-                                          callbacks=[_runtime.placement_group_reclaimer()]))
+                                          callbacks=[_runtime.placement_group_reclaimer(),
+                                                     _GridLine(name, len(names) * len(seeds))]))
     log.info("grid %s: %d row(s) x %d seed(s), %d trial(s) at a time", name, len(names), len(seeds), k)
+    _runtime.quiet_tune_console()
     grid = tuner.fit()
     errors = {(r.config["row"], int(r.config["seed"])): r.error for r in grid if r.config}
     return [_collect(st, name, row, s, errors.get((row, s), "no trial result")) for row in names for s in seeds]

@@ -147,6 +147,12 @@ def _init_ray(num_workers: int) -> None:
     runtime.init_ray(num_workers)
 
 
+def _quiet_tune_console() -> None:
+    from psamf import runtime
+
+    runtime.quiet_tune_console()
+
+
 def _evaluate_test(checkpoint_uri: str, s3_endpoint: str | None) -> dict[str, Any]:
     from psamf.evaluate import evaluate_checkpoint
 
@@ -533,6 +539,7 @@ def _searcher(space: SearchSpace, max_concurrent: int) -> Any:
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory ..."
         return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=space.seed))
     return BasicVariantGenerator(random_state=space.seed, max_concurrent=max_concurrent)
 
@@ -924,11 +931,20 @@ def _plots(fs: Any, search_dir: str, rows: Sequence[Mapping[str, Any]], space: S
     return paths
 
 
-def _summary_table(rows: Sequence[Mapping[str, Any]], metric: str, best: Mapping[str, Any] | None) -> str:
+def _summary_table(rows: Sequence[Mapping[str, Any]], metric: str, mode: str,
+                   best: Mapping[str, Any] | None) -> str:
+    """One line per trial, best first (trials without a finite metric last, by id)."""
     keys = [k for k in (rows[0] if rows else {}) if k.startswith("config/")]
     head = f"{'trial':<12} {'status':<13} {'epochs':>6} {metric:>10}  params"
     lines = [head, "-" * len(head)]
-    for r in rows:
+
+    def order(r: Mapping[str, Any]) -> tuple:
+        v = r.get(f"best_{metric}")
+        if not (isinstance(v, float) and math.isfinite(v)):
+            return (1, 0.0, r["trial_id"])
+        return (0, v if mode == "min" else -v, r["trial_id"])
+
+    for r in sorted(rows, key=order):
         v = r.get(f"best_{metric}")
         vs = f"{v:>10.4f}" if isinstance(v, float) and math.isfinite(v) else f"{'-':>10}"
         mark = " *" if best and r["trial_id"] == best["trial_id"] else ""
@@ -976,6 +992,7 @@ def run_search(space: SearchSpace, *, name: str, storage_path: str | None = None
     # Tune would add its own TensorBoard logger (an `events` file per trial with `ray/tune/*` tags) next to
     # psamf's per-trial tensorboard/ (curves + HParams): one set of curves per trial is what users should see.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    _quiet_tune_console()
     t0 = time.perf_counter()
     grid = _tuner(space, name, st, pf.manifest, resume, out).fit()
     elapsed = time.perf_counter() - t0
@@ -1029,7 +1046,7 @@ def _collect(space: SearchSpace, name: str, st: Any, grid: Any, elapsed: float, 
         paths.update(best_config=f"{st.run_uri(name)}/best.yaml", metrics=f"{st.run_uri(name)}/metrics.json")
     counts = {s: sum(r["status"] == s for r in rows) for s in TRIAL_STATUSES}
     hours = max(elapsed, 1e-9) / 3600
-    summary = (_summary_table(rows, space.metric, best) + "\n" +
+    summary = (_summary_table(rows, space.metric, space.mode, best) + "\n" +
                f"{len(rows)} trial(s): " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) +
                f"; {elapsed:.0f} s ({len(rows) / hours:.1f} trials/hour this session)")
     if best is not None and metrics is not None:

@@ -142,6 +142,20 @@ def test_evaluate_cli_exit_status_2_names_the_file(cfg, tmp_path, capsys):
     assert "checkpoint_epoch=001/model.pt" in err and "Traceback" not in err
 
 
+def test_evaluate_names_a_split_the_data_set_lacks_before_ray_starts(cfg, tmp_path, capsys, synthetic_shards):
+    """A misspelt `--splits` used to start Ray and end in a traceback; now it is exit status 2 with the splits the
+    data set has, and the resolved checkpoint is not evaluated."""
+    from psamf.cli import main
+
+    uri, man = synthetic_shards
+    d = str(tmp_path / "checkpoint_epoch=002")
+    _save(cfg.override([f"data.uri={uri}", "model.audio_dim=5", "model.visual_dim=20"]), d, 2, [{"epoch": 2}])
+    assert main(["evaluate", d, "--splits", "valid,tset"]) == 2
+    err = capsys.readouterr().err
+    assert "--splits 'valid,tset': no split 'tset'" in err and "has test, train, valid" in err, err
+    assert "Traceback" not in err
+
+
 # ----------------------------------------------------------------------------- item 8: missing S3 bucket
 def test_storage_path_on_a_missing_bucket_is_refused_and_not_created(cfg, tmp_path, s3_server):
     import boto3
@@ -171,6 +185,25 @@ def test_a_run_that_never_started_does_not_block_its_name(cfg, tmp_path):
     _save(cfg, str(tmp_path / "r1" / "checkpoint_epoch=000"), 0, [{"epoch": 0}])
     with pytest.raises(ConfigError, match=r"already exists.*model\.hidden_size"):
         preflight.preflight(c, manifest=_manifest(), check_resources=False)
+
+
+def test_a_resumed_run_may_train_longer_but_not_change_its_recipe(cfg, tmp_path):
+    """Re-using a finished run's name with a new learning rate used to pass: the restored optimiser state kept the
+    old rate while the run's config.yaml was rewritten with the new one. The recipe is refused with the field and
+    both values named; how long it trains (and amp, compile) may change."""
+    c = cfg.override([f"run.storage_path={tmp_path}", "run.name=r2"])
+    (tmp_path / "r2").mkdir()
+    resolved = preflight.preflight(c, manifest=_manifest(), check_resources=False).cfg  # with the shards' dims
+    (tmp_path / "r2" / "config.yaml").write_text(resolved.to_yaml())
+    _save(cfg, str(tmp_path / "r2" / "checkpoint_epoch=000"), 0, [{"epoch": 0}])
+    longer = c.override([f"optim.epochs={c.optim.epochs + 5}", "optim.early_stop_patience=3", "optim.amp=off",
+                         "run.num_workers=1", "data.prefetch_batches=2"])
+    preflight.preflight(longer, manifest=_manifest(), check_resources=False)
+    for change, named in (("optim.lr_main=0.0001", r"optim\.lr_main: 0\.003 -> 0\.0001"),
+                          ("optim.batch_size=8", r"optim\.batch_size: 32 -> 8"),
+                          ("optim.plateau_factor=0.1", r"optim\.plateau_factor: 0\.5 -> 0\.1")):
+        with pytest.raises(ConfigError, match=r"run\.name='r2' already exists.*" + named):
+            preflight.preflight(c.override([change]), manifest=_manifest(), check_resources=False)
 
 
 # ----------------------------------------------------------------------------- item 11: placeholders

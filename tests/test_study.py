@@ -240,7 +240,8 @@ def test_a_real_grid_flags_a_crippled_row_and_writes_every_output(ray_cluster, s
 
 
 @pytest.mark.integration
-def test_a_grid_row_without_workers_trains_in_its_trial_and_matches_a_one_worker_row(ray_cluster, shards, tmp_path):
+def test_a_grid_row_without_workers_trains_in_its_trial_and_matches_a_one_worker_row(ray_cluster, shards, tmp_path,
+                                                                                        capfd):
     """The same run as a one-worker Ray Train run and in the trial's own process (run.num_workers=0; Ray Train's
     local mode would fail inside a Tune trial): both rows finish with the same test metrics (same seed, same data
     order, one process each), and only the first leaves Ray Train's run state behind."""
@@ -257,3 +258,9 @@ def test_a_grid_row_without_workers_trains_in_its_trial_and_matches_a_one_worker
     assert (tmp_path / "g-group-seed1" / "checkpoint_manager_snapshot.json").exists()
     assert not (tmp_path / "g-own-seed1" / "checkpoint_manager_snapshot.json").exists()
     assert grid[1].metrics.get("controller_poll_s") is None
+    # the console: one line per ended run, with its validation and test MAE, and not Ray Tune's own box
+    out = capfd.readouterr().out
+    for g in grid:
+        line = next((ln for ln in out.splitlines() if ln.startswith(f"run {g.run_name}: finished")), None)
+        assert line is not None and f"test_mae={g.metrics['test']['mae']:.4f}" in line, out
+    assert "Configuration for experiment" not in out

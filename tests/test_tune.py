@@ -231,6 +231,19 @@ def test_placement_groups_of_dead_actors_are_reclaimed_and_nothing_else(ray_clus
     ray.kill(alive)
 
 
+def test_the_summary_table_lists_the_best_trial_first_and_trials_without_a_value_last():
+    from psamf.tune import _summary_table
+
+    rows = [{"trial_id": tid, "status": st, "epochs_run": 2, "best_val_mae": v, "config/optim.lr_main": 0.001}
+            for tid, st, v in (("a1", "finished", 0.9), ("b2", "pruned", None), ("c3", "finished", 0.7),
+                               ("d4", "stopped-early", 1.2), ("e5", "error", float("nan")))]
+    order = [line.split()[0] for line in _summary_table(rows, "val_mae", "min", rows[2]).splitlines()[2:]]
+    assert order == ["c3", "a1", "d4", "b2", "e5"]
+    assert _summary_table(rows, "val_mae", "min", rows[2]).splitlines()[2].endswith(" *")  # the best marked
+    order = [line.split()[0] for line in _summary_table(rows, "val_mae", "max", rows[3]).splitlines()[2:]]
+    assert order == ["d4", "a1", "c3", "b2", "e5"]
+
+
 def test_a_restarted_trials_suffixed_directory_maps_back_to_its_trial_id():
     """`Tuner.restore` may give a restarted trial a suffixed directory (`<id>_6bd6`, seen in CI): the table must
     still find that trial's files under its id."""

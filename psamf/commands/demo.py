@@ -114,9 +114,9 @@ def run(args: argparse.Namespace) -> int:
     print(result.table or "", flush=True)
     floors = (result.metrics.get("baselines") or {}).get("test") or {}
     if floors:
-        print(f"floors on test: MAE of predicting 0 = {floors['mae_zero']:.4f}, of the test mean = "
-              f"{floors['mae_mean']:.4f}; majority-class Acc-2 Has0 {100 * floors['acc2_has0']:.2f}% / "
-              f"Non0 {100 * floors['acc2_non0']:.2f}%")
+        from psamf.results import floors_line
+
+        print(floors_line(floors))
     print(f"run directory: {result.run_dir}")
     for key in ("metrics", "predictions", "curves", "tensorboard", "config"):
         if key in result.paths:

@@ -48,14 +48,11 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"psamf evaluate: {e}", file=sys.stderr)
         return 2
-    if set(res) >= {"valid", "test"}:
-        print(metrics_table({"valid": res["valid"].metrics, "test": res["test"].metrics}))
-    else:
-        for s, r in res.items():
-            print(s, json.dumps(json_safe(r.metrics), indent=1))
+    print(metrics_table({s: r.metrics for s, r in res.items()}, splits=list(res)))
     if args.out:
         with atomic_open(args.out, "w") as f:
             json.dump(json_safe({s: r.metrics for s, r in res.items()}), f, indent=2)
+        print(f"wrote {args.out}")
     plots = args.plots_dir or (os.path.dirname(os.path.abspath(args.out)) if args.out else None)
     if plots:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from psamf import sources
 from psamf.datasets import NAMES as DATASETS
@@ -63,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
         personality_model = mc
     try:
         check_output(args.out, s3_endpoint=args.s3_endpoint, allow_nonempty=args.allow_nonempty)
-        raw = sources.read_source(args.format, args.input, label_csv=args.labels, name=args.dataset)
+        with warnings.catch_warnings():  # a checksum mismatch is logged already: not a second time as a warning
+            warnings.simplefilter("ignore", sources.ChecksumMismatchWarning)
+            raw = sources.read_source(args.format, args.input, label_csv=args.labels, name=args.dataset)
         man = prepare(raw, args.out, tokenizer=args.tokenizer,
                       personality_tokenizer=args.personality_tokenizer or args.tokenizer,
                       max_text_len=args.max_text_len, personality_model=personality_model, layout=args.layout,

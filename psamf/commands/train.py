@@ -15,7 +15,7 @@ import tempfile
 from psamf.commands.common import add_config_arguments, load_config, parse_seeds
 from psamf.config import Config, ConfigError
 from psamf.preflight import check_placeholders
-from psamf.results import TrainResult, code_version, metrics_table
+from psamf.results import TrainResult, code_version, floors_line, metrics_table
 from psamf.train import train
 
 HELP = "train PSA-MF with Ray Train (embedded local Ray, or the cluster in RAY_ADDRESS)"
@@ -78,10 +78,7 @@ def print_result(res: TrainResult, out=sys.stdout) -> None:
     print(f"run {res.run_name}: selected epoch {sel['selected_epoch']} of {sel['epochs_trained']} trained, by "
           f"{sel['metric']} ({sel['mode']}, validation only); test evaluated once on it", file=out)
     print(res.table or metrics_table(m), file=out)
-    b = m["baselines"]["test"]
-    floors = {k: b[k] for k in ("mae_mean", "mae_zero", "acc2_has0", "acc2_non0", "acc7") if b.get(k) is not None}
-    print("test floors (input-free predictors): " + ", ".join(
-        f"{k}={100 * v:.2f}%" if k.startswith("acc") else f"{k}={v:.4f}" for k, v in floors.items()), file=out)
+    print(floors_line(m["baselines"]["test"]), file=out)
     print(f"outputs: {res.run_dir}  (metrics.json, predictions.parquet, curves.png, tensorboard/, "
           f"checkpoint_epoch=NNN/)", file=out)
 
@@ -102,10 +99,13 @@ def run(args: argparse.Namespace) -> int:
             workdir = tempfile.mkdtemp(prefix="psamf-smoke-")
             cfg = smoke_config(cfg, workdir)
         cv = code_version()
-        # the resolved config goes to the run directory (fit writes it), not into the console or job log
-        log.info("psamf train: run %s, code %s (psamf %s, source sha256 %s), resolved config: %s/%s/config.yaml",
+        # the resolved config goes to the run directory (fit writes it once the checks pass), not into the console
+        # or job log
+        names = (f"{cfg.run.name}-seed{{{','.join(map(str, seeds))}}}" if seeds and len(seeds) > 1
+                 else f"{cfg.run.name}-seed{seeds[0]}" if seeds else cfg.run.name)
+        log.info("psamf train: run %s, code %s (psamf %s, source sha256 %s), resolved config to %s/%s/config.yaml",
                  cfg.run.name, cv["git_sha"] or "unknown git commit", cv["psamf_version"], cv["source_sha256"][:12],
-                 cfg.run.storage_path.rstrip("/"), cfg.run.name)
+                 cfg.run.storage_path.rstrip("/"), names)
         res = train(cfg, seeds=seeds)
         print_result(res)
         if workdir and res.run_dir.startswith(workdir):
