@@ -229,6 +229,19 @@ def test_job_config_placeholders_are_named_before_ray_starts(path, monkeypatch, 
     assert not started
 
 
+def test_train_without_a_data_set_fails_before_ray_starts(tmp_path, monkeypatch, capsys):
+    """`psamf train` on a path with no prepared data set used to start an embedded Ray first (13-23 s here)."""
+    from psamf import runtime
+    from psamf.cli import main
+
+    started = []
+    monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: started.append(1))
+    assert main(["train", "--preset", "tiny", f"data.uri={tmp_path / 'none'}", f"run.storage_path={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'none'}" in err and "manifest.json" in err and "Traceback" not in err, err
+    assert not started
+
+
 def test_placeholders_overridden_on_the_command_line_pass(tmp_path):
     path = os.path.join(REPO, "jobs", "configs", "mosi-reference.yaml")
     c = Config.from_yaml(path).override([f"data.uri={tmp_path}", f"run.storage_path={tmp_path}",
