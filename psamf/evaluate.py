@@ -147,6 +147,11 @@ def evaluate_checkpoint(checkpoint: str, *, splits: Sequence[str] = ("valid", "t
             raise ConfigError(f"--splits {','.join(splits)!r}: {what} (the data set at {cfg.data.uri} has "
                               f"{', '.join(have)})")
         log.info("evaluating %s on %s", ck_path, ", ".join(splits))
+        trained_on = max(1, cfg.run.num_workers)
+        if trained_on != max(1, num_workers):
+            log.info("the run validated on %d worker(s), this evaluation uses %d: the in-batch loss terms (ccl, clm, "
+                     "total) see other batches and differ from the run's; MAE, Corr and accuracies do not "
+                     "(--num-workers %d reproduces the run's)", trained_on, max(1, num_workers), trained_on)
         runtime.init_ray(max(1, num_workers))
         counts = {s: int(n) for s, n in (manifest.get("counts") or {}).items()}
         bs = batch_size or cfg.optim.batch_size

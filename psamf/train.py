@@ -52,7 +52,7 @@ from psamf.engine import (EvalOutput, Selector, all_gather, build_optimizer, bui
                           memory_stats, release_memory, reset_gpu_peak, resolve_amp, rng_state, seed_everything,
                           set_rng_state, train_epoch)
 from psamf.model import build_model
-from psamf.preflight import Preflight, check_placeholders, preflight, read_manifest
+from psamf.preflight import Preflight, check_cluster_resources, check_placeholders, preflight, read_manifest
 from psamf.results import HistoryPrinter, ProgressFiles, TrainResult, format_record, write_run_outputs
 
 __all__ = ["train_fn_per_worker", "train_in_trial", "build_loop_config", "build_trainer", "fit", "train", "seed_config",
@@ -600,9 +600,12 @@ def train(cfg: Config, *, seeds: Sequence[int] | None = None) -> TrainResult:
     Every config is checked (`preflight`) before any worker starts."""
     check_placeholders(cfg)  # before Ray starts: such a config could only fail later, obscurely
     manifest = read_manifest(cfg.data.uri, cfg.data.s3_endpoint)  # no data set: fail before Ray starts
-    runtime.init_ray(cfg.run.num_workers)
     if not seeds:
-        return fit(preflight(cfg, manifest=manifest))
+        pf = preflight(cfg, manifest=manifest, check_resources=False)  # data, storage, resume: before Ray starts
+        runtime.init_ray(cfg.run.num_workers)
+        check_cluster_resources(pf.cfg)  # the one check that needs Ray
+        return fit(pf)
+    runtime.init_ray(cfg.run.num_workers)
     from psamf.study import train_seeds
 
     return train_seeds(cfg, seeds)

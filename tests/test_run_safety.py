@@ -242,6 +242,25 @@ def test_train_without_a_data_set_fails_before_ray_starts(tmp_path, monkeypatch,
     assert not started
 
 
+def test_a_refused_resume_fails_before_ray_starts(cfg, tmp_path, monkeypatch, capsys, synthetic_shards):
+    from psamf import runtime
+    from psamf.cli import main
+
+    uri, man = synthetic_shards
+    args = ["train", "--preset", "tiny", "--run-name", "r3", f"data.uri={uri}", f"run.storage_path={tmp_path}"]
+    resolved = preflight.preflight(cfg.override(args[5:] + ["run.name=r3"]), manifest=man, check_resources=False)
+    (tmp_path / "r3").mkdir()
+    (tmp_path / "r3" / "config.yaml").write_text(resolved.cfg.to_yaml())
+    _save(resolved.cfg, str(tmp_path / "r3" / "checkpoint_epoch=000"), 0, [{"epoch": 0}])
+    started = []
+    monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: started.append(1))
+    assert main(args + ["optim.lr_main=0.0001"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr_main: 0.003 -> 0.0001" in err and "Traceback" not in err, err
+    assert not started
+    assert "lr_main: 0.003" in (tmp_path / "r3" / "config.yaml").read_text()  # the run's config is left as it was
+
+
 def test_placeholders_overridden_on_the_command_line_pass(tmp_path):
     path = os.path.join(REPO, "jobs", "configs", "mosi-reference.yaml")
     c = Config.from_yaml(path).override([f"data.uri={tmp_path}", f"run.storage_path={tmp_path}",
