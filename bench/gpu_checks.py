@@ -10,7 +10,8 @@ The CI machine has no GPU, so these paths are exercised here, whenever a GPU mac
   pin_batch       `data.pin_batch` (what `iter_batches(pin_memory=True)` does on Ray's collate threads) puts every
                   tensor in page-locked memory except the frame lengths, which stay ordinary host tensors;
   loop            `engine.train_epoch` over page-locked host batches gives the same loss sums, gradient norms and
-                  weights as over the same batches already on the device (the tiny preset, 3 steps, float32).
+                  weights as over the same batches already on the device (the tiny preset, 3 steps, float32);
+                  `engine.memory_stats` reports the peak GPU memory.
 Writes one JSON object ({"ok": bool, ...}) and exits 1 when a check fails.
 """
 
@@ -69,9 +70,13 @@ def check_loop(dev: torch.device) -> dict:
     loss_diff = max(abs(a.sums[k] - b.sums[k]) / max(1e-12, abs(a.sums[k])) for k in a.sums)
     norm_diff = max(abs(x - y) / max(1e-12, abs(x)) for x, y in zip(a.grad_norms, b.grad_norms))
     w_diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-    ok = loss_diff < 1e-4 and norm_diff < 1e-4 and w_diff < 1e-4 and a.steps == b.steps == 3
+    mem = engine.memory_stats(dev)  # what every epoch's history record gets
+    del runs, wa, wb
+    engine.release_memory()  # what a trial in a reused actor calls at its end (empties the CUDA cache)
+    ok = (loss_diff < 1e-4 and norm_diff < 1e-4 and w_diff < 1e-4 and a.steps == b.steps == 3
+          and (dev.type != "cuda" or mem.get("peak_gpu_mem_gib", 0) > 0))
     return {"ok": ok, "loss_sums_max_rel_diff": loss_diff, "grad_norm_max_rel_diff": norm_diff,
-            "weights_max_abs_diff": w_diff, "steps": b.steps}
+            "weights_max_abs_diff": w_diff, "steps": b.steps, "memory_stats": mem}
 
 
 def main() -> int:
