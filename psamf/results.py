@@ -21,8 +21,8 @@ import numpy as np
 if TYPE_CHECKING:
     from psamf.preflight import Preflight
 
-__all__ = ["TrainResult", "write_run_outputs", "metrics_table", "floors_line", "format_record", "ProgressFiles",
-           "HistoryPrinter", "git_sha", "code_version", "checkpoint_uri", "GIT_SHA_ENV"]
+__all__ = ["TrainResult", "write_run_outputs", "read_run_outputs", "metrics_table", "floors_line", "format_record",
+           "ProgressFiles", "HistoryPrinter", "git_sha", "code_version", "checkpoint_uri", "GIT_SHA_ENV"]
 
 GIT_SHA_ENV = "PSAMF_GIT_SHA"  # the commit of a cluster run, set at submission where .git is not uploaded
 
@@ -268,9 +268,7 @@ def write_run_outputs(pf: "Preflight", ret: Mapping[str, Any]) -> TrainResult:
         "sessions": 1 + max((int(r.get("session", 0)) for r in history), default=0),
         **code_version(), "preset": cfg.preset,
     }
-    paths = {k: f"{st.run_uri(cfg.run.name)}/{v}" for k, v in {
-        "metrics": "metrics.json", "predictions": "predictions.parquet", "curves": "curves.png",
-        "tensorboard": "tensorboard", "history": "history.json", "config": "config.yaml"}.items()}
+    paths = _output_paths(st, cfg.run.name)
     write_predictions(fs, f"{run_dir}/predictions.parquet",
                       [(s, ret[s]["ids"], ret[s]["label"], ret[s]["pred"]) for s in ("valid", "test")])
     write_history(fs, run_dir, history)
@@ -280,6 +278,39 @@ def write_run_outputs(pf: "Preflight", ret: Mapping[str, Any]) -> TrainResult:
     write_json(fs, f"{run_dir}/metrics.json", metrics)  # last: its presence means the run's outputs are complete
     if metrics["checkpoint"]:
         paths["checkpoint"] = metrics["checkpoint"]
+    safe = json_safe(metrics)
+    return TrainResult(run_name=cfg.run.name, run_dir=st.run_uri(cfg.run.name), metrics=safe, paths=paths,
+                       history=history, table=metrics_table(safe))
+
+
+def _output_paths(st: Any, name: str) -> dict[str, str]:
+    return {k: f"{st.run_uri(name)}/{v}" for k, v in {
+        "metrics": "metrics.json", "predictions": "predictions.parquet", "curves": "curves.png",
+        "tensorboard": "tensorboard", "history": "history.json", "config": "config.yaml"}.items()}
+
+
+def read_run_outputs(pf: "Preflight", latest_epoch: int) -> TrainResult | None:
+    """The finished run's result as its last invocation wrote it, when its outputs are complete and describe its
+    latest checkpoint (`latest_epoch`): metrics.json and history.json present, as many epochs recorded as
+    checkpointed, and the selected checkpoint still there. Else None (the run must be evaluated again)."""
+    from psamf.checkpoint import CHECKPOINT_DIR
+    from psamf.storage import exists, json_safe, read_json
+
+    cfg, st = pf.cfg, pf.storage
+    fs, run_dir = st.fs, st.run_dir(cfg.run.name)
+    try:
+        if not (exists(fs, f"{run_dir}/metrics.json") and exists(fs, f"{run_dir}/history.json")):
+            return None
+        metrics, history = read_json(fs, f"{run_dir}/metrics.json"), read_json(fs, f"{run_dir}/history.json")
+        sel = metrics["selection"]
+        ck = metrics.get("checkpoint")
+        complete = (sel["epochs_trained"] == len(history) == latest_epoch + 1 and ck
+                    and exists(fs, f"{run_dir}/{CHECKPOINT_DIR.format(epoch=int(sel['selected_epoch']))}/model.pt"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not complete:
+        return None
+    paths = {**_output_paths(st, cfg.run.name), "checkpoint": ck}
     safe = json_safe(metrics)
     return TrainResult(run_name=cfg.run.name, run_dir=st.run_uri(cfg.run.name), metrics=safe, paths=paths,
                        history=history, table=metrics_table(safe))

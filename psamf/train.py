@@ -20,8 +20,10 @@ rank 0 returns the results, and the driver writes them (`psamf.results.write_run
 Resume: every epoch rank 0 writes a checkpoint and every rank reports (a collective). A restart
 (`FailureConfig(max_failures)`) or a re-run of the same `run.name` continues from the latest epoch through
 `ray.train.get_checkpoint()`; Ray Train local mode (`run.num_workers=0`) persists and restores through
-`psamf.checkpoint.LocalCheckpoints` instead. An early-stopped or finished run re-run with the same config trains
-no further epoch and re-evaluates the selected checkpoint (same numbers); raise `optim.epochs` to continue it.
+`psamf.checkpoint.LocalCheckpoints` instead. A run that has trained all its epochs and written its outputs returns
+them when re-run, without starting a worker (`psamf.results.read_run_outputs`); with incomplete outputs, or
+early-stopped, it trains no further epoch and re-evaluates the selected checkpoint (same numbers). Raise
+`optim.epochs` to continue it.
 
 Data start-up off the epochs: a worker starts its first training pass in a thread (`psamf.data.StartedEarly`)
 before it builds the model (the resume epoch comes from the latest checkpoint's meta.json), and every later pass
@@ -53,7 +55,8 @@ from psamf.engine import (EvalOutput, Selector, all_gather, build_optimizer, bui
                           set_rng_state, train_epoch)
 from psamf.model import build_model
 from psamf.preflight import Preflight, check_cluster_resources, check_placeholders, preflight, read_manifest
-from psamf.results import HistoryPrinter, ProgressFiles, TrainResult, format_record, write_run_outputs
+from psamf.results import (HistoryPrinter, ProgressFiles, TrainResult, format_record, read_run_outputs,
+                           write_run_outputs)
 
 __all__ = ["train_fn_per_worker", "train_in_trial", "build_loop_config", "build_trainer", "fit", "train", "seed_config",
            "worker_device", "FAULT_ENV", "configure_worker_logging"]
@@ -553,9 +556,14 @@ def fit(pf: Preflight, *, datasets: Mapping[str, Any] | None = None, callbacks: 
     resume_epoch = repair_run(st.fs, run_dir)
     _trim_history(st.fs, run_dir, resume_epoch)
     if resume_epoch is not None and resume_epoch + 1 >= cfg.optim.epochs:
-        log.info("run %s has trained all %d epochs (%s): nothing left to train, its selected checkpoint is evaluated "
-                 "again; raise optim.epochs to continue it, or choose a new run name", cfg.run.name, cfg.optim.epochs,
-                 st.run_uri(cfg.run.name))
+        done = read_run_outputs(pf, resume_epoch)
+        if done is not None:  # a resubmitted job that had finished: no worker to start, nothing rewritten
+            log.info("run %s has trained all %d epochs and its outputs are complete (%s/metrics.json): nothing to "
+                     "do; raise optim.epochs to continue it, choose a new run name, or `psamf evaluate` it again",
+                     cfg.run.name, cfg.optim.epochs, st.run_uri(cfg.run.name))
+            return done
+        log.info("run %s has trained all %d epochs (%s) but its outputs are incomplete: its selected checkpoint is "
+                 "evaluated again", cfg.run.name, cfg.optim.epochs, st.run_uri(cfg.run.name))
     elif resume_epoch is not None:
         log.info("run %s: resuming from the checkpoint of epoch %d (%s/%s)", cfg.run.name, resume_epoch,
                  st.run_uri(cfg.run.name), CHECKPOINT_DIR.format(epoch=resume_epoch))

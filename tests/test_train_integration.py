@@ -288,10 +288,18 @@ def test_local_mode_checkpoints_and_resumes_like_ray_train(ray_cluster, shards, 
     assert [r["session"] for r in second.history] == [0, 0, 1] and second.history[2]["resumed_from"] == 1
     assert kept() == sorted({f"checkpoint_epoch={sel2:03d}", "checkpoint_epoch=002"})
 
-    third = T.train(_cfg(local, str(storage), "loc", *base, "optim.epochs=3"))  # finished: nothing to train
-    assert _epochs(third.history) == [0, 1, 2] and third.metrics["selection"]["selected_epoch"] == sel2
+    # finished, outputs complete: the run's own result comes back, with no worker started and nothing rewritten
+    stamps = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()}
+    third = T.train(_cfg(local, str(storage), "loc", *base, "optim.epochs=3"))
+    assert third.metrics == second.metrics and third.history == json.loads((run / "history.json").read_text())
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()} == stamps
+    # outputs incomplete (metrics.json lost): nothing to train, the selected checkpoint is evaluated again, with
+    # the same numbers (the checkpoint read back from disk)
+    (run / "metrics.json").unlink()
+    fourth = T.train(_cfg(local, str(storage), "loc", *base, "optim.epochs=3"))
+    assert _epochs(fourth.history) == [0, 1, 2] and fourth.metrics["selection"]["selected_epoch"] == sel2
     for split in ("valid", "test"):
-        assert third.metrics[split]["mae"] == pytest.approx(second.metrics[split]["mae"], abs=1e-6)
+        assert fourth.metrics[split]["mae"] == pytest.approx(second.metrics[split]["mae"], abs=1e-6)
     # `psamf evaluate RUN --out` reproduces the run's metrics.json, every metric of both splits, and writes the
     # plots next to its metrics; the confusion counts cover every sample of the split once
     from psamf.cli import main
