@@ -290,7 +290,11 @@ def test_local_mode_checkpoints_and_resumes_like_ray_train(ray_cluster, shards, 
 
     # finished, outputs complete: the run's own result comes back, with no worker started and nothing rewritten
     stamps = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()}
-    third = T.train(_cfg(local, str(storage), "loc", *base, "optim.epochs=3"))
+    started = []
+    with monkeypatch.context() as mp:
+        mp.setattr(T.runtime, "init_ray", lambda *a, **k: started.append(1))
+        third = T.train(_cfg(local, str(storage), "loc", *base, "optim.epochs=3"))
+    assert not started
     assert third.metrics == second.metrics and third.history == json.loads((run / "history.json").read_text())
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()} == stamps
     # outputs incomplete (metrics.json lost): nothing to train, the selected checkpoint is evaluated again, with
