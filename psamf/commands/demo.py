@@ -86,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"[1/{steps}] synth: MOSI-shaped corpus, seed {args.seed}, scale {args.scale} -> {raw_dir}", flush=True)
     files = synthesize("mosi", "mmsa", raw_dir, seed=args.seed, scale=args.scale)
 
-    print(f"[2/{steps}] prepare: tokenise ({cfg.data.tokenizer}), precompute personality CLS -> {shards}", flush=True)
+    print(f"[2/{steps}] prepare: tokenise ({cfg.data.tokenizer}), precompute personality CLS -> {shards}\n"
+          "      (Ray may log an `E ... core_worker.cc ... constructor arguments in the object store` line for this "
+          "actor pool: harmless, a known Ray 2.60 message)", flush=True)
     init_ray(args.workers)  # one embedded Ray for the personality pass and training (or RAY_ADDRESS's cluster)
     with warnings.catch_warnings():
         # the synthetic file cannot match the published MOSI checksum; real files are still checked loudly
