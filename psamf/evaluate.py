@@ -140,7 +140,8 @@ def evaluate_checkpoint(checkpoint: str, *, splits: Sequence[str] = ("valid", "t
             raise CheckpointError("; ".join(p.replace(local, ck_path) for p in problems))
         cfg = checkpoint_config(local).override(list(overrides))
         manifest = read_manifest(cfg.data.uri, cfg.data.s3_endpoint)
-        have = sorted(manifest.get("counts") or {})
+        counts = {s: int(n) for s, n in (manifest.get("counts") or {}).items()}
+        have = sorted(counts)
         missing = [s for s in splits if s not in have]
         if missing or not splits:
             what = f"no split {', '.join(map(repr, missing))}" if missing else "no split given"
@@ -153,7 +154,6 @@ def evaluate_checkpoint(checkpoint: str, *, splits: Sequence[str] = ("valid", "t
                      "total) see other batches and differ from the run's; MAE, Corr and accuracies do not "
                      "(--num-workers %d reproduces the run's)", trained_on, max(1, num_workers), trained_on)
         runtime.init_ray(max(1, num_workers))
-        counts = {s: int(n) for s, n in (manifest.get("counts") or {}).items()}
         bs = batch_size or cfg.optim.batch_size
         datasets = load_datasets(cfg.data, manifest, tuple(splits))
         if num_workers <= 0:

@@ -58,7 +58,7 @@ from psamf.preflight import Preflight, check_cluster_resources, check_placeholde
 from psamf.results import (HistoryPrinter, ProgressFiles, TrainResult, format_record, read_run_outputs,
                            write_run_outputs)
 
-__all__ = ["train_fn_per_worker", "train_in_trial", "build_loop_config", "build_trainer", "fit", "run_state", "train",
+__all__ = ["train_fn_per_worker", "train_in_trial", "build_loop_config", "build_trainer", "fit", "prepare_run", "train",
            "seed_config", "worker_device", "FAULT_ENV", "configure_worker_logging"]
 
 log = logging.getLogger("psamf.train")
@@ -542,11 +542,11 @@ def _trim_history(fs: Any, run_dir: str, resume_epoch: int | None) -> None:
         write_history(fs, run_dir, keep)
 
 
-def run_state(pf: Preflight) -> tuple[int | None, TrainResult | None]:
+def prepare_run(pf: Preflight) -> TrainResult | None:
     """Where a run stands, from its storage alone (no Ray): damaged checkpoints set aside and Ray's run snapshot
-    made consistent with the checkpoint directories left (`repair_run`), the history trimmed to them; returns the
-    epoch to resume from (None: a new run) and, for a run that has trained all its epochs and written complete
-    outputs, its result (`psamf.results.read_run_outputs`): nothing to do."""
+    made consistent with the checkpoint directories left (`repair_run`), the history trimmed to them, and the
+    resume logged. Returns the stored result of a run that has trained all its epochs and written complete
+    outputs (`psamf.results.read_run_outputs`: nothing to do), else None."""
     cfg, st = pf.cfg, pf.storage
     run_dir = st.run_dir(cfg.run.name)
     resume_epoch = repair_run(st.fs, run_dir)
@@ -557,26 +557,27 @@ def run_state(pf: Preflight) -> tuple[int | None, TrainResult | None]:
             log.info("run %s has trained all %d epochs and its outputs are complete (%s/metrics.json): nothing to "
                      "do; raise optim.epochs to continue it, choose a new run name, or `psamf evaluate` it again",
                      cfg.run.name, cfg.optim.epochs, st.run_uri(cfg.run.name))
-            return resume_epoch, done
+            return done
         log.info("run %s has trained all %d epochs (%s) but its outputs are incomplete: its selected checkpoint is "
                  "evaluated again", cfg.run.name, cfg.optim.epochs, st.run_uri(cfg.run.name))
     elif resume_epoch is not None:
         log.info("run %s: resuming from the checkpoint of epoch %d (%s/%s)", cfg.run.name, resume_epoch,
                  st.run_uri(cfg.run.name), CHECKPOINT_DIR.format(epoch=resume_epoch))
-    return resume_epoch, None
+    return None
 
 
 def fit(pf: Preflight, *, datasets: Mapping[str, Any] | None = None, callbacks: Sequence[Any] = (),
-        in_trial: bool = False, state: tuple[int | None, TrainResult | None] | None = None) -> TrainResult:
+        in_trial: bool = False, prepared: bool = False) -> TrainResult:
     """Fit one run (one seed) and write its outputs. `pf` comes from `preflight`; `datasets` default to the
     manifest's splits (`psamf.data.load_datasets`). `in_trial`: this is a Ray Tune trial's function (a study
     grid's), where a run with `run.num_workers=0` trains in this process through `train_in_trial` (Ray Train's
-    local mode refuses to run in a Tune function). `state`: `run_state(pf)` when the caller has read it already."""
+    local mode refuses to run in a Tune function). `prepared`: the caller has called `prepare_run(pf)` and it
+    returned None."""
     from psamf.storage import write_bytes
 
     cfg, st = pf.cfg, pf.storage
     run_dir = st.run_dir(cfg.run.name)
-    _, done = state if state is not None else run_state(pf)
+    done = None if prepared else prepare_run(pf)
     if done is not None:
         return done
     # the resolved config goes into the run directory before any worker starts (the resume guard, once the run
@@ -622,12 +623,12 @@ def train(cfg: Config, *, seeds: Sequence[int] | None = None) -> TrainResult:
     manifest = read_manifest(cfg.data.uri, cfg.data.s3_endpoint)  # no data set: fail before Ray starts
     if not seeds:
         pf = preflight(cfg, manifest=manifest, check_resources=False)  # data, storage, resume: before Ray starts
-        state = run_state(pf)
-        if state[1] is not None:  # finished, outputs complete: no Ray to start
-            return state[1]
+        done = prepare_run(pf)
+        if done is not None:  # finished, outputs complete: no Ray to start
+            return done
         runtime.init_ray(cfg.run.num_workers)
         check_cluster_resources(pf.cfg)  # the one check that needs Ray
-        return fit(pf, state=state)
+        return fit(pf, prepared=True)
     runtime.init_ray(cfg.run.num_workers)
     from psamf.study import train_seeds
 
