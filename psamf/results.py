@@ -289,10 +289,13 @@ def _output_paths(st: Any, name: str) -> dict[str, str]:
         "tensorboard": "tensorboard", "history": "history.json", "config": "config.yaml"}.items()}
 
 
-def read_run_outputs(pf: "Preflight", latest_epoch: int) -> TrainResult | None:
+def read_run_outputs(pf: "Preflight", latest_epoch: int, *, early_stopped: bool = False) -> TrainResult | None:
     """The finished run's result as its last invocation wrote it, when its outputs are complete and describe its
     latest checkpoint (`latest_epoch`): metrics.json and history.json present, as many epochs recorded as
-    checkpointed, and the selected checkpoint still there. Else None (the run must be evaluated again)."""
+    checkpointed, and the selected checkpoint still there. Else None (the run must be evaluated again).
+    `early_stopped`: the run has not reached `optim.epochs`; its result stands only when metrics.json says it
+    stopped early under the current `optim.early_stop_patience` and `optim.epochs` (a resumed loop would stop again
+    before training: its selector state is the one that stopped it)."""
     from psamf.checkpoint import CHECKPOINT_DIR
     from psamf.storage import exists, json_safe, read_json
 
@@ -306,6 +309,10 @@ def read_run_outputs(pf: "Preflight", latest_epoch: int) -> TrainResult | None:
         ck = metrics.get("checkpoint")
         complete = (sel["epochs_trained"] == len(history) == latest_epoch + 1 and ck
                     and exists(fs, f"{run_dir}/{CHECKPOINT_DIR.format(epoch=int(sel['selected_epoch']))}/model.pt"))
+        if early_stopped:
+            complete = complete and (sel["early_stopped"] is True
+                                     and sel["early_stop_patience"] == cfg.optim.early_stop_patience
+                                     and sel["epochs_max"] == cfg.optim.epochs)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not complete:

@@ -20,10 +20,10 @@ rank 0 returns the results, and the driver writes them (`psamf.results.write_run
 Resume: every epoch rank 0 writes a checkpoint and every rank reports (a collective). A restart
 (`FailureConfig(max_failures)`) or a re-run of the same `run.name` continues from the latest epoch through
 `ray.train.get_checkpoint()`; Ray Train local mode (`run.num_workers=0`) persists and restores through
-`psamf.checkpoint.LocalCheckpoints` instead. A run that has trained all its epochs and written its outputs returns
-them when re-run, without starting a worker (`psamf.results.read_run_outputs`); with incomplete outputs, or
-early-stopped, it trains no further epoch and re-evaluates the selected checkpoint (same numbers). Raise
-`optim.epochs` to continue it.
+`psamf.checkpoint.LocalCheckpoints` instead. A run that has finished (all its epochs trained, or stopped early under
+the same `optim.early_stop_patience` and `optim.epochs`) and written its outputs returns them when re-run, without
+starting a worker (`psamf.results.read_run_outputs`); with incomplete outputs it trains no further epoch and
+re-evaluates the selected checkpoint (same numbers). Raise `optim.epochs` (or the patience) to continue it.
 
 Data start-up off the epochs: a worker starts its first training pass in a thread (`psamf.data.StartedEarly`)
 before it builds the model (the resume epoch comes from the latest checkpoint's meta.json), and every later pass
@@ -545,22 +545,31 @@ def _trim_history(fs: Any, run_dir: str, resume_epoch: int | None) -> None:
 def prepare_run(pf: Preflight) -> TrainResult | None:
     """Where a run stands, from its storage alone (no Ray): damaged checkpoints set aside and Ray's run snapshot
     made consistent with the checkpoint directories left (`repair_run`), the history trimmed to them, and the
-    resume logged. Returns the stored result of a run that has trained all its epochs and written complete
-    outputs (`psamf.results.read_run_outputs`: nothing to do), else None."""
+    resume logged. Returns the stored result of a run that has finished, by training all its epochs or by stopping
+    early under the same `optim.early_stop_patience` and `optim.epochs`, and written complete outputs
+    (`psamf.results.read_run_outputs`: nothing to do), else None."""
     cfg, st = pf.cfg, pf.storage
     run_dir = st.run_dir(cfg.run.name)
     resume_epoch = repair_run(st.fs, run_dir)
     _trim_history(st.fs, run_dir, resume_epoch)
-    if resume_epoch is not None and resume_epoch + 1 >= cfg.optim.epochs:
-        done = read_run_outputs(pf, resume_epoch)
-        if done is not None:  # a resubmitted job that had finished: no worker to start, nothing rewritten
-            log.info("run %s has trained all %d epochs and its outputs are complete (%s/metrics.json): nothing to "
-                     "do; raise optim.epochs to continue it, choose a new run name, or `psamf evaluate` it again",
-                     cfg.run.name, cfg.optim.epochs, st.run_uri(cfg.run.name))
-            return done
+    if resume_epoch is None:
+        return None
+    all_epochs = resume_epoch + 1 >= cfg.optim.epochs
+    done = read_run_outputs(pf, resume_epoch, early_stopped=not all_epochs)
+    if done is not None:  # a resubmitted job that had finished: no worker to start, nothing rewritten
+        sel = done.metrics["selection"]
+        how = (f"has trained all {cfg.optim.epochs} epochs" if all_epochs else
+               f"stopped early after epoch {resume_epoch} ({sel['metric']} without a strict improvement for "
+               f"{cfg.optim.early_stop_patience} epochs)")
+        hint = ("raise optim.epochs to continue it" if all_epochs else
+                "raise optim.early_stop_patience (or set it to null) to continue it")
+        log.info("run %s %s and its outputs are complete (%s/metrics.json): nothing to do; %s, choose a new run "
+                 "name, or `psamf evaluate` it again", cfg.run.name, how, st.run_uri(cfg.run.name), hint)
+        return done
+    if all_epochs:
         log.info("run %s has trained all %d epochs (%s) but its outputs are incomplete: its selected checkpoint is "
                  "evaluated again", cfg.run.name, cfg.optim.epochs, st.run_uri(cfg.run.name))
-    elif resume_epoch is not None:
+    else:
         log.info("run %s: resuming from the checkpoint of epoch %d (%s/%s)", cfg.run.name, resume_epoch,
                  st.run_uri(cfg.run.name), CHECKPOINT_DIR.format(epoch=resume_epoch))
     return None

@@ -321,3 +321,31 @@ def test_local_mode_checkpoints_and_resumes_like_ray_train(ray_cluster, shards, 
         counts = np.array([[int(v) for v in r.split(",")[1:]] for r in rows])
         assert counts.sum() == len(_split_ids(local, split)) == recorded[split]["n"]
         assert np.trace(counts) / counts.sum() == pytest.approx(recorded[split]["acc7"], abs=1e-9)
+
+
+def test_an_early_stopped_run_resubmitted_returns_its_result_and_continues_with_more_patience(
+        ray_cluster, shards, tmp_path, monkeypatch):
+    """A run that stopped early has finished: submitted again with the same patience and epochs it returns its
+    stored result without starting Ray; with a larger patience it resumes and trains on. Selection on val_acc2_non0
+    with a learning rate too small to flip a prediction's sign makes every epoch tie: no strict improvement, so
+    patience 1 stops after epoch 1."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    local, _ = shards
+    storage, run = tmp_path / "runs", tmp_path / "runs" / "es"
+    base = ["run.num_workers=0", "optim.epochs=6", "optim.select_metric=val_acc2_non0", "optim.select_mode=max",
+            "optim.lr_main=1e-12", "optim.lr_bert=1e-12"]
+    first = T.train(_cfg(local, str(storage), "es", *base, "optim.early_stop_patience=1"))
+    sel = first.metrics["selection"]
+    assert _epochs(first.history) == [0, 1] and sel["early_stopped"] is True and sel["selected_epoch"] == 1
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()}
+    started = []
+    with monkeypatch.context() as mp:
+        mp.setattr(T.runtime, "init_ray", lambda *a, **k: started.append(1))
+        again = T.train(_cfg(local, str(storage), "es", *base, "optim.early_stop_patience=1"))
+    assert not started and again.metrics == first.metrics and again.history == first.history
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()} == stamps
+
+    more = T.train(_cfg(local, str(storage), "es", *base, "optim.early_stop_patience=2"))
+    assert _epochs(more.history) == [0, 1, 2] and more.metrics["selection"]["early_stopped"] is True
+    assert more.metrics["selection"]["early_stop_patience"] == 2 and more.history[2]["resumed_from"] == 1
