@@ -24,11 +24,14 @@ The loss functions hold no parameters: every projection lives in the model, so D
 
 from __future__ import annotations
 
+import math
+from typing import Any, Mapping, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from psamf.config import LossConfig, ModelConfig
+from psamf.config import Config, LossConfig, ModelConfig
 from psamf.model import ClipPair, PSAMFOutput
 
 
@@ -66,3 +69,51 @@ def compute_losses(out: PSAMFOutput, label: Tensor, loss_cfg: LossConfig, model_
     weights = {"l1": loss_cfg.w_l1, "ccl": loss_cfg.w_ccl, "ps": loss_cfg.w_ps, "clm": loss_cfg.w_clm}
     terms["total"] = sum(weights[k] * v for k, v in terms.items())
     return terms
+
+
+# ---- chance levels: the value of each term when the model has learned nothing from the inputs ----------------
+
+CHANCE_RTOL = 0.05  # a term is "at chance" in an epoch when |value - chance| <= CHANCE_RTOL x scale
+
+
+def chance_levels(cfg: Config, train_constant_mae: float | None = None) -> dict[str, float]:
+    """The value each training loss term takes when the model has learned nothing from the inputs.
+
+    With B = optim.batch_size (the per-worker batch: each rank computes its losses on its own batch):
+    * `clm` = CLIP(CLS_s, a) + CLIP(CLS_s, v), where `clip_loss` is the symmetric InfoNCE
+      ½[CE(rows) + CE(columns)] over B in-batch candidates. With uninformative (equal) logits each cross-entropy
+      is ln B, so each CLIP term is ln B and clm's chance level is **2·ln B** (the demo's stuck value).
+    * `ccl` = w · CLIP(T_s, T_p), w = (1 - cos)/2 (dissimilarity modes) or w = cos (per_sample_cosine). For
+      unaligned vectors (cos = 0) that is **ln B / 2**, resp. **0**. The weight is learned too, so this is a
+      reference value: ccl can also fall by aligning T_s and T_p without the CLIP term learning anything.
+    * `l1` = mean |ŷ - y|: chance is the best constant predictor's MAE on the train split (`train_constant_mae`,
+      mean |y - median(y)|); `ps` = (1 - w)·|W_y T_s - y|: **(1 - w)** times that (w as above; 1 without the
+      personality encoder). The two regression terms are left out when `train_constant_mae` is unknown.
+    """
+    m = cfg.model
+    lnb = math.log(cfg.optim.batch_size)
+    w0 = 0.0 if m.sim_mode == "per_sample_cosine" else 0.5
+    out: dict[str, float] = {}
+    if m.use_prefusion and m.use_clm_loss:
+        out["clm"] = 2 * lnb
+    if m.use_personality:
+        out["ccl"] = w0 * lnb
+    if train_constant_mae is not None:
+        out["l1"] = float(train_constant_mae)
+        if m.use_ps_loss:
+            out["ps"] = (1 - w0 if m.use_personality else 1.0) * float(train_constant_mae)
+    return out
+
+
+def terms_at_chance(history: Sequence[Mapping[str, Any]], chance: Mapping[str, float], batch_size: int,
+                    rtol: float = CHANCE_RTOL) -> dict[str, bool]:
+    """For each term with a chance level: True when its train value (`train_<term>`) stayed within
+    rtol x scale of chance in every epoch (scale = the chance value, or ln B where chance is 0)."""
+    out: dict[str, bool] = {}
+    for term, c in chance.items():
+        vals = [float(r[f"train_{term}"]) for r in history if r.get(f"train_{term}") is not None]
+        if not vals:
+            continue
+        scale = abs(c) if c != 0 else math.log(batch_size)
+        out[term] = all(abs(v - c) <= rtol * scale for v in vals)
+    return out

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
+    from psamf.config import Config
     from psamf.preflight import Preflight
 
-__all__ = ["TrainResult", "write_run_outputs", "read_run_outputs", "metrics_table", "floors_line", "format_record",
-           "ProgressFiles", "HistoryPrinter", "git_sha", "code_version", "checkpoint_uri", "GIT_SHA_ENV"]
+__all__ = ["TrainResult", "write_run_outputs", "read_run_outputs", "metrics_table", "floors_line", "chance_line",
+           "chance_record", "format_record", "ProgressFiles", "HistoryPrinter", "git_sha", "code_version", "checkpoint_uri", "GIT_SHA_ENV"]
 
 GIT_SHA_ENV = "PSAMF_GIT_SHA"  # the commit of a cluster run, set at submission where .git is not uploaded
 
@@ -260,6 +261,7 @@ def write_run_outputs(pf: "Preflight", ret: Mapping[str, Any]) -> TrainResult:
         "valid": ret["valid"]["metrics"],
         "test": ret["test"]["metrics"],
         "baselines": {s: trivial_baselines(np.asarray(ret[s]["label"]), cfg.data.dataset) for s in ("valid", "test")},
+        "terms_at_chance": chance_record(cfg, history),
         "selected_epoch_record": next((r for r in history if r["epoch"] == sel), None),
         "checkpoint": checkpoint_uri(st, ret.get("checkpoint_path")),
         "world_size": ret.get("world_size"), "amp": ret.get("amp"), "device": ret.get("device"),
@@ -281,6 +283,33 @@ def write_run_outputs(pf: "Preflight", ret: Mapping[str, Any]) -> TrainResult:
     safe = json_safe(metrics)
     return TrainResult(run_name=cfg.run.name, run_dir=st.run_uri(cfg.run.name), metrics=safe, paths=paths,
                        history=history, table=metrics_table(safe))
+
+
+def chance_record(cfg: "Config", history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The contrastive terms' chance levels (`psamf.losses.chance_levels`: clm 2·ln B, ccl ln B / 2 or 0), each
+    with its last train value and whether it stayed at that level in every epoch (`terms_at_chance`)."""
+    from psamf.losses import CHANCE_RTOL, chance_levels, terms_at_chance
+
+    levels = chance_levels(cfg)
+    flags = terms_at_chance(history, levels, cfg.optim.batch_size)
+    last = history[-1] if history else {}
+    return {"rule": f"train value within {CHANCE_RTOL:g} x the level (ln B where it is 0) in every epoch, "
+                    f"B = optim.batch_size = {cfg.optim.batch_size}", "batch_size": cfg.optim.batch_size,
+            "terms": {t: {"level": lvl, "last": last.get(f"train_{t}"), "at_chance": flags.get(t)}
+                      for t, lvl in levels.items()}}
+
+
+def chance_line(metrics: Mapping[str, Any]) -> str | None:
+    """One console line naming the loss terms that never left their chance level (metrics.json
+    `terms_at_chance`), or None when there are none (or the run predates the record)."""
+    rec = metrics.get("terms_at_chance") or {}
+    terms = rec.get("terms") or {}
+    hits = [f"train {t} {c['last']:.4f} (chance level {c['level']:.4f})" for t, c in terms.items()
+            if c.get("at_chance") and c.get("last") is not None]
+    if not hits:
+        return None
+    return (f"loss terms at their chance level in every epoch, at batch {rec.get('batch_size')} per worker (they "
+            "taught the model nothing in this run): " + ", ".join(hits))
 
 
 def _output_paths(st: Any, name: str) -> dict[str, str]:

@@ -37,6 +37,7 @@ from psamf import metrics as _metrics
 from psamf import runtime as _runtime
 from psamf import storage as _storage
 from psamf.config import ABLATIONS, Config, ConfigError, ablate
+from psamf.losses import CHANCE_RTOL, chance_levels, terms_at_chance
 from psamf.results import TrainResult
 
 summarize_seeds = _metrics.summarize_seeds
@@ -81,7 +82,6 @@ __all__ = [
 DRIVER_CPU = 1.0  # a trial's driver function (reads small splits with pyarrow, then waits on the Train run)
 RAY_DATA_CPU = 1.0  # left free for Ray Data read tasks (docs/ray-operations.md §2: starving them hangs training)
 SPREAD_K = 1.0  # flag: |mean paired difference| > SPREAD_K x max(seed std of both rows), every seed same sign
-CHANCE_RTOL = 0.05  # a term is "at chance" in an epoch when |value - chance| <= CHANCE_RTOL x scale
 RIDGE_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 
 
@@ -415,47 +415,8 @@ def compare_to_reference(per_row: Mapping[str, Mapping[int, Mapping[str, float]]
 # =============================================================================================
 
 
-def chance_levels(cfg: Config, train_constant_mae: float | None = None) -> dict[str, float]:
-    """The value each training loss term takes when the model has learned nothing from the inputs.
-
-    With B = optim.batch_size (the per-worker batch: each rank computes its losses on its own batch):
-    * `clm` = CLIP(CLS_s, a) + CLIP(CLS_s, v), where `clip_loss` is the symmetric InfoNCE
-      ½[CE(rows) + CE(columns)] over B in-batch candidates. With uninformative (equal) logits each cross-entropy
-      is ln B, so each CLIP term is ln B and clm's chance level is **2·ln B** (the demo's stuck value).
-    * `ccl` = w · CLIP(T_s, T_p), w = (1 - cos)/2 (dissimilarity modes) or w = cos (per_sample_cosine). For
-      unaligned vectors (cos = 0) that is **ln B / 2**, resp. **0**. The weight is learned too, so this is a
-      reference value: ccl can also fall by aligning T_s and T_p without the CLIP term learning anything.
-    * `l1` = mean |ŷ - y|: chance is the best constant predictor's MAE on the train split (`train_constant_mae`,
-      mean |y - median(y)|); `ps` = (1 - w)·|W_y T_s - y|: **(1 - w)** times that (w as above; 1 without the
-      personality encoder). The two regression terms are left out when `train_constant_mae` is unknown.
-    """
-    m = cfg.model
-    lnb = math.log(cfg.optim.batch_size)
-    w0 = 0.0 if m.sim_mode == "per_sample_cosine" else 0.5
-    out: dict[str, float] = {}
-    if m.use_prefusion and m.use_clm_loss:
-        out["clm"] = 2 * lnb
-    if m.use_personality:
-        out["ccl"] = w0 * lnb
-    if train_constant_mae is not None:
-        out["l1"] = float(train_constant_mae)
-        if m.use_ps_loss:
-            out["ps"] = (1 - w0 if m.use_personality else 1.0) * float(train_constant_mae)
-    return out
-
-
-def terms_at_chance(history: Sequence[Mapping[str, Any]], chance: Mapping[str, float], batch_size: int,
-                    rtol: float = CHANCE_RTOL) -> dict[str, bool]:
-    """For each term with a chance level: True when its train value (`train_<term>`) stayed within
-    rtol x scale of chance in every epoch (scale = the chance value, or ln B where chance is 0)."""
-    out: dict[str, bool] = {}
-    for term, c in chance.items():
-        vals = [float(r[f"train_{term}"]) for r in history if r.get(f"train_{term}") is not None]
-        if not vals:
-            continue
-        scale = abs(c) if c != 0 else math.log(batch_size)
-        out[term] = all(abs(v - c) <= rtol * scale for v in vals)
-    return out
+# `chance_levels` and `terms_at_chance` live in psamf.losses, next to the terms they describe (a train run's
+# metrics.json records them too); imported above and re-exported here.
 
 
 # =============================================================================================
@@ -609,7 +570,7 @@ def summarize_study(grid: Sequence[GridResult], *, reference: str, cfgs: Mapping
             "power": power_note(n_ref), "spread_rule": f"flag when every seed's difference has the same sign and "
             f"|mean difference| > {SPREAD_K:g} x the larger population std over seeds of the two rows",
             "chance_rule": f"a term is at chance when its train value is within {CHANCE_RTOL:g} x its chance level "
-                           "(ln B where that level is 0) in every epoch; see psamf.study.chance_levels"}
+                           "(ln B where that level is 0) in every epoch; see psamf.losses.chance_levels"}
 
 
 def _fmt(metric: str, v: float | None, *, signed: bool = False) -> str:

@@ -10,6 +10,7 @@ behaviour moves them, re-record them in the same commit and say why in its messa
 from __future__ import annotations
 
 import argparse
+import math
 
 import pytest
 import torch
@@ -60,7 +61,7 @@ def test_one_training_step_loss_terms_are_pinned():
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_demo_final_metrics_are_pinned(ray_cluster, tmp_path):
+def test_demo_final_metrics_are_pinned(ray_cluster, tmp_path, capsys):
     from psamf.commands import demo
 
     args = argparse.Namespace(workdir=str(tmp_path / "data"), storage=str(tmp_path / "runs"), run_name="pin",
@@ -71,3 +72,15 @@ def test_demo_final_metrics_are_pinned(ray_cluster, tmp_path):
     metrics = json.loads((tmp_path / "runs" / "pin" / "metrics.json").read_text())
     got = {k: metrics["test"][k] for k in DEMO_TEST}
     assert got == pytest.approx(DEMO_TEST, abs=5e-5)
+    # the chance levels recorded agree with the history written, and the demo names exactly the terms at chance
+    from psamf.config import Config
+
+    history = json.loads((tmp_path / "runs" / "pin" / "history.json").read_text())
+    level = 2 * math.log(Config.from_preset("tiny").optim.batch_size)
+    clm = metrics["terms_at_chance"]["terms"]["clm"]
+    assert clm["level"] == pytest.approx(level) and clm["last"] == history[-1]["train_clm"]
+    assert clm["at_chance"] == all(abs(r["train_clm"] - level) <= 0.05 * level for r in history)
+    printed = [line for line in capsys.readouterr().out.splitlines() if "at their chance level" in line]
+    at_chance = [t for t, c in metrics["terms_at_chance"]["terms"].items() if c["at_chance"]]
+    assert len(printed) == (1 if at_chance else 0)
+    assert all(f"{t} " in printed[0] for t in at_chance)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from psamf import study as S
-from psamf.config import Config, ConfigError
+from psamf.config import Config, ConfigError, ablate
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -111,13 +111,30 @@ def test_chance_levels_follow_the_loss_definitions():
     lv = S.chance_levels(cfg, train_constant_mae=1.0)
     assert lv["clm"] == pytest.approx(2 * math.log(B))  # two symmetric CLIP terms, ln B each
     assert lv["ccl"] == pytest.approx(0.5 * math.log(B)) and lv["l1"] == 1.0 and lv["ps"] == pytest.approx(0.5)
-    from psamf.config import ablate
-
     assert "clm" not in S.chance_levels(ablate(cfg, "no_clm")) and "l1" not in S.chance_levels(cfg)
     nop = S.chance_levels(ablate(cfg, "no_personality"), 1.0)
     assert "ccl" not in nop and nop["ps"] == 1.0
     cos = S.chance_levels(cfg.replace({"model.sim_mode": "per_sample_cosine"}))
     assert cos["ccl"] == 0.0
+
+
+def test_a_train_run_records_and_reports_its_terms_at_chance():
+    """metrics.json's `terms_at_chance` (results.chance_record) and the line `psamf train` prints under the table
+    (results.chance_line): only terms that stayed at chance in every epoch are named, with their last value."""
+    from psamf.results import chance_line, chance_record
+
+    cfg = Config.from_preset("tiny")
+    lnb = math.log(cfg.optim.batch_size)
+    hist = [{"train_clm": 2 * lnb - d, "train_ccl": v} for d, v in ((0.0, 1.4), (0.1, 0.9), (0.05, 0.3))]
+    rec = chance_record(cfg, hist)
+    assert rec["terms"]["clm"] == {"level": pytest.approx(2 * lnb), "last": 2 * lnb - 0.05, "at_chance": True}
+    assert rec["terms"]["ccl"] == {"level": pytest.approx(0.5 * lnb), "last": 0.3, "at_chance": False}
+    line = chance_line({"terms_at_chance": rec})
+    assert line is not None and f"train clm {2 * lnb - 0.05:.4f} (chance level {2 * lnb:.4f})" in line and "ccl" not in line
+    hist[1]["train_clm"] = 0.8 * 2 * lnb  # left its chance level once: not flagged
+    assert chance_line({"terms_at_chance": chance_record(cfg, hist)}) is None
+    assert chance_line({}) is None  # a run written before the record
+    assert "clm" not in chance_record(ablate(cfg, "no_clm"), hist)["terms"]
 
 
 def test_terms_stuck_at_chance_are_detected():

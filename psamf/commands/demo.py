@@ -119,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
         from psamf.results import floors_line
 
         print(floors_line(floors))
+    from psamf.results import chance_line
+
+    if (line := chance_line(result.metrics)) is not None:
+        print(line + " (usual for the tiny preset's few epochs on synthetic data: docs/user-guide.md §5)")
     print(f"run directory: {result.run_dir}")
     for key in ("metrics", "predictions", "curves", "tensorboard", "config"):
         if key in result.paths:

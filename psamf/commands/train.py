@@ -15,7 +15,7 @@ import tempfile
 from psamf.commands.common import add_config_arguments, load_config, parse_seeds
 from psamf.config import Config, ConfigError
 from psamf.preflight import check_placeholders
-from psamf.results import TrainResult, code_version, floors_line, metrics_table
+from psamf.results import TrainResult, chance_line, code_version, floors_line, metrics_table
 from psamf.train import train
 
 HELP = "train PSA-MF with Ray Train (embedded local Ray, or the cluster in RAY_ADDRESS)"
@@ -79,6 +79,8 @@ def print_result(res: TrainResult, out=sys.stdout) -> None:
           f"{sel['metric']} ({sel['mode']}, validation only); test evaluated once on it", file=out)
     print(res.table or metrics_table(m), file=out)
     print(floors_line(m["baselines"]["test"]), file=out)
+    if (line := chance_line(m)) is not None:
+        print(line, file=out)
     print(f"outputs: {res.run_dir}  (metrics.json, predictions.parquet, curves.png, tensorboard/, "
           f"checkpoint_epoch=NNN/)", file=out)
 
