@@ -38,6 +38,8 @@ from psamf import runtime as _runtime
 from psamf import storage as _storage
 from psamf.config import ABLATIONS, Config, ConfigError, ablate
 from psamf.losses import CHANCE_RTOL, chance_levels, terms_at_chance
+
+GRID_SPEC = "psamf-grid.json"  # in the Tune experiment directory: the rows and seeds of the grid stored there
 from psamf.results import TrainResult
 
 summarize_seeds = _metrics.summarize_seeds
@@ -236,13 +238,22 @@ def run_grid(rows: Sequence[tuple[str, Config]], seeds: Sequence[int], *, name: 
         storage_path=storage_path), _TrialResources({r: c.run for r, c in rows}))
     exp = grid_dir or name
     exp_uri = f"{st.uri.rstrip('/')}/{exp}"
-    if resume and ray.tune.Tuner.can_restore(exp_uri if st.storage_filesystem is None else f"{st.root}/{exp}",
-                                             storage_filesystem=st.storage_filesystem):
+    spec, spec_path = {"rows": list(names), "seeds": list(seeds)}, st.join(exp, GRID_SPEC)
+    same_grid = _storage.exists(st.fs, spec_path) and _storage.read_json(st.fs, spec_path) == spec
+    if resume and not same_grid:
+        # Tuner.restore keeps the grid it stored: rows or seeds added or removed would not run (or would crash on
+        # a row this invocation does not define). A new grid reuses every finished run by name instead.
+        log.info("grid %s: rows or seeds differ from the stored grid (or it predates %s): starting the grid "
+                 "anew; finished runs are reused by name and unfinished ones resume from their checkpoints",
+                 name, GRID_SPEC)
+    if resume and same_grid and ray.tune.Tuner.can_restore(
+            exp_uri if st.storage_filesystem is None else f"{st.root}/{exp}",
+            storage_filesystem=st.storage_filesystem):
         log.info("grid %s: restoring %s", name, exp_uri)
         tuner = ray.tune.Tuner.restore(exp_uri if st.storage_filesystem is None else f"{st.root}/{exp}",
                                        trainable, restart_errored=True, storage_filesystem=st.storage_filesystem)
     else:
-        if resume:
+        if resume and same_grid:
             log.warning("grid %s: nothing to restore at %s; starting it (finished runs are reused by name)",
                         name, exp_uri)
         tuner = ray.tune.Tuner(
@@ -258,6 +269,7 @@ def run_grid(rows: Sequence[tuple[str, Config]], seeds: Sequence[int], *, name: 
                                           callbacks=[_runtime.placement_group_reclaimer(),
                                                      _GridLine(name, len(names) * len(seeds))]))
     log.info("grid %s: %d row(s) x %d seed(s), %d trial(s) at a time", name, len(names), len(seeds), k)
+    _storage.write_json(st.fs, spec_path, spec)  # what a later --resume must match to restore this experiment
     _runtime.quiet_tune_console()
     grid = tuner.fit()
     errors = {(r.config["row"], int(r.config["seed"])): r.error for r in grid if r.config}

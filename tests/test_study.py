@@ -254,6 +254,16 @@ def test_a_real_grid_flags_a_crippled_row_and_writes_every_output(ray_cluster, s
     assert [g.status for g in again] == ["ok"] * 4
     assert {g.run_name: os.path.getmtime(os.path.join(tmp_path, g.run_name, "metrics.json")) for g in again} == mtimes
     assert storage_target(str(tmp_path)).uri == str(tmp_path)
+    # resumed with other rows and seeds: the stored grid is not restored (its trials are the old pairs); the new
+    # pair trains, the finished ones come back by name untouched, and resuming the new grid restores it
+    more = S.run_grid([("full", base)], [1, 2, 3], name="st", storage_path=str(tmp_path), resume=True)
+    assert [(g.row, g.seed, g.status) for g in more] == [("full", 1, "ok"), ("full", 2, "ok"), ("full", 3, "ok")]
+    assert more[2].metrics["seed"] == 3 and len(more[2].history) == 1
+    assert {g.run_name: os.path.getmtime(os.path.join(tmp_path, g.run_name, "metrics.json"))
+            for g in more[:2]} == {k: v for k, v in mtimes.items() if "-full-" in k}
+    assert json.loads((tmp_path / "st" / S.GRID_SPEC).read_text()) == {"rows": ["full"], "seeds": [1, 2, 3]}
+    same = S.run_grid([("full", base)], [1, 2, 3], name="st", storage_path=str(tmp_path), resume=True)
+    assert [g.status for g in same] == ["ok"] * 3
 
 
 @pytest.mark.integration
