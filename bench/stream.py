@@ -123,22 +123,36 @@ def worker_fn(config: dict) -> None:
         else:
             c = DataConfig(**{**cfg.__dict__, "length_grouping": mode == "grouped"})
             it = iter_batches(shard, c, bs, epoch=epoch, train=True, drop_last=False)
+        pace = config.get("pace") or 0.0
+        wait, t_ask = 0.0, time.perf_counter()
         for b in it:
+            t_got = time.perf_counter()
             if t_first is None:
-                t_first = time.perf_counter()
-            rows += int(b["label"].shape[0])
+                t_first = t_got
+            else:
+                wait += t_got - t_ask  # the consumer waited for this batch (the first batch's wait: start-up)
+            n = int(b["label"].shape[0])
+            rows += n
             for k, v in padding_stats(b).items():
                 pad[k] = pad.get(k, 0) + v
+            if pace:  # a device step at `pace` samples/s: the host thread sleeps (GIL released) while it "runs"
+                time.sleep(max(0.0, n / pace - (time.perf_counter() - t_got)))
+            t_ask = time.perf_counter()
         t1 = time.perf_counter()
-        out.append({"mode": mode, "rows": rows, "seconds": round(t1 - t0, 3),
-                    "first_batch_s": round(t_first - t0, 3),
-                    "samples_per_s": round(rows / (t1 - t0), 1),
-                    "steady_samples_per_s": round((rows - bs) / max(t1 - t_first, 1e-9), 1), **pad})
+        rec = {"mode": mode, "rows": rows, "seconds": round(t1 - t0, 3),
+               "first_batch_s": round(t_first - t0, 3),
+               "samples_per_s": round(rows / (t1 - t0), 1),
+               "steady_samples_per_s": round((rows - bs) / max(t1 - t_first, 1e-9), 1), **pad}
+        if pace:  # data wait after the first batch, as a share of the pass after it (bench/train.py's definition)
+            rec.update({"pace_samples_per_s": pace, "steady_wait_s": round(wait, 4),
+                        "steady_wait_frac": round(wait / max(t1 - t_first, 1e-9), 4),
+                        "wait_frac_incl_first": round((wait + t_first - t0) / (t1 - t0), 4)})
+        out.append(rec)
     with open(config["result"], "w") as f:
         json.dump(out, f)
 
 
-def run_trainer(data_cfg, batch_size: int, modes, man: dict) -> list[dict]:
+def run_trainer(data_cfg, batch_size: int, modes, man: dict, pace: float = 0.0) -> list[dict]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -151,7 +165,8 @@ def run_trainer(data_cfg, batch_size: int, modes, man: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as runs:
         TorchTrainer(
             worker_fn,
-            train_loop_config={"cfg": data_cfg, "batch_size": batch_size, "modes": list(modes), "result": str(result)},
+            train_loop_config={"cfg": data_cfg, "batch_size": batch_size, "modes": list(modes), "result": str(result),
+                               "pace": pace},
             datasets=ds, dataset_config=split_config(),
             scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
             run_config=ray.train.RunConfig(name=f"stream-{uuid.uuid4().hex[:8]}", storage_path=runs),
@@ -232,6 +247,9 @@ def main(argv=None) -> int:
     ap.add_argument("--materialize", choices=["off", "on"], default="off",
                     help="off: every pass streams Parquet; on: build_datasets materializes train once")
     ap.add_argument("--step-batches", type=int, default=0)
+    ap.add_argument("--pace", type=float, default=0.0,
+                    help="consume at most this many samples/s (a simulated device step: the worker sleeps n/pace "
+                         "per batch) and report the data wait; 0 = consume as fast as the pipeline delivers")
     ap.add_argument("--object-store-mb", type=int, default=1024)
     args = ap.parse_args(argv)
 
@@ -264,7 +282,7 @@ def main(argv=None) -> int:
                                  personality_tokenizer=man["tokenizers"]["personality"]["name"],
                                  max_text_len=man["max_lengths"]["text"], materialize=args.materialize == "on")
                 disk_mb = round(sum(s["bytes"] for s in man["shards"]) / 2**20, 1)
-                for r in run_trainer(cfg, args.batch_size, args.modes, man):
+                for r in run_trainer(cfg, args.batch_size, args.modes, man, args.pace):
                     print(json.dumps({"source": source, "layout": man["layout"], "materialize": args.materialize,
                                       "shards": len(man["shards"]),
                                       "disk_mb": disk_mb, "row_group_rows": man.get("row_group_rows"), **r}),
