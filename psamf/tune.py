@@ -91,6 +91,8 @@ log = logging.getLogger("psamf.tune")
 SEARCHES = ("optuna", "random", "grid")
 SCHEDULERS = ("asha", "none")
 TRIAL_STATUSES = ("finished", "stopped-early", "pruned", "error", "unfinished")
+ENDED = "ended.json"  # in a trial's directory: Tune ended it (written by the console-line callback)
+MARKERS = "trials-marked-ended"  # in the search directory: its trials get ENDED markers (searches since 2026-12-02)
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
 TOP_KEYS = ("base", "metric", "mode", "num_samples", "search", "scheduler", "grace_period", "reduction_factor",
             "workers_per_trial", "max_concurrent_trials", "seed", "space")
@@ -510,6 +512,12 @@ class _ConsoleLine:
             def _line(self, trial: Any, error: bool) -> None:
                 row = _trial_row(self.fs, self.trials_dir, trial.trial_id, dict(trial.config), self.metric,
                                  self.mode, error=error, ended=True, epochs=self.epochs)
+                from psamf.storage import write_json
+
+                try:  # Tune ended this trial (an interrupted one never gets here): see _collect
+                    write_json(self.fs, f"{self.trials_dir}/{trial.trial_id}/{ENDED}", {"status": row["status"]})
+                except OSError as e:
+                    log.warning("trial %s: could not write %s: %s", trial.trial_id, ENDED, e)
                 v = row.get(f"best_{self.metric}")
                 val = f"{self.metric}={v:.4f}" if isinstance(v, float) and math.isfinite(v) else ""
                 extra = f" ({row['pruned_reason']})" if row["status"] == "pruned" else ""
@@ -638,6 +646,7 @@ class SearchResult:
     metrics: dict[str, Any] | None
     paths: dict[str, str]
     summary: str
+    interrupted: bool = False  # Ctrl+C ended it: trials unfinished or never started, test not evaluated yet
 
 
 def _read_json_or_none(fs: Any, path: str) -> Any:
@@ -666,8 +675,8 @@ def _trial_row(fs: Any, trials_dir: str, trial_id: str, params: Mapping[str, Any
         status = "error"
     elif done is not None or (epochs is not None and len(history) >= epochs):
         status = "finished"
-    else:
-        status = "stopped-early" if ended else "unfinished"
+    else:  # a trial that ended without recording an epoch was interrupted (Ctrl+C), not cut by the scheduler
+        status = "stopped-early" if ended and history else "unfinished"
     row: dict[str, Any] = {"trial_id": trial_id, "status": status, "epochs_run": len(history),
                            "sessions": 1 + max((int(r.get("session", 0)) for r in history), default=-1)
                            if history else 0,
@@ -985,6 +994,7 @@ def run_search(space: SearchSpace, *, name: str, storage_path: str | None = None
     space.base = pf.cfg
     if not resume:
         write_bytes(st.fs, f"{search_dir}/search.yaml", yaml.safe_dump(space.to_saved(), sort_keys=False).encode())
+        write_bytes(st.fs, f"{search_dir}/{MARKERS}", b"")
     # A pruned trial (a combination the config rejects) ends without reporting the metric, on purpose: Optuna
     # then records it as PRUNED instead of learning a made-up value. Tune's strict check would turn that into an
     # error of the whole search; the metric itself was validated against the data set's metrics above.
@@ -1012,7 +1022,7 @@ def _result_trial_id(res: Any) -> str:
 
 def _collect(space: SearchSpace, name: str, st: Any, grid: Any, elapsed: float, out: Any) -> SearchResult:
     """Rows from the ResultGrid and the trials' files, then every search output (metrics.json last)."""
-    from psamf.storage import read_json, write_bytes
+    from psamf.storage import exists, read_json, write_bytes
 
     search_dir = st.run_dir(name)
     trials_dir = f"{search_dir}/trials"
@@ -1027,6 +1037,14 @@ def _collect(space: SearchSpace, name: str, st: Any, grid: Any, elapsed: float, 
                                error=res.error is not None, ended=True, epochs=space.max_t))
         if res.error is not None:
             rows[-1]["error"] = str(res.error).splitlines()[0][:300]
+    # Ctrl+C ends the running trials without Tune's trial-complete event (and Optuna's later trials are never
+    # created): a trial without the ENDED marker of `_ConsoleLine` is unfinished, not stopped by the scheduler.
+    # Searches started before the marker existed (no MARKERS file) are judged by their trial count only.
+    if exists(st.fs, f"{search_dir}/{MARKERS}"):
+        for r in rows:
+            if r["status"] in ("finished", "stopped-early") and not exists(
+                    st.fs, f"{trials_dir}/{r['trial_id']}/{ENDED}"):
+                r["status"] = "unfinished"
     rows.sort(key=lambda r: r["trial_id"])
     _write_table(st.fs, search_dir, rows)
     for r in rows:
@@ -1039,6 +1057,13 @@ def _collect(space: SearchSpace, name: str, st: Any, grid: Any, elapsed: float, 
     paths = {"trials": f"{st.run_uri(name)}/trials.parquet", "csv": f"{st.run_uri(name)}/trials.csv",
              **{k: v for k, v in plots.items()}}
     metrics = None
+    interrupted = sum(r["status"] == "unfinished" for r in rows)
+    stopped = bool(interrupted or len(grid) < space.num_samples)
+    if stopped:  # test is evaluated once, on the best trial of the whole search
+        log.warning("search %s was interrupted (%d of %d trial(s) ended): `psamf tune --resume %s` continues it; "
+                    "the best trial is tested once the search has ended", name, len(grid) - interrupted,
+                    max(len(grid), space.num_samples), name)
+        best = None
     if best is not None:
         cfg = _best_config(space, st.fs, trials_dir, best, name)
         write_bytes(st.fs, f"{search_dir}/best.yaml", cfg.to_yaml().encode())
@@ -1055,5 +1080,5 @@ def _collect(space: SearchSpace, name: str, st: Any, grid: Any, elapsed: float, 
                     f"corr={metrics['test'].get('corr', float('nan')):.4f}\nbest config: {paths['best_config']}")
     print(summary, file=out, flush=True)
     return SearchResult(name=name, path=st.run_uri(name), rows=rows, best=best, metrics=metrics, paths=paths,
-                        summary=summary)
+                        summary=summary, interrupted=stopped)
 

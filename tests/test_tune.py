@@ -276,6 +276,26 @@ def test_a_trial_restored_without_its_config_gets_its_values_from_its_own_files(
     assert _recorded_params(fs, str(tmp_path / "none"), keys) == {}
 
 
+def test_a_trial_ended_without_an_epoch_is_unfinished_not_stopped_early(tmp_path):
+    """Ctrl+C ends every running trial: one that recorded no epoch yet (no history.json) is `unfinished`, so the
+    search says to resume instead of reading a history that is not there; a trial cut by the scheduler after an
+    epoch stays `stopped-early`, and one that trained all its epochs `finished`."""
+    import pyarrow.fs as pafs
+
+    from psamf.tune import _trial_row
+
+    fs = pafs.LocalFileSystem()
+    rec = {"epoch": 0, "session": 0, "val_mae": 1.0}
+    for tid, hist in (("cut", [rec]), ("all", [rec, {**rec, "epoch": 1}])):
+        (tmp_path / tid).mkdir()
+        (tmp_path / tid / "history.json").write_text(json.dumps(hist))
+
+    def status(tid: str) -> str:
+        return _trial_row(fs, str(tmp_path), tid, {}, "val_mae", "min", error=False, ended=True, epochs=2)["status"]
+
+    assert (status("none"), status("cut"), status("all")) == ("unfinished", "stopped-early", "finished")
+
+
 def _small_search(shards: str, workers: int, **top) -> SearchSpace:
     return SearchSpace.from_dict({
         "base": {"preset": "tiny", "overrides": {"data.uri": shards, "optim.epochs": 3}},

@@ -3,7 +3,8 @@
     psamf tune --config jobs/search/tiny-demo.yaml --name tiny-search [--storage runs]
     psamf tune --resume tiny-search [--storage runs]
 
-Exit status: 0 done, 2 bad input (nothing started; the message names the key and the file), 1 failed.
+Exit status: 0 done, 2 bad input (nothing started; the message names the key and the file), 1 failed, 130
+interrupted (Ctrl+C: the trials so far are kept; `--resume NAME` continues).
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"psamf tune: {e}", file=sys.stderr)
         return 2
+    if res.interrupted:
+        storage = res.path.rsplit("/", 1)[0]
+        print(f"search interrupted: {res.path} has its trials so far (trials.csv, plots/); continue it with "
+              f"`psamf tune --resume {res.name} --storage {storage}` (Ray's Tuner.restore hint above is the same)")
+        return 130
     print(f"search outputs: {res.path}  (trials.csv, best.yaml, metrics.json, plots/, "
           f"tensorboard --logdir {res.path})")
     return 0
