@@ -313,6 +313,27 @@ def trait_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_export_target(out: str, run: str | None) -> None:
+    """`out` may be written by the pretraining run `run` (a URI): it is absent, empty, or that same run's earlier
+    export (its METRICS_FILE names the run). Anything else, another run's encoder included, is refused."""
+    import json
+
+    out = os.path.abspath(out)
+    if not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
+        return
+    marker = os.path.join(out, METRICS_FILE)
+    if not os.path.isdir(out) or not os.path.exists(marker):
+        raise ValueError(f"--out {out}: exists and is not an earlier personality export; choose a new directory")
+    try:
+        with open(marker) as f:
+            earlier = json.load(f).get("run")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--out {out}: {METRICS_FILE} unreadable ({e}); choose a new directory") from e
+    if run is not None and earlier is not None and earlier != run:
+        raise ValueError(f"--out {out}: holds the encoder of pretraining run {earlier}, not of {run}; choose a new "
+                         "directory (or delete it) rather than replace another run's encoder")
+
+
 def export_encoder(encoder: nn.Module, tokenizer: Any, out: str, metrics: Mapping[str, Any]) -> str:
     """Write `out` as a Hugging Face directory: the encoder's `save_pretrained` (no regression head), its config,
     the tokenizer, and METRICS_FILE. Built under a temporary sibling name and renamed into place, so `out` is
@@ -322,9 +343,7 @@ def export_encoder(encoder: nn.Module, tokenizer: Any, out: str, metrics: Mappin
     import json
 
     out = os.path.abspath(out)
-    if os.path.exists(out) and (not os.path.isdir(out) or (os.listdir(out) and
-                                                           not os.path.exists(os.path.join(out, METRICS_FILE)))):
-        raise ValueError(f"--out {out}: exists and is not an earlier personality export; choose a new directory")
+    check_export_target(out, metrics.get("run"))
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")

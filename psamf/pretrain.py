@@ -39,9 +39,9 @@ import torch
 from psamf.checkpoint import CHECKPOINT_DIR, LocalCheckpoints, open_checkpoint
 from psamf.config import ConfigError
 from psamf.engine import Selector, all_gather, rng_state, seed_everything, set_rng_state
-from psamf.personality import (METRICS_FILE, TRAITS, TraitRegressor, build_encoder, cls_features, default_tokenizer,
-                               export_encoder, fit_ridge, predict_traits, pretrain_step, read_bigfive,
-                               ridge_predict, tokenize, trait_metrics)
+from psamf.personality import (METRICS_FILE, TRAITS, TraitRegressor, build_encoder, check_export_target,
+                               cls_features, default_tokenizer, export_encoder, fit_ridge, predict_traits,
+                               pretrain_step, read_bigfive, ridge_predict, tokenize, trait_metrics)
 
 __all__ = ["PretrainConfig", "PretrainResult", "train_fn_per_worker", "build_trainer", "pretrain", "format_report",
            "SELECT_METRIC"]
@@ -276,15 +276,24 @@ def build_trainer(cfg: PretrainConfig, train_ds: Any, valid: Mapping[str, list],
                         run_config=run_config)
 
 
+# what a resumed run may not change (besides data, model, tokenizer, max_len): the optimiser state and the data
+# order would come back from the checkpoint; epochs, patience and the workers may change
+RECIPE_KEYS = ("lr", "head_lr", "weight_decay", "batch_size", "seed")
+
+
 def _guard_run(storage: Any, cfg: PretrainConfig) -> None:
-    """Refuse to resume a run name that was started on another corpus, model or tokenizer; record a new one."""
+    """Refuse to resume a run name that was started on another corpus, model, tokenizer or training recipe
+    (RECIPE_KEYS); record a new one."""
     from psamf.storage import exists, read_json, write_json
 
     path = f"{storage.run_dir(cfg.name)}/{RUN_FILE}"
-    ident = {"data": cfg.data, "model": cfg.model, "tokenizer": cfg.tokenizer, "max_len": cfg.max_len}
+    ident = {"data": cfg.data, "model": cfg.model, "tokenizer": cfg.tokenizer, "max_len": cfg.max_len,
+             **{k: getattr(cfg, k) for k in RECIPE_KEYS}}
     if exists(storage.fs, path):
         old = read_json(storage.fs, path)
-        diff = {k: (old.get(k), v) for k, v in ident.items() if old.get(k) != v}
+        # the recipe is compared where the run recorded it (runs started before 2026-12-02 did not)
+        diff = {k: (old.get(k), v) for k, v in ident.items()
+                if old.get(k) != v and (k in old or k not in RECIPE_KEYS)}
         if diff:
             raise ConfigError(f"run {cfg.name!r} in {storage.uri} was started with other settings "
                               f"{ {k: o for k, (o, _) in diff.items()} }; use a new --name to start afresh")
@@ -326,6 +335,10 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                           f"on each of {max(1, cfg.num_workers)} worker(s); lower --batch-size")
     build_encoder(cfg.model)  # fail here, before Ray starts, on a model that cannot be loaded
     storage = resolve(cfg.storage_path, cfg.s3_endpoint)
+    try:  # before training: the export at the end must not replace another run's encoder
+        check_export_target(cfg.out, storage.run_uri(cfg.name))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _guard_run(storage, cfg)
     runtime.init_ray(cfg.num_workers)
     trainer = build_trainer(cfg, _train_dataset(tokens["train"], data["train"].traits),

@@ -191,4 +191,10 @@ def test_export_refuses_a_foreign_directory(tmp_path):
     out = P.export_encoder(P.build_encoder(P.TINY_CONFIG), load_tokenizer(TINY), str(tmp_path / "enc"), {"a": 1})
     again = P.export_encoder(P.build_encoder(P.TINY_CONFIG), load_tokenizer(TINY), out, {"a": 2})
     assert again == out and (tmp_path / "enc" / P.METRICS_FILE).read_text().count('"a": 2') == 1
+    # an export that names its run is replaced only by that run
+    P.export_encoder(P.build_encoder(P.TINY_CONFIG), load_tokenizer(TINY), out, {"run": "runs/a"})
+    P.export_encoder(P.build_encoder(P.TINY_CONFIG), load_tokenizer(TINY), out, {"run": "runs/a", "b": 1})
+    with pytest.raises(ValueError, match="holds the encoder of pretraining run runs/a, not of runs/b"):
+        P.export_encoder(P.build_encoder(P.TINY_CONFIG), load_tokenizer(TINY), out, {"run": "runs/b"})
+    assert '"b": 1' in (tmp_path / "enc" / P.METRICS_FILE).read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["enc", "mine"]

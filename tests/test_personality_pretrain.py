@@ -63,6 +63,16 @@ def test_rerun_of_the_same_name_resumes_and_a_changed_one_is_refused(pretrained,
     changed = [a if a != "32" else "24" for a in argv]  # --max-len
     assert main(changed) == 2
     assert "was started with other settings" in capsys.readouterr().err
+    # the training recipe is part of the run too: another learning rate is refused, naming it
+    assert main([a if a != "1e-3" else "5e-4" for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "was started with other settings" in err and "'lr': 0.001" in err
+    # another run may not replace this run's encoder: refused before anything trains
+    other = [a if a != "pt" else "pt2" for a in argv]
+    assert main(other) == 2
+    assert "holds the encoder of pretraining run" in capsys.readouterr().err
+    assert not (root / "runs" / "pt2").exists()
+    assert json.loads((root / "enc" / P.METRICS_FILE).read_text())["history"] == before["history"]
 
 
 def test_export_is_accepted_by_prepare_and_by_the_model_config(pretrained, tmp_path):
