@@ -308,6 +308,20 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
             tmp.unlink()
 
 
+def absolute_model_paths(cfg: Any) -> Any:
+    """`cfg` (a Config) with `model.text_model` / `model.personality_model` made absolute where they name an
+    existing local directory relative to this process's working directory. Hub names (`bert-base-uncased`) and
+    `psamf:` names are left alone. For configs handed to Ray workers and Tune trials, whose working directories
+    differ: there a relative directory would be taken for a hub name and fail to download."""
+    items = {}
+    for key in ("text_model", "personality_model"):
+        v = getattr(cfg.model, key, None)
+        if isinstance(v, str) and v and "://" not in v and not v.startswith("psamf:") and not os.path.isabs(v) \
+                and os.path.isdir(os.path.expanduser(v)):
+            items[f"model.{key}"] = os.path.abspath(os.path.expanduser(v))
+    return cfg.replace(items, source="config (local model directories made absolute)") if items else cfg
+
+
 def absolute_local(uri: str) -> str:
     """A local path made absolute (against this process's working directory); URIs with a scheme unchanged.
 

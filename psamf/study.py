@@ -222,8 +222,8 @@ def run_grid(rows: Sequence[tuple[str, Config]], seeds: Sequence[int], *, name: 
     names, seeds = _check_grid(rows, seeds)
     # trials run in their own working directories: relative local paths are resolved here, in the driver
     storage_path = _storage.absolute_local(storage_path)
-    rows = [(r, c.replace({"data.uri": _storage.absolute_local(c.data.uri)}, source=f"grid row {r!r}"))
-            for r, c in rows]
+    rows = [(r, _storage.absolute_model_paths(c.replace({"data.uri": _storage.absolute_local(c.data.uri)},
+                                                         source=f"grid row {r!r}"))) for r, c in rows]
     _init_ray(max(c.run.num_workers for _, c in rows))
     pfs = []
     manifest = None

@@ -492,8 +492,10 @@ def build_loop_config(cfg: Config, storage: Any, *, counts: Mapping[str, int] | 
     """The `loop_config` of `train_fn_per_worker` and `train_in_trial` (see `train_fn_per_worker`). `fault`: the
     FAULT_ENV testing hook as read by a process whose environment the caller does not share (a Tune trial's
     driver: the search's driver reads it); by default this process's FAULT_ENV."""
+    from psamf.storage import absolute_model_paths
+
     return {
-        "config": cfg.to_dict(),
+        "config": absolute_model_paths(cfg).to_dict(),  # workers run in other working directories
         "counts": {s: int(n) for s, n in (counts or {}).items()},
         "storage": (cfg.run.storage_path if "://" in cfg.run.storage_path else storage.root,
                     cfg.run.s3_endpoint or cfg.data.s3_endpoint),

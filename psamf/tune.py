@@ -977,13 +977,14 @@ def run_search(space: SearchSpace, *, name: str, storage_path: str | None = None
     out = out or sys.stdout
     if not name or "/" in name:
         raise ConfigError(f"search name must be a non-empty name without '/', got {name!r}")
-    from psamf.storage import absolute_local
+    from psamf.storage import absolute_local, absolute_model_paths
 
     endpoint = space.base.run.s3_endpoint or space.base.data.s3_endpoint
     # trials run in their own working directories: relative local paths are resolved here, in the driver
     storage_path = absolute_local(storage_path or space.base.run.storage_path)
-    space.base = space.base.replace({"run.storage_path": storage_path, "run.num_workers": space.workers_per_trial,
-                                     "data.uri": absolute_local(space.base.data.uri)}, source=space.source)
+    space.base = absolute_model_paths(space.base.replace(
+        {"run.storage_path": storage_path, "run.num_workers": space.workers_per_trial,
+         "data.uri": absolute_local(space.base.data.uri)}, source=space.source))
     st = _storage(storage_path, endpoint)
     search_dir = st.run_dir(name)
     if not resume and exists(st.fs, f"{search_dir}/search.yaml"):

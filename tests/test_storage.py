@@ -138,3 +138,23 @@ def test_config_to_yaml_writes_through_atomic_open(tmp_path):
     text = cfg.to_yaml(tmp_path / "c.yaml")
     assert (tmp_path / "c.yaml").read_text() == text and os.listdir(tmp_path) == ["c.yaml"]
     assert Config.from_yaml(tmp_path / "c.yaml").to_dict() == cfg.to_dict()
+
+
+def test_local_model_directories_reach_workers_as_absolute_paths(tmp_path, monkeypatch):
+    """Ray workers and Tune trials run in other working directories, where a relative model directory would be
+    taken for a hub name: the config they get names it absolutely; hub and psamf: names stay as they are."""
+    from psamf.config import Config
+    from psamf.storage import absolute_model_paths
+    from psamf.train import build_loop_config
+
+    (tmp_path / "encoders" / "persona").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = Config.from_preset("tiny").replace({"model.personality_model": "encoders/persona",
+                                              "model.text_model": "bert-base-uncased"})
+    out = absolute_model_paths(cfg)
+    assert out.model.personality_model == str(tmp_path / "encoders" / "persona")
+    assert out.model.text_model == "bert-base-uncased"
+    assert absolute_model_paths(Config.from_preset("tiny")).to_dict() == Config.from_preset("tiny").to_dict()
+    loop = build_loop_config(cfg, storage=type("S", (), {"root": str(tmp_path)})())
+    assert loop["config"]["model"]["personality_model"] == str(tmp_path / "encoders" / "persona")
+    assert cfg.model.personality_model == "encoders/persona"  # the run's own config keeps what the user wrote
