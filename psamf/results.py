@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from psamf.preflight import Preflight
 
 __all__ = ["TrainResult", "write_run_outputs", "read_run_outputs", "metrics_table", "floors_line", "chance_line",
-           "chance_record", "format_record", "ProgressFiles", "HistoryPrinter", "git_sha", "code_version", "checkpoint_uri", "GIT_SHA_ENV"]
+           "chance_record", "format_record", "ProgressFiles", "HistoryPrinter", "git_sha", "code_version",
+           "checkpoint_uri", "GIT_SHA_ENV"]
 
 GIT_SHA_ENV = "PSAMF_GIT_SHA"  # the commit of a cluster run, set at submission where .git is not uploaded
 
