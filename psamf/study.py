@@ -240,22 +240,22 @@ def run_grid(rows: Sequence[tuple[str, Config]], seeds: Sequence[int], *, name: 
     exp_uri = f"{st.uri.rstrip('/')}/{exp}"
     spec, spec_path = {"rows": list(names), "seeds": list(seeds)}, st.join(exp, GRID_SPEC)
     same_grid = _storage.exists(st.fs, spec_path) and _storage.read_json(st.fs, spec_path) == spec
-    if resume and not same_grid:
-        # Tuner.restore keeps the grid it stored: rows or seeds added or removed would not run (or would crash on
-        # a row this invocation does not define). A new grid reuses every finished run by name instead.
-        log.info("grid %s: rows or seeds differ from the stored grid (or it predates %s): starting the grid "
-                 "anew; finished runs are reused by name and unfinished ones resume from their checkpoints",
-                 name, GRID_SPEC)
-    if resume and same_grid and ray.tune.Tuner.can_restore(
-            exp_uri if st.storage_filesystem is None else f"{st.root}/{exp}",
-            storage_filesystem=st.storage_filesystem):
+    exp_path = exp_uri if st.storage_filesystem is None else f"{st.root}/{exp}"
+    stored = resume and ray.tune.Tuner.can_restore(exp_path, storage_filesystem=st.storage_filesystem)
+    if stored and same_grid:
         log.info("grid %s: restoring %s", name, exp_uri)
-        tuner = ray.tune.Tuner.restore(exp_uri if st.storage_filesystem is None else f"{st.root}/{exp}",
-                                       trainable, restart_errored=True, storage_filesystem=st.storage_filesystem)
+        tuner = ray.tune.Tuner.restore(exp_path, trainable, restart_errored=True,
+                                       storage_filesystem=st.storage_filesystem)
     else:
-        if resume and same_grid:
-            log.warning("grid %s: nothing to restore at %s; starting it (finished runs are reused by name)",
-                        name, exp_uri)
+        if stored:
+            # Tuner.restore keeps the grid it stored: rows or seeds added or removed would not run (or would crash
+            # on a row this invocation does not define). A new grid reuses every finished run by name instead.
+            log.info("grid %s: rows or seeds differ from the stored grid (or it predates %s): starting the grid "
+                     "anew; finished runs are reused by name and unfinished ones resume from their checkpoints",
+                     name, GRID_SPEC)
+        elif resume:
+            log.info("grid %s: nothing to restore at %s; starting it (finished runs are reused by name)",
+                     name, exp_uri)
         tuner = ray.tune.Tuner(
             trainable,
             param_space={"row": ray.tune.grid_search(names), "seed": ray.tune.grid_search(seeds)},
