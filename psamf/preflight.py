@@ -224,7 +224,8 @@ def check_resume_compatible(old: Config, new: Config) -> None:
     if diffs:
         raise ConfigError(f"run.name={new.run.name!r} already exists under {new.run.storage_path} with a different "
                           f"configuration; re-using a name resumes that run. Differences: {'; '.join(diffs)}. "
-                          "Choose a new run.name (or delete the old run directory).")
+                          "Choose a new run.name (for psamf study, whose runs are named <name>-<row>-seed<k>: a new "
+                          "--name), or delete the old run directory.")
 
 
 def check_cluster_resources(cfg: Config) -> None:
