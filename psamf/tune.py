@@ -990,6 +990,10 @@ def run_search(space: SearchSpace, *, name: str, storage_path: str | None = None
     if not resume and exists(st.fs, f"{search_dir}/search.yaml"):
         raise ConfigError(f"a search named {name!r} already exists at {st.run_uri(name)}; resume it "
                           "(psamf tune --resume NAME) or choose another name")
+    if resume:
+        stored = _ended_search(space, name, st, out)
+        if stored is not None:
+            return stored
     _init_ray(space.workers_per_trial)
     pf = _preflight(space.base)  # data and storage checked before any trial starts
     space.base = pf.cfg
@@ -1004,10 +1008,55 @@ def run_search(space: SearchSpace, *, name: str, storage_path: str | None = None
     # psamf's per-trial tensorboard/ (curves + HParams): one set of curves per trial is what users should see.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     _quiet_tune_console()
+    ended_before = _ended_trials(st.fs, search_dir)
     t0 = time.perf_counter()
     grid = _tuner(space, name, st, pf.manifest, resume, out).fit()
     elapsed = time.perf_counter() - t0
-    return _collect(space, name, st, grid, elapsed, out)
+    return _collect(space, name, st, grid, elapsed, out, ended_before)
+
+
+def _ended_trials(fs: Any, search_dir: str) -> set[str]:
+    """Ids of the trials that carry the ENDED marker of `_ConsoleLine` (ended in an earlier session, when called
+    before the Tuner runs)."""
+    import pyarrow.fs as pafs
+
+    from psamf.storage import exists
+
+    infos = fs.get_file_info(pafs.FileSelector(f"{search_dir}/trials", allow_not_found=True))
+    return {i.base_name for i in infos if i.type == pafs.FileType.Directory and exists(fs, f"{i.path}/{ENDED}")}
+
+
+def _ended_search(space: SearchSpace, name: str, st: Any, out: Any) -> SearchResult | None:
+    """A search whose metrics.json exists (written last) has ended: resuming it starts no Ray, trains nothing and
+    evaluates test no second time; its stored outputs are read and summarised. None when it has not ended."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from psamf.storage import exists, read_bytes, read_json
+
+    search_dir = st.run_dir(name)
+    if not exists(st.fs, f"{search_dir}/metrics.json"):
+        return None
+    metrics = read_json(st.fs, f"{search_dir}/metrics.json")
+    rows = pq.read_table(io.BytesIO(read_bytes(st.fs, f"{search_dir}/trials.parquet"))).to_pylist()
+    best = next((r for r in rows if r["trial_id"] == metrics.get("best_trial")), None)
+    uri = st.run_uri(name)
+    paths = {"trials": f"{uri}/trials.parquet", "csv": f"{uri}/trials.csv", "best_config": f"{uri}/best.yaml",
+             "metrics": f"{uri}/metrics.json",
+             **{k: f"{uri}/plots/{k}.png" for k in ("metric_over_trials", "importance", "metric_vs_params")
+                if exists(st.fs, f"{search_dir}/plots/{k}.png")}}
+    counts = {s: sum(r["status"] == s for r in rows) for s in TRIAL_STATUSES}
+    summary = (_summary_table(rows, space.metric, space.mode, best) + "\n" +
+               f"{len(rows)} trial(s): " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) +
+               f"\nsearch {name} had already ended: nothing was trained and test was not evaluated again "
+               f"(metrics.json holds its one evaluation)")
+    if best is not None:
+        summary += (f"\nbest: {best['trial_id']} {space.metric}={best[f'best_{space.metric}']:.4f} (epoch "
+                    f"{best['best_epoch']}); test (once): mae={metrics['test'].get('mae', float('nan')):.4f} "
+                    f"corr={metrics['test'].get('corr', float('nan')):.4f}\nbest config: {paths['best_config']}")
+    print(summary, file=out, flush=True)
+    return SearchResult(name=name, path=uri, rows=rows, best=best, metrics=metrics, paths=paths, summary=summary)
 
 
 def _result_trial_id(res: Any) -> str:
@@ -1021,7 +1070,8 @@ def _result_trial_id(res: Any) -> str:
     return head if head and len(tail) == 4 else base  # trial ids end in 5 digits (variants) or are 8 hex chars
 
 
-def _collect(space: SearchSpace, name: str, st: Any, grid: Any, elapsed: float, out: Any) -> SearchResult:
+def _collect(space: SearchSpace, name: str, st: Any, grid: Any, elapsed: float, out: Any,
+             ended_before: set[str] = frozenset()) -> SearchResult:
     """Rows from the ResultGrid and the trials' files, then every search output (metrics.json last)."""
     from psamf.storage import exists, read_json, write_bytes
 
@@ -1072,9 +1122,11 @@ def _collect(space: SearchSpace, name: str, st: Any, grid: Any, elapsed: float, 
         paths.update(best_config=f"{st.run_uri(name)}/best.yaml", metrics=f"{st.run_uri(name)}/metrics.json")
     counts = {s: sum(r["status"] == s for r in rows) for s in TRIAL_STATUSES}
     hours = max(elapsed, 1e-9) / 3600
+    # the rate counts the trials that ended in this session: a resumed search's earlier trials took no time here
+    now = sum(r["status"] != "unfinished" and r["trial_id"] not in ended_before for r in rows)
     summary = (_summary_table(rows, space.metric, space.mode, best) + "\n" +
                f"{len(rows)} trial(s): " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) +
-               f"; {elapsed:.0f} s ({len(rows) / hours:.1f} trials/hour this session)")
+               f"; {elapsed:.0f} s this session, {now} trial(s) ended in it ({now / hours:.1f} trials/hour)")
     if best is not None and metrics is not None:
         summary += (f"\nbest: {best['trial_id']} {space.metric}={best[f'best_{space.metric}']:.4f} (epoch "
                     f"{best['best_epoch']}); test (once): mae={metrics['test'].get('mae', float('nan')):.4f} "

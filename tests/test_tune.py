@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -194,6 +195,17 @@ def test_a_killed_search_resumes_only_unfinished_trials_and_writes_every_output(
         assert "val/mae" in runs[run]["scalars"] and "hparam/val_mae" in runs[run]["scalars"]
         assert "_hparams_/session_start_info" in hparams.get(run, {})
     assert "s3t" in res.summary and "pruned" in res.summary
+    # the resumed session trained the unfinished trials only, and its rate counts those
+    resumed_now = int(re.search(r"(\d+) trial\(s\) ended in it", res.summary).group(1))
+    assert 1 <= resumed_now < len(table), res.summary
+
+    # resuming the ended search again trains nothing and does not evaluate test a second time
+    stamps = {p: p.stat().st_mtime_ns for p in (d / "metrics.json", d / "trials.parquet", d / "best.yaml")}
+    again = run_search(SearchSpace.from_yaml(path), name="s3t", storage_path="runs", resume=True)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again.metrics == m and again.best["trial_id"] == res.best["trial_id"] and not again.interrupted
+    assert [r["trial_id"] for r in again.rows] == [r["trial_id"] for r in table]
+    assert "had already ended" in again.summary and "test was not evaluated again" in again.summary
 
 
 @pytest.mark.integration
