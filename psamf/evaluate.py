@@ -21,6 +21,7 @@ its metrics JSON.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -120,6 +121,37 @@ def _evaluate_on_workers(cfg: Config, ck: Any, datasets: Mapping[str, Any], spli
     return result.return_value
 
 
+def worker_count_note(checkpoint_dir: str, cfg: Config, num_workers: int) -> str | None:
+    """Why the loss terms of this evaluation may differ from the run's own validation: None when the worker
+    counts agree, or when the checkpoint was never validated by a psamf run (a converted one: no epoch)."""
+    with open(os.path.join(checkpoint_dir, "meta.json")) as f:
+        if json.load(f).get("epoch") is None:
+            return None
+    trained_on = max(1, cfg.run.num_workers)
+    if trained_on == max(1, num_workers):
+        return None
+    return (f"the run validated on {trained_on} worker(s), this evaluation uses {max(1, num_workers)}: the in-batch "
+            "loss terms (ccl, clm, total) see other batches and differ from the run's; MAE, Corr and accuracies do "
+            f"not (--num-workers {trained_on} reproduces the run's)")
+
+
+def _check_personality_input(trained_cfg: Config, cfg: Config, manifest: Mapping[str, Any]) -> None:
+    """Other shards than the checkpoint's own (an overridden data.uri or data.use_precomputed_personality) must give
+    the model CLS_p from the encoder it was trained on (`psamf.preflight.check_personality_source`)."""
+    from psamf.preflight import check_personality_source, personality_source
+
+    if (cfg.data.uri, cfg.data.use_precomputed_personality) == \
+            (trained_cfg.data.uri, trained_cfg.data.use_precomputed_personality):
+        return
+    try:
+        trained = personality_source(trained_cfg, read_manifest(trained_cfg.data.uri, trained_cfg.data.s3_endpoint))
+    except ConfigError as e:
+        log.warning("the checkpoint's training shards (data.uri=%s) cannot be read (%s): which personality encoder "
+                    "its CLS_p came from is not checked against %s", trained_cfg.data.uri, e, cfg.data.uri)
+        return
+    check_personality_source(cfg, manifest, trained)
+
+
 def evaluate_checkpoint(checkpoint: str, *, splits: Sequence[str] = ("valid", "test"), num_workers: int = 0,
                         overrides: Sequence[str] = (), s3_endpoint: str | None = None,
                         batch_size: int | None = None) -> dict[str, SplitEval]:
@@ -138,8 +170,10 @@ def evaluate_checkpoint(checkpoint: str, *, splits: Sequence[str] = ("valid", "t
         problems = verify_checkpoint(pafs.LocalFileSystem(), local)  # named as the user named them, not the copy
         if problems:
             raise CheckpointError("; ".join(p.replace(local, ck_path) for p in problems))
-        cfg = checkpoint_config(local).override(list(overrides))
+        trained_cfg = checkpoint_config(local)
+        cfg = trained_cfg.override(list(overrides))
         manifest = read_manifest(cfg.data.uri, cfg.data.s3_endpoint)
+        _check_personality_input(trained_cfg, cfg, manifest)
         counts = {s: int(n) for s, n in (manifest.get("counts") or {}).items()}
         have = sorted(counts)
         missing = [s for s in splits if s not in have]
@@ -148,11 +182,9 @@ def evaluate_checkpoint(checkpoint: str, *, splits: Sequence[str] = ("valid", "t
             raise ConfigError(f"--splits {','.join(splits)!r}: {what} (the data set at {cfg.data.uri} has "
                               f"{', '.join(have)})")
         log.info("evaluating %s on %s", ck_path, ", ".join(splits))
-        trained_on = max(1, cfg.run.num_workers)
-        if trained_on != max(1, num_workers):
-            log.info("the run validated on %d worker(s), this evaluation uses %d: the in-batch loss terms (ccl, clm, "
-                     "total) see other batches and differ from the run's; MAE, Corr and accuracies do not "
-                     "(--num-workers %d reproduces the run's)", trained_on, max(1, num_workers), trained_on)
+        note = worker_count_note(local, cfg, num_workers)
+        if note:
+            log.info("%s", note)
         runtime.init_ray(max(1, num_workers))
         bs = batch_size or cfg.optim.batch_size
         datasets = load_datasets(cfg.data, manifest, tuple(splits))

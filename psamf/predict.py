@@ -15,7 +15,10 @@ Inputs go through the code that training and evaluation use, never a copy of it:
   `psamf.sources.read_custom(for_prediction=True)` and prepared with `psamf.prepare.prepare` (same
   validation, same tokenizers and text length as the checkpoint's shards) into a temporary shard set, which
   is then read as above. Meant for small batches of new clips: the temporary shards live on the driver's
-  disk (splits small enough are handed to Ray from the driver's memory, see `load_datasets`).
+  disk (splits small enough are handed to Ray from the driver's memory, see `load_datasets`). When the
+  checkpoint was trained on precomputed CLS_p, that pass computes the input's CLS_p with the same encoder.
+* Either way the input's CLS_p must come from the encoder the checkpoint was trained on (read from its training
+  shards' manifest; `psamf.preflight.check_personality_source`): a mismatch is refused, naming both encoders.
 
 Inference is one `map_batches` over the dataset with an actor pool (`actors` x `BatchPredictor`, each loading
 the model once; one GPU each when the cluster has GPUs). Each actor collates its Arrow batch with
@@ -36,6 +39,7 @@ occur exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -197,22 +201,60 @@ def predict_dataset(ds: Any, checkpoint: str, *, batch_size: int = 64, actors: i
 # ---------------------------------------------------------------------------------------------
 
 
-def _training_normalization(cfg: Config) -> dict[str, Any] | None:
-    """The training shards' feature statistics when the model normalises its inputs (else None)."""
-    if not cfg.data.normalize_features:
-        return None
+@dataclass
+class _Training:
+    """What prediction needs from the checkpoint's training shards (`data.uri` of its config.yaml)."""
+
+    normalization: dict[str, Any] | None  # their feature statistics when the model normalises its inputs
+    personality: str | None  # the encoder of the CLS_p the model was trained on (`personality_source`); None: unknown
+    precomputed: bool  # that CLS_p came precomputed in the shards (a manifest input then gets it computed too)
+
+
+def _training_facts(cfg: Config, trained_cfg: Config) -> _Training:
+    """Read from the training shards' manifest. `cfg`: the checkpoint's config with the command line's data.*
+    overrides (where the training shards are now); `trained_cfg`: the config as trained (how it read them)."""
+    from psamf.preflight import personality_source
     from psamf.shards import read_manifest
 
     try:
-        return read_manifest(cfg.data.uri, cfg.data.s3_endpoint)["normalization"]
-    except (ConfigError, KeyError) as e:
-        raise ConfigError(f"the checkpoint normalises its inputs (data.normalize_features=true) with the statistics "
-                          f"of its training shards, data.uri={cfg.data.uri!r}, which cannot be read: {e}") from None
+        man = read_manifest(cfg.data.uri, cfg.data.s3_endpoint)
+    except ConfigError as e:
+        if cfg.data.normalize_features:
+            raise ConfigError(f"the checkpoint normalises its inputs (data.normalize_features=true) with the "
+                              f"statistics of its training shards, data.uri={cfg.data.uri!r}, which cannot be read: "
+                              f"{e}") from None
+        if cfg.model.use_personality:
+            log.warning("the checkpoint's training shards (data.uri=%s) cannot be read (%s): which personality "
+                        "encoder its CLS_p came from is not checked against the input", cfg.data.uri, e)
+        return _Training(None, None, False)
+    if cfg.data.normalize_features and "normalization" not in man:
+        raise ConfigError(f"the checkpoint normalises its inputs (data.normalize_features=true), but its training "
+                          f"shards at {cfg.data.uri} record no normalisation statistics")
+    source = personality_source(trained_cfg.replace({"data.uri": cfg.data.uri}, source="psamf predict"), man)
+    precomputed = bool(source and man.get("personality_cls") and trained_cfg.data.use_precomputed_personality)
+    return _Training(man.get("normalization") if cfg.data.normalize_features else None, source, precomputed)
 
 
-def _prepare_manifest(path: str, cfg: Config, out_dir: str) -> tuple[str, bool]:
+def _personality_encoder_for(cfg: Config, trained: _Training) -> Any:
+    """The ModelConfig that makes `prepare` precompute a manifest input's CLS_p with the encoder the checkpoint was
+    trained on (None when it was not trained on precomputed CLS_p, or that encoder cannot be named again)."""
+    from psamf.prepare import describe_personality_model
+    from psamf.storage import same_model_name
+
+    if not (trained.precomputed and cfg.data.use_precomputed_personality):
+        return None
+    described = trained.personality.startswith(("random-init ", "in-memory ", "an unrecorded "))
+    for name in (None,) if described else (None, trained.personality):  # the seeded random-init one, or a name
+        mc = dataclasses.replace(cfg.model, personality_model=name)
+        if same_model_name(describe_personality_model(mc), trained.personality):
+            return mc
+    return None  # "in-memory ..." or an unrecorded encoder: check_personality_source refuses the input
+
+
+def _prepare_manifest(path: str, cfg: Config, out_dir: str, trained: _Training, ray_cpus: int) -> tuple[str, bool]:
     """A custom manifest -> a temporary shard set in `out_dir`, through prepare's own validation and
-    tokenisation with the checkpoint's tokenizers and text length. Returns (split, labelled)."""
+    tokenisation with the checkpoint's tokenizers and text length, and, when the checkpoint was trained on
+    precomputed CLS_p, that CLS_p computed with the same encoder. Returns (split, labelled)."""
     from psamf.prepare import prepare
     from psamf.sources import PREDICT_SPLIT, read_custom
 
@@ -221,20 +263,27 @@ def _prepare_manifest(path: str, cfg: Config, out_dir: str) -> tuple[str, bool]:
         if dim != getattr(cfg.model, name):
             raise ConfigError(f"{path}: field {fld!r}: the feature files have width {dim}, but the checkpoint's "
                               f"model takes model.{name}={getattr(cfg.model, name)}")
+    encoder = _personality_encoder_for(cfg, trained)
+    if encoder is not None:  # prepare's CLS_p pass runs on Ray: start it as large as the prediction will need
+        from psamf import runtime
+
+        runtime.init_ray(ray_cpus)
     prepare(raw, out_dir, tokenizer=cfg.data.tokenizer, personality_tokenizer=cfg.data.personality_tokenizer,
-            max_text_len=cfg.data.max_text_len, require_train=False)
+            max_text_len=cfg.data.max_text_len, require_train=False, personality_model=encoder)
     return PREDICT_SPLIT, raw.labelled
 
 
-def _check_input(cfg: Config, uri: str, split: str, s3_endpoint: str | None) -> tuple[Config, dict[str, Any]]:
+def _check_input(cfg: Config, uri: str, split: str, s3_endpoint: str | None,
+                 trained: _Training) -> tuple[Config, dict[str, Any]]:
     """(config reading `uri`, its manifest), after the prediction preflight (no Ray needed yet)."""
-    from psamf.preflight import check_prediction_inputs
+    from psamf.preflight import check_personality_source, check_prediction_inputs
     from psamf.shards import read_manifest
 
     cfg = cfg.replace({"data.uri": uri, "data.s3_endpoint": s3_endpoint or cfg.data.s3_endpoint},
                       source="psamf predict")
     man = read_manifest(uri, cfg.data.s3_endpoint)
     check_prediction_inputs(cfg, man, split)
+    check_personality_source(cfg, man, trained.personality)
     return cfg, man
 
 
@@ -330,15 +379,15 @@ def predict(source: str, out: str, *, shards: str | None = None, split: str = "t
     t0 = time.perf_counter()
     ck = resolve_source(source, storage_path=storage_path, s3_endpoint=s3_endpoint)
     cfg = checkpoint_config_at(ck, s3_endpoint=s3_endpoint, overrides=overrides)
-    normalization = _training_normalization(cfg)
+    trained = _training_facts(cfg, checkpoint_config_at(ck, s3_endpoint=s3_endpoint))
     what = manifest if manifest is not None else f"{shards} (split {split})"
     _check_output(out, s3_endpoint)
     with tempfile.TemporaryDirectory(prefix="psamf-predict-") as tmp:
         labelled, uri = True, shards
         if manifest is not None:  # everything that can refuse the input runs before Ray starts
             uri = os.path.join(tmp, "shards")
-            split, labelled = _prepare_manifest(manifest, cfg, uri)
-        cfg, man = _check_input(cfg, str(uri), split, s3_endpoint)
+            split, labelled = _prepare_manifest(manifest, cfg, uri, trained, math.ceil(actors * cpus_per_actor))
+        cfg, man = _check_input(cfg, str(uri), split, s3_endpoint, trained)
         n = int(man["counts"][split])
         runtime.init_ray(math.ceil(actors * cpus_per_actor))
         if use_gpu is None:
@@ -346,7 +395,7 @@ def predict(source: str, out: str, *, shards: str | None = None, split: str = "t
         ds = load_datasets(cfg.data, man, (split,))[split]
         preds = predict_dataset(ds, ck, batch_size=batch_size, actors=actors, use_gpu=use_gpu,
                                 cpus_per_actor=cpus_per_actor, s3_endpoint=s3_endpoint, overrides=overrides,
-                                normalization=normalization, labelled=labelled)
+                                normalization=trained.normalization, labelled=labelled)
         if _is_file_output(out):
             files = _write_file(preds, out, s3_endpoint, n)
         else:

@@ -24,7 +24,8 @@ from psamf.engine import LOSS_TERMS, selectable_metrics
 from psamf.storage import exists, read_bytes, resolve
 
 __all__ = ["Preflight", "preflight", "read_manifest", "check_resume_compatible", "check_cluster_resources",
-           "check_placeholders", "PLACEHOLDERS", "check_prediction_inputs"]
+           "check_placeholders", "PLACEHOLDERS", "check_prediction_inputs", "personality_source",
+           "check_personality_source"]
 
 # the capitals the job configs and cluster files ship with (jobs/configs/*.yaml): a value holding one was not set
 PLACEHOLDERS = re.compile(r"YOUR-[A-Z0-9-]+|PATH-OR-HUB")
@@ -113,6 +114,20 @@ def _check_model_fits_shards(cfg: Config, man: Mapping[str, Any]) -> None:
                               "data.use_precomputed_personality=false or re-run prepare with this model")
 
 
+def _warn_unused_personality_model(cfg: Config, man: Mapping[str, Any]) -> None:
+    """Training on precomputed CLS_p of another encoder than `model.personality_model`: the shards' CLS_p is what
+    the model learns from (and what prediction will require), the named encoder only fills the checkpoint."""
+    from psamf.storage import same_model_name
+
+    pc, m = man.get("personality_cls"), cfg.model
+    if pc and pc.get("model") and cfg.data.use_precomputed_personality and m.use_personality and m.personality_model \
+            and not same_model_name(str(pc["model"]), m.personality_model):
+        log.warning("model.personality_model=%s, but the shards at %s hold personality_cls precomputed with %s: "
+                    "training reads the shards' CLS_p, and prediction inputs will need CLS_p from %s too "
+                    "(data.use_precomputed_personality=false computes it with model.personality_model instead)",
+                    m.personality_model, cfg.data.uri, pc["model"], pc["model"])
+
+
 def check_prediction_inputs(cfg: Config, man: Mapping[str, Any], split: str) -> None:
     """Shards to be scored by a trained model (`psamf predict`): the checks training preflight makes, except
     that the model is fixed, so the shards' feature widths must be the model's (training would adopt them).
@@ -129,6 +144,40 @@ def check_prediction_inputs(cfg: Config, man: Mapping[str, Any], split: str) -> 
     counts = man.get("counts") or {}
     if int(counts.get(split, 0)) <= 0:
         raise ConfigError(f"the shards at {cfg.data.uri} have no {split!r} split (splits: {counts})")
+
+
+def personality_source(cfg: Config, man: Mapping[str, Any]) -> str | None:
+    """The encoder whose CLS_p a model with config `cfg` reads from the shards of manifest `man`: the one that
+    precomputed the shards' `personality_cls` (when they have it and `data.use_precomputed_personality`), else the
+    model's own frozen encoder (`model.personality_model`, or the seeded random-init one). None: personality off."""
+    from psamf.prepare import describe_personality_model
+
+    if not cfg.model.use_personality:
+        return None
+    pc = man.get("personality_cls")
+    if pc and cfg.data.use_precomputed_personality:
+        return str(pc.get("model") or "an unrecorded encoder")
+    return describe_personality_model(cfg.model)
+
+
+def check_personality_source(cfg: Config, man: Mapping[str, Any], trained: str | None) -> None:
+    """A trained model must read CLS_p from the encoder it was trained with (`trained`: `personality_source` of
+    its training config and shards; None: unknown, nothing to compare). Otherwise its predictions would be made
+    from a personality vector it never saw, silently: refused, naming both encoders and what to do."""
+    from psamf.storage import same_model_name
+
+    now = personality_source(cfg, man)
+    if trained is None or now is None or same_model_name(trained, now):
+        return
+    if man.get("personality_cls") and cfg.data.use_precomputed_personality:
+        got = f"the shards at {cfg.data.uri} hold personality_cls precomputed with {now!r}"
+    else:
+        got = (f"the shards at {cfg.data.uri} hold no precomputed personality_cls (or data.use_precomputed_personality"
+               f"=false), so the model's own encoder would compute it: {now!r}")
+    raise ConfigError(f"personality_cls: the checkpoint was trained on CLS_p from {trained!r}, but {got}; "
+                      f"re-run `psamf prepare --personality-model {trained}` on this input (or, when the shards hold "
+                      "CLS_p and the checkpoint's model.personality_model is its training encoder, set "
+                      "data.use_precomputed_personality=false)")
 
 
 def _check_splits(cfg: Config, man: Mapping[str, Any]) -> None:
@@ -194,6 +243,7 @@ def preflight(cfg: Config, *, check_resources: bool = True, manifest: Mapping[st
     new.preset = cfg.preset
     shards.check_manifest(man, new.data)
     _check_model_fits_shards(new, man)
+    _warn_unused_personality_model(new, man)
     _check_splits(new, man)
     storage = _check_run_name(new)
     if check_resources:

@@ -280,7 +280,7 @@ class _PersonalityCLS:
                 "personality_cls": out.float().cpu().numpy().astype(np.float32)}
 
 
-def _describe_personality_model(model: Any) -> str:
+def describe_personality_model(model: Any) -> str:
     from psamf.config import ModelConfig
 
     if isinstance(model, ModelConfig):
@@ -762,7 +762,7 @@ def _personality_pass(raw: RawDataset, splits: Sequence[str], index: Mapping[str
     for s in splits:
         cls[s] = all_cls[off: off + len(raw.splits[s])]
         off += len(raw.splits[s])
-    meta = {"dim": int(all_cls.shape[1]), "model": _describe_personality_model(personality_model),
+    meta = {"dim": int(all_cls.shape[1]), "model": describe_personality_model(personality_model),
             "tokenizer": personality_tokenizer, "mode": "eval (dropout off)",
             "seconds": round(time.perf_counter() - t_cls, 3)}
     return cls, meta

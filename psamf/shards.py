@@ -24,7 +24,7 @@ import json
 from typing import Any, Mapping
 
 from psamf.config import ConfigError
-from psamf.storage import resolve
+from psamf.storage import resolve, same_model_name
 
 __all__ = [
     "MANIFEST_NAME",
@@ -126,7 +126,7 @@ def check_manifest(manifest: Mapping[str, Any], data_cfg: Any) -> None:
     for key, field_name in (("text", "tokenizer"), ("personality", "personality_tokenizer")):
         t = toks.get(key) or {}
         want = getattr(data_cfg, field_name)
-        if t.get("name") and t["name"] != want:
+        if t.get("name") and not same_model_name(t["name"], want):
             raise ShardError(f"data.{field_name}={want!r} but the shards were tokenised with {t['name']!r}; set "
                              f"data.{field_name}={t['name']} or re-run `psamf prepare`")
     max_len = (toks.get("text") or {}).get("max_len")

@@ -322,6 +322,23 @@ def absolute_model_paths(cfg: Any) -> Any:
     return cfg.replace(items, source="config (local model directories made absolute)") if items else cfg
 
 
+def same_model_name(a: str | None, b: str | None) -> bool:
+    """Whether two model or tokenizer names (hub names, `psamf:` names, local directories) name the same thing:
+    equal strings, or local directories that resolve to one directory (a relative one against this process's
+    working directory). `psamf prepare` records names as given, while configs handed to workers carry absolute
+    directories (`absolute_model_paths`): `encoders/persona` and `/home/me/encoders/persona` are one encoder."""
+    if a == b:
+        return True
+
+    def norm(v: str | None) -> str | None:
+        if isinstance(v, str) and v and "://" not in v and not v.startswith("psamf:") \
+                and os.path.isdir(os.path.expanduser(v)):
+            return os.path.realpath(os.path.expanduser(v))
+        return v
+
+    return norm(a) == norm(b)
+
+
 def absolute_local(uri: str) -> str:
     """A local path made absolute (against this process's working directory); URIs with a scheme unchanged.
 

@@ -266,6 +266,7 @@ def test_convert_round_trips_a_reference_state_dict(tmp_path, capsys, form):
     from psamf.checkpoint import load_model, verify_checkpoint
     from psamf.cli import main
     from psamf.compat import reference_key
+    from psamf.evaluate import worker_count_note
 
     sd = _random_reference_state_dict(seed=4)
     out = tmp_path / "converted"
@@ -277,6 +278,8 @@ def test_convert_round_trips_a_reference_state_dict(tmp_path, capsys, form):
     assert verify_checkpoint(pafs.LocalFileSystem(), str(out)) == []
     assert json.loads((out / "meta.json").read_text())["converted_from"].endswith(f"ref-{form}.pt")
     model, cfg = load_model(str(out))
+    # never validated by a psamf run: evaluating it on any worker count says nothing about "the run's" workers
+    assert cfg.run.num_workers != 1 and worker_count_note(str(out), cfg, 1) is None
     state = model.state_dict()
     assert all(torch.equal(v, sd[reference_key(k)]) for k, v in state.items())
     batch = make_batch(cfg.model, B=4, L=10, T_a=7, T_v=9, seed=2)

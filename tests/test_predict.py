@@ -222,3 +222,67 @@ def test_bad_inputs_are_refused_naming_field_and_file(corpus, run_dir, tmp_path)
     with pytest.raises(ConfigError, match="no run named 'nope'"):
         predict("nope", str(out), shards=corpus["shards"], storage_path=str(tmp_path))
     assert not out.exists()
+
+
+def test_personality_cls_must_come_from_the_encoder_the_checkpoint_was_trained_on(ray_cluster, corpus, tmp_path):
+    """A checkpoint trained on shards whose personality_cls a saved personality BERT precomputed (its own
+    model.personality_model is null: a seeded random-init encoder fills the checkpoint). Shards with that
+    encoder's CLS_p are scored; shards without CLS_p (the model's own encoder would compute it) or with another
+    encoder's are refused before Ray work, naming both encoders; a --manifest input gets its CLS_p computed with
+    the training encoder, so its scores are the model's on prepare's shards of the same clips."""
+    import dataclasses
+
+    from transformers import BertModel
+
+    from psamf.model import bert_config
+    from psamf.prepare import prepare
+    from psamf.sources import read_custom
+
+    base = Config.from_preset("tiny")
+    m = base.model
+    torch.manual_seed(5)
+    enc_dir = tmp_path / "persona-bert"
+    BertModel(bert_config(m, 1, m.personality_vocab_size), add_pooling_layer=False).save_pretrained(enc_dir)
+    kw = dict(tokenizer="psamf:tiny", personality_tokenizer="psamf:tiny", max_text_len=32)
+    persona = str(tmp_path / "persona-shards")
+    prepare(read_custom(corpus["custom"], "mosi"), persona, **kw,
+            personality_model=dataclasses.replace(m, personality_model=str(enc_dir)))
+    other = str(tmp_path / "random-init-shards")  # CLS_p of the seeded random-init encoder
+    prepare(read_custom(corpus["custom"], "mosi"), other, **kw, personality_model=m)
+
+    cfg = base.override([f"data.uri={persona}", "run.name=persona-run", f"run.storage_path={tmp_path / 'runs'}"])
+    torch.manual_seed(1)
+    model = build_model(cfg.model)
+    ck = tmp_path / "runs" / "persona-run" / "checkpoint_epoch=001"
+    checkpoint.save_checkpoint(str(ck), model=model, optimizer=torch.optim.Adam(model.parameters()),
+                               scheduler=None, selector=Selector("val_mae"), epoch=1, history=[], cfg=cfg)
+
+    out = tmp_path / "scores.parquet"
+    assert predict(str(ck), str(out), shards=persona, split="test").rows > 0
+    with pytest.raises(ConfigError, match=r"trained on CLS_p from '.*persona-bert'.*hold no precomputed "
+                                          r"personality_cls.*'random-init BertModel"):
+        predict(str(ck), str(tmp_path / "x.parquet"), shards=corpus["shards"], split="test")
+    with pytest.raises(ConfigError, match=r"trained on CLS_p from '.*persona-bert'.*precomputed with 'random-init"):
+        predict(str(ck), str(tmp_path / "x.parquet"), shards=other, split="test")
+    assert not (tmp_path / "x.parquet").exists()
+    from psamf.evaluate import evaluate_checkpoint, worker_count_note  # the same check when evaluate reads other shards
+
+    n = max(1, cfg.run.num_workers)
+    assert "validated on" in worker_count_note(str(ck), cfg, n + 1) and worker_count_note(str(ck), cfg, n) is None
+
+    with pytest.raises(ConfigError, match=r"trained on CLS_p from '.*persona-bert'.*precomputed with 'random-init"):
+        evaluate_checkpoint(str(ck), splits=("test",), overrides=[f"data.uri={other}"])
+
+    src = os.path.dirname(corpus["custom"])
+    with open(corpus["custom"]) as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("audio_path", "visual_path"):
+            r[k] = os.path.join(src, r[k])
+    plain = _write_csv(tmp_path / "clips.csv", ["id", "text", "audio_path", "visual_path"], rows)
+    got = _read(predict(str(ck), str(tmp_path / "clips.parquet"), manifest=plain).out)
+    ref = {}
+    for split in ("train", "valid", "test"):
+        ref.update(_forward_scores(ck, persona, split, batch_size=16))
+    assert sorted(got["id"]) == sorted(ref)
+    np.testing.assert_allclose(got["score"], [ref[i] for i in got["id"]], atol=1e-5, rtol=0)

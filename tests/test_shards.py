@@ -84,6 +84,19 @@ def test_check_manifest_mismatched_tokenizers():
         check_manifest(_manifest(), _cfg(personality_tokenizer="bert-base-uncased"))
 
 
+def test_a_local_tokenizer_directory_matches_relative_or_absolute(tmp_path, monkeypatch):
+    """prepare records the name as given (relative); a config may name the same directory absolutely."""
+    (tmp_path / "encoders" / "persona").mkdir(parents=True)
+    (tmp_path / "encoders" / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    toks = {"text": {"name": TINY, "max_len": 16}, "personality": {"name": "encoders/persona", "max_len": 16}}
+    check_manifest(_manifest(tokenizers=toks), _cfg(personality_tokenizer=str(tmp_path / "encoders" / "persona")))
+    check_manifest(_manifest(tokenizers=toks), _cfg(personality_tokenizer="./encoders/persona/"))
+    with pytest.raises(ShardError, match=r"data.personality_tokenizer='.*encoders/other' but the shards were "
+                                         r"tokenised with 'encoders/persona'"):
+        check_manifest(_manifest(tokenizers=toks), _cfg(personality_tokenizer=str(tmp_path / "encoders" / "other")))
+
+
 def test_check_manifest_mismatched_text_length():
     with pytest.raises(ShardError, match="data.max_text_len=50 but the shards at /shards/x hold 16 tokens"):
         check_manifest(_manifest(), _cfg(max_text_len=50))
