@@ -358,12 +358,13 @@ def _write_dir(preds: Any, out: str, s3_endpoint: str | None, expected: int, sum
 # ---------------------------------------------------------------------------------------------
 
 
-def predict(source: str, out: str, *, shards: str | None = None, split: str = "test", manifest: str | None = None,
+def predict(source: str, out: str, *, shards: str | None = None, split: str | None = None,
+            manifest: str | None = None,
             batch_size: int = 64, actors: int = 1, use_gpu: bool | None = None, cpus_per_actor: float = 1,
             s3_endpoint: str | None = None, storage_path: str | None = None,
             overrides: Sequence[str] = ()) -> PredictionReport:
-    """Score `shards` (one split) or `manifest` with the model `source` names; write `out`. See the module
-    docstring. `use_gpu=None`: one GPU per actor when the Ray cluster has GPUs. Raises ConfigError (bad input,
+    """Score `shards` (one split, default test) or `manifest` (whole) with the model `source` names; write `out`.
+    See the module docstring. `use_gpu=None`: one GPU per actor when the Ray cluster has GPUs. Raises ConfigError (bad input,
     naming the field and file) or ValueError (a bad manifest row, from the reader and prepare)."""
     import ray
 
@@ -372,6 +373,10 @@ def predict(source: str, out: str, *, shards: str | None = None, split: str = "t
 
     if (shards is None) == (manifest is None):
         raise ConfigError("give exactly one input: --shards URI or --manifest CSV")
+    if manifest is not None and split is not None:
+        raise ConfigError(f"--split {split}: a split is chosen from --shards only; a --manifest is scored whole "
+                          f"(its split column, if any, is ignored)")
+    split = split or "test"
     fixed = [o for o in overrides if not o.split("=", 1)[0].startswith(("data.", "run."))]
     if fixed:
         raise ConfigError(f"overrides {fixed}: only data.* and run.* keys can change for prediction (the model, its "

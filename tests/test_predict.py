@@ -217,6 +217,8 @@ def test_bad_inputs_are_refused_naming_field_and_file(corpus, run_dir, tmp_path)
         predict(str(run_dir), str(out), shards=corpus["shards"], overrides=["data.max_text_len=50"])
     with pytest.raises(ConfigError, match=r"model.hidden_size=8.*only data.\* and run.\* keys"):
         predict(str(run_dir), str(out), shards=corpus["shards"], overrides=["model.hidden_size=8"])
+    with pytest.raises(ConfigError, match="--split valid: a split is chosen from --shards only"):
+        predict(str(run_dir), str(out), manifest=path, split="valid")
     with pytest.raises(ConfigError, match="no 'holdout' split"):
         predict(str(run_dir), str(out), shards=corpus["shards"], split="holdout")
     with pytest.raises(ConfigError, match="no run named 'nope'"):

@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--manifest", default=None,
                      help="a custom manifest (CSV or Parquet: id, text, audio_path, visual_path; label optional), "
                           "validated and tokenised as `psamf prepare` does")
-    p.add_argument("--split", default="test", help="which split of --shards to score (default: test)")
+    p.add_argument("--split", default=None, help="which split of --shards to score (default: test; a --manifest "
+                                                 "is scored whole)")
     p.add_argument("--out", required=True,
                    help="OUT.parquet (one file, input order) or a new or empty directory (Ray Data write_parquet, "
                         "then _predictions.json); local or s3://")
