@@ -367,7 +367,9 @@ def paired_test(reference: Sequence[float], other: Sequence[float], metric: str)
     diff, dstd = float(d.mean()), float(d.std())
     if n < 2:
         t = p = math.nan
-    elif np.all(d == d[0]):  # no spread in the differences: the t statistic is 0 or infinite
+    elif np.ptp(d) <= 1e-9 * max(1.0, abs(diff)):
+        # no spread in the differences beyond float round-off (0.8 - 0.7 and 0.9 - 0.8 differ in the 17th digit):
+        # the t statistic is 0 or infinite; scipy would divide by the round-off and warn of precision loss
         t, p = (0.0, 1.0) if diff == 0 else (math.copysign(math.inf, diff), 0.0)
     else:
         r = stats.ttest_rel(b, a)

@@ -72,6 +72,14 @@ def test_paired_test_matches_scipy_and_handles_few_seeds():
     with pytest.raises(ValueError, match="same seeds"):
         S.paired_test([0.7, 0.8], [0.9], "mae")
     assert "4.30" in S.power_note(3) and "12.71" in S.power_note(2)
+    import warnings
+
+    with warnings.catch_warnings():  # the same difference on every seed, up to round-off: no scipy warning
+        warnings.simplefilter("error")
+        same = S.paired_test([0.7, 0.8, 0.9], [0.8, 0.9, 1.0], "mae")
+        none = S.paired_test([0.7, 0.8, 0.9], [0.7, 0.8, 0.9], "mae")
+    assert same.t == math.inf and same.p == 0.0 and same.diff == pytest.approx(0.1) and same.flag == "worse"
+    assert none.t == 0.0 and none.p == 1.0 and none.flag is None
 
 
 def test_only_common_seeds_are_paired():
