@@ -72,7 +72,22 @@ def command_parser(name: str, *, prog: str | None = None) -> argparse.ArgumentPa
 def run_command(name: str, argv: list[str] | None = None, *, prog: str | None = None) -> int:
     """Parse `argv` as the arguments of one subcommand and run it (the `jobs/*.py` entry points call this)."""
     args = parse_args(command_parser(name, prog=prog), argv)
-    return int(command_module(name).run(args) or 0)
+    return _run(name, args)
+
+
+def _run(name: str, args: argparse.Namespace) -> int:
+    """Run one command; an object store that cannot be reached ends it with one line and status 2, not a
+    botocore traceback (every command reads or writes storage before it starts work)."""
+    from psamf.storage import unreachable_store
+
+    try:
+        return int(command_module(name).run(args) or 0)
+    except Exception as e:
+        msg = unreachable_store(e)
+        if msg is None:
+            raise
+        print(f"psamf {name}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args = parse_args(parser, argv)
-    return int(command_module(args.command).run(args) or 0)
+    return _run(args.command, args)
 
 
 if __name__ == "__main__":

@@ -489,8 +489,10 @@ def check_output(out_uri: str, *, s3_endpoint: str | None = None, storage_option
     fs.invalidate_cache()
     if out_uri.startswith(("s3://", "s3a://")):
         bucket = root.split("/", 1)[0]
-        try:
-            ok = fs.exists(bucket)
+        try:  # not fs.exists: it answers False when the endpoint cannot be reached at all
+            ok = bool(fs.info(bucket))
+        except FileNotFoundError:
+            ok = False
         except PermissionError as e:
             raise ValueError(f"--out {out_uri}: cannot access bucket {bucket!r} ({e})") from None
         if not ok:

@@ -322,6 +322,23 @@ def absolute_model_paths(cfg: Any) -> Any:
     return cfg.replace(items, source="config (local model directories made absolute)") if items else cfg
 
 
+def unreachable_store(e: BaseException) -> str | None:
+    """A one-line message when `e` says the object store could not be used at all (no connection to the endpoint,
+    no credentials: botocore's own errors, which s3fs passes through untranslated, and pyarrow's NETWORK_CONNECTION
+    error), else None. The message names
+    the endpoint URL botocore tried, never a credential."""
+    # pyarrow's S3 filesystem reports the same as an OSError naming the AWS error and curl's code
+    pyarrow_says = isinstance(e, OSError) and "AWS Error NETWORK_CONNECTION" in str(e)
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:  # no s3fs installed: nothing of botocore's can be raised
+        BotoCoreError = ()  # noqa: N806
+    if not (pyarrow_says or isinstance(e, BotoCoreError)):
+        return None
+    return (f"the object store could not be used: {e} (check data.s3_endpoint / run.s3_endpoint / --s3-endpoint or "
+            "AWS_ENDPOINT_URL_S3, and the AWS credentials in the environment)")
+
+
 def same_model_name(a: str | None, b: str | None) -> bool:
     """Whether two model or tokenizer names (hub names, `psamf:` names, local directories) name the same thing:
     equal strings, or local directories that resolve to one directory (a relative one against this process's

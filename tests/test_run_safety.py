@@ -242,6 +242,36 @@ def test_train_without_a_data_set_fails_before_ray_starts(tmp_path, monkeypatch,
     assert not started
 
 
+def test_an_unreachable_object_store_is_one_line_and_status_2_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """No S3 endpoint listening (a closed port on 127.0.0.1): botocore's EndpointConnectionError, which s3fs passes
+    through untranslated, used to end `psamf train` and `psamf evaluate` with a traceback."""
+    import socket
+
+    from psamf.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "psamf-test-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "psamf-test-secret")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries would only make the test slower
+    endpoint = f"http://127.0.0.1:{port}"
+    assert main(["train", "--preset", "tiny", "data.uri=s3://no-such-bucket/shards", f"data.s3_endpoint={endpoint}",
+                 f"run.storage_path={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "psamf train: error: the object store could not be used" in err and endpoint in err, err
+    assert "Traceback" not in err and "psamf-test-secret" not in err and "psamf-test-key" not in err
+    assert not list(tmp_path.iterdir())  # nothing written
+    # prepare's bucket check (s3fs said "does not exist" for an unreachable endpoint) and pyarrow's S3 (tune)
+    assert main(["prepare", "--format", "mmsa", "--input", str(tmp_path / "x.pkl"), "--dataset", "mosi",
+                 "--out", "s3://no-such-bucket/shards", "--s3-endpoint", endpoint, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "psamf prepare: error: the object store could not be used" in err and "does not exist" not in err, err
+    assert main(["tune", "--resume", "s1", "--storage", "s3://no-such-bucket/runs", "--s3-endpoint", endpoint]) == 2
+    err = capsys.readouterr().err
+    assert "psamf tune: error: the object store could not be used" in err and "NETWORK_CONNECTION" in err, err
+
+
 def test_a_refused_resume_fails_before_ray_starts(cfg, tmp_path, monkeypatch, capsys, synthetic_shards):
     from psamf import runtime
     from psamf.cli import main
