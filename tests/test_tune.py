@@ -209,6 +209,61 @@ def test_a_killed_search_resumes_only_unfinished_trials_and_writes_every_output(
 
 
 @pytest.mark.integration
+@pytest.mark.slow
+def test_ctrl_c_stops_a_search_with_status_130_marks_running_trials_unfinished_and_resume_finishes_it(
+        ray_cluster, shards, tmp_path):
+    """`psamf tune` gets SIGINT (what Ctrl+C sends its process group) while its first trial trains: it exits with
+    status 130 and prints the resume command; the trial that was running is `unfinished` in trials.csv (not
+    stopped early), nothing is tested (no metrics.json); `--resume` then finishes every trial and tests once."""
+    import ray
+
+    path = _space(tmp_path, {"model.text_layers": {"grid": [1, 2]}},
+                  base={"preset": "tiny", "overrides": {"optim.epochs": 6, "data.uri": shards,
+                                                        "run.max_failures": 0}},
+                  search="grid", scheduler="none", num_samples=1, workers_per_trial=0, max_concurrent_trials=1)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    log_path = tmp_path / "tune.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "psamf.cli", "tune", "--config", str(path), "--name", "sig",
+                                 "--storage", str(tmp_path / "runs")], env=env, cwd=tmp_path, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        d = tmp_path / "runs" / "sig"
+        try:
+            deadline = time.time() + 240
+            while True:  # the first trial has recorded an epoch and trains on
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.time() < deadline, "no trial recorded an epoch in time"
+                hist = sorted((d / "trials").glob("*/history.json")) if (d / "trials").exists() else []
+                if hist and len(json.loads(hist[0].read_text())) >= 1:
+                    break
+                time.sleep(0.5)
+            os.killpg(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=180)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    out = log_path.read_text()
+    assert rc == 130, out[-3000:]
+    assert f"psamf tune --resume sig --storage {tmp_path / 'runs'}" in out
+    assert not (d / "metrics.json").exists() and "test (once)" not in out
+    table = pq.read_table(d / "trials.parquet").to_pylist()
+    running = [r["trial_id"] for r in table if r["status"] == "unfinished"]
+    assert running and not any(r["status"] == "stopped-early" for r in table), table
+
+    res = run_search(SearchSpace.from_yaml(path), name="sig", storage_path=str(tmp_path / "runs"), resume=True)
+    table = pq.read_table(d / "trials.parquet").to_pylist()
+    assert not res.interrupted and len(table) == 2 and {r["status"] for r in table} == {"finished"}, table
+    for r in table:
+        hist = json.loads((d / "trials" / r["trial_id"] / "history.json").read_text())
+        assert [h["epoch"] for h in hist] == list(range(6))  # every epoch once
+        if r["trial_id"] in running:  # it went on from its latest checkpoint, not from scratch
+            assert hist[0]["session"] == 0 and hist[-1]["session"] == 1 and hist[-1]["resumed_from"] is not None
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["best_trial"] == res.best["trial_id"] and m["test"]["n"] > 0
+
+
+@pytest.mark.integration
 def test_placement_groups_of_dead_actors_are_reclaimed_and_nothing_else(ray_cluster):
     """What an ASHA stop leaves behind: the Ray Train controller (an actor) is killed and its worker placement
     group stays reserved (no dashboard, so Ray's own cleaner cannot see the controller die). Only such placement
