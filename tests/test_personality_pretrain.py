@@ -67,6 +67,12 @@ def test_rerun_of_the_same_name_resumes_and_a_changed_one_is_refused(pretrained,
     assert main([a if a != "1e-3" else "5e-4" for a in argv]) == 2
     err = capsys.readouterr().err
     assert "was started with other settings" in err and "'lr': 0.001" in err
+    assert main(argv + ["--weight-decay", "0.1"]) == 2  # the CLI passes it on: part of the recipe too
+    assert "'weight_decay': 0.01" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # --help shows the defaults the run uses
+        main(["personality", "pretrain", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and "(default 5)" in shown and "AdamW weight decay (default 0.01)" in shown
     # another run may not replace this run's encoder: refused before anything trains
     other = [a if a != "pt" else "pt2" for a in argv]
     assert main(other) == 2

@@ -16,6 +16,7 @@ HELP = "fine-tune a personality encoder on Big Five data (Ray Train) and export 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from psamf.personality import TINY_CONFIG
+    from psamf.pretrain import PretrainConfig
 
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True, help="what to do: pretrain")
     q = sub.add_parser("pretrain", help="multi-output regression of the five traits on the CLS, then export",
@@ -27,19 +28,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                    f"{TINY_CONFIG} (the tiny preset's random personality BERT)")
     q.add_argument("--out", required=True, help="local directory for the exported encoder + tokenizer + "
                                                 "pretrain_metrics.json")
+    d = PretrainConfig.__dataclass_fields__  # the defaults shown are the ones the run uses
     q.add_argument("--tokenizer", default=None, help="default: the model's own (psamf:tiny for the tiny config)")
-    q.add_argument("--name", default="personality-pretrain", help="run name (re-run the same name to resume)")
-    q.add_argument("--storage-path", default="runs", help="where the run directory with checkpoints lives")
+    q.add_argument("--name", default=d["name"].default, help="run name (re-run the same name to resume; default "
+                                                             "%(default)s)")
+    q.add_argument("--storage-path", default=d["storage_path"].default,
+                   help="where the run directory with checkpoints lives, local or s3:// (default %(default)s)")
     q.add_argument("--s3-endpoint", default=None, help="custom S3 endpoint (else AWS_ENDPOINT_URL_S3)")
-    q.add_argument("--epochs", type=int, default=5)
-    q.add_argument("--batch-size", type=int, default=32)
-    q.add_argument("--lr", type=float, default=5e-5, help="encoder learning rate (default 5e-5)")
-    q.add_argument("--head-lr", type=float, default=1e-3, help="regression head learning rate (default 1e-3)")
-    q.add_argument("--max-len", type=int, default=64, help="tokens per transcript, [CLS] and [SEP] included")
-    q.add_argument("--num-workers", type=int, default=1, help="DDP workers; 0 = Ray Train local mode")
+    q.add_argument("--epochs", type=int, default=d["epochs"].default, help="epochs (default %(default)s)")
+    q.add_argument("--batch-size", type=int, default=d["batch_size"].default,
+                   help="rows per batch on each worker (default %(default)s)")
+    q.add_argument("--lr", type=float, default=d["lr"].default, help="encoder learning rate (default %(default)s)")
+    q.add_argument("--head-lr", type=float, default=d["head_lr"].default,
+                   help="regression head learning rate (default %(default)s)")
+    q.add_argument("--weight-decay", type=float, default=d["weight_decay"].default,
+                   help="AdamW weight decay (default %(default)s)")
+    q.add_argument("--max-len", type=int, default=d["max_len"].default,
+                   help="tokens per transcript, [CLS] and [SEP] included (default %(default)s)")
+    q.add_argument("--num-workers", type=int, default=d["num_workers"].default,
+                   help="DDP workers; 0 = Ray Train local mode (default %(default)s)")
     q.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--patience", type=int, default=None, help="early stop after N epochs without improvement")
+    q.add_argument("--seed", type=int, default=d["seed"].default, help="random seed: head initialisation and "
+                                                                      "shuffling (default %(default)s)")
+    q.add_argument("--patience", type=int, default=None, help="early stop after N epochs without improvement "
+                                                              "(default: none, train every epoch)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = PretrainConfig(data=args.data, model=args.model, out=args.out, tokenizer=args.tokenizer,
                              name=args.name, storage_path=args.storage_path, s3_endpoint=args.s3_endpoint,
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
-                             max_len=args.max_len, num_workers=args.num_workers, use_gpu=args.use_gpu,
+                             weight_decay=args.weight_decay, max_len=args.max_len, num_workers=args.num_workers, use_gpu=args.use_gpu,
                              seed=args.seed, patience=args.patience)
         res = pretrain(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:
