@@ -31,7 +31,7 @@ Output (`OUTPUT_SCHEMA`), one row per input sample: `id` (the sample id as prepa
 "<video>$_$<clip>"), `score` (float32), `class7` (int8, -3..3: `psamf.metrics.sentiment_class7`), `polarity`
 ("negative" / "neutral" / "positive": `psamf.metrics.polarity`), `label` (float32; null for a manifest
 without labels). `out` ending in `.parquet` is one file, rows in input order, written atomically
-(`psamf.storage.write_bytes`); anything else is a directory written by Ray Data's `write_parquet` (an empty
+(`psamf.storage.write_bytes`; an existing file only with `overwrite`); anything else is a directory written by Ray Data's `write_parquet` (an empty
 or new directory only), with `_predictions.json` (row count, files, checkpoint) written last: a directory
 without it is incomplete. Before anything is written, the row count must be the input's and every id must
 occur exactly once.
@@ -320,15 +320,19 @@ def _is_file_output(out: str) -> bool:
     return out.rstrip("/").endswith(".parquet")
 
 
-def _check_output(out: str, s3_endpoint: str | None) -> None:
-    """An output directory must be new or empty (checked before Ray starts; nothing is ever overwritten there)."""
+def _check_output(out: str, s3_endpoint: str | None, overwrite: bool = False) -> None:
+    """An output directory must be new or empty, an output file new unless `overwrite` (checked before Ray
+    starts: earlier predictions are never replaced by accident)."""
     import pyarrow.fs as pafs
 
     from psamf.storage import resolve
 
-    if _is_file_output(out):
-        return
     st = resolve(out, s3_endpoint)
+    if _is_file_output(out):
+        if not overwrite and st.fs.get_file_info(st.root).type != pafs.FileType.NotFound:
+            raise ConfigError(f"--out {out}: exists; name a new file, or pass --overwrite to replace it (the new "
+                              "file replaces it in one step, once every prediction is made)")
+        return
     if st.fs.get_file_info(pafs.FileSelector(st.root, allow_not_found=True)):
         raise ConfigError(f"--out {out}: the directory is not empty; predictions go into a new or empty directory "
                           "(or name a .parquet file)")
@@ -362,7 +366,7 @@ def predict(source: str, out: str, *, shards: str | None = None, split: str | No
             manifest: str | None = None,
             batch_size: int = 64, actors: int = 1, use_gpu: bool | None = None, cpus_per_actor: float = 1,
             s3_endpoint: str | None = None, storage_path: str | None = None,
-            overrides: Sequence[str] = ()) -> PredictionReport:
+            overrides: Sequence[str] = (), overwrite: bool = False) -> PredictionReport:
     """Score `shards` (one split, default test) or `manifest` (whole) with the model `source` names; write `out`.
     See the module docstring. `use_gpu=None`: one GPU per actor when the Ray cluster has GPUs. Raises ConfigError (bad input,
     naming the field and file) or ValueError (a bad manifest row, from the reader and prepare)."""
@@ -386,7 +390,7 @@ def predict(source: str, out: str, *, shards: str | None = None, split: str | No
     cfg = checkpoint_config_at(ck, s3_endpoint=s3_endpoint, overrides=overrides)
     trained = _training_facts(cfg, checkpoint_config_at(ck, s3_endpoint=s3_endpoint))
     what = manifest if manifest is not None else f"{shards} (split {split})"
-    _check_output(out, s3_endpoint)
+    _check_output(out, s3_endpoint, overwrite)
     with tempfile.TemporaryDirectory(prefix="psamf-predict-") as tmp:
         labelled, uri = True, shards
         if manifest is not None:  # everything that can refuse the input runs before Ray starts

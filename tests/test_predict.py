@@ -261,6 +261,12 @@ def test_personality_cls_must_come_from_the_encoder_the_checkpoint_was_trained_o
 
     out = tmp_path / "scores.parquet"
     assert predict(str(ck), str(out), shards=persona, split="test").rows > 0
+    first = out.read_bytes()  # an existing output file is replaced only when asked
+    with pytest.raises(ConfigError, match=r"scores\.parquet: exists; name a new file, or pass --overwrite"):
+        predict(str(ck), str(out), shards=persona, split="valid")
+    assert out.read_bytes() == first
+    n_valid = predict(str(ck), str(out), shards=persona, split="valid", overwrite=True).rows
+    assert n_valid > 0 and pq.read_table(str(out)).num_rows == n_valid
     with pytest.raises(ConfigError, match=r"trained on CLS_p from '.*persona-bert'.*hold no precomputed "
                                           r"personality_cls.*'random-init BertModel"):
         predict(str(ck), str(tmp_path / "x.parquet"), shards=corpus["shards"], split="test")

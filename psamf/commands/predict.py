@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True,
                    help="OUT.parquet (one file, input order) or a new or empty directory (Ray Data write_parquet, "
                         "then _predictions.json); local or s3://")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out FILE.parquet (a directory must always be new or empty)")
     p.add_argument("--batch-size", type=int, default=64, help="rows per inference batch (default 64)")
     p.add_argument("--actors", type=int, default=1, help="inference actors, each loading the model once (default 1)")
     p.add_argument("--cpus-per-actor", type=float, default=1,
@@ -49,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         rep = predict(args.source, args.out, shards=args.shards, split=args.split, manifest=args.manifest,
                       batch_size=args.batch_size, actors=args.actors, use_gpu=args.use_gpu,
                       cpus_per_actor=args.cpus_per_actor,
-                      s3_endpoint=args.s3_endpoint, storage_path=args.storage_path, overrides=args.overrides or [])
+                      s3_endpoint=args.s3_endpoint, storage_path=args.storage_path, overrides=args.overrides or [],
+                      overwrite=args.overwrite)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"psamf predict: error: {e}", file=sys.stderr)
         return 2
