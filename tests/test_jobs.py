@@ -80,7 +80,7 @@ def test_train_job_writes_its_outputs_and_a_resubmission_resumes(head, shards):
     assert m["test"]["n"] > 0 and m["test"]["mae"] > 0 and "mae" in m["valid"]
     assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [0]
     assert (run / "predictions.parquet").exists() and list(run.glob("checkpoint_epoch=*"))
-    assert "selected epoch 0 of epochs 0 (numbered from 0" in text  # the driver's summary reaches the client
+    assert "selected epoch 0 of 1 trained (numbered from 0" in text  # the driver's summary reaches the client
 
     # the run name is the resume key: a new submission id, the same name, one more epoch
     _ok(_submit(head, "job-run-attempt2", *args, "optim.epochs=2"))

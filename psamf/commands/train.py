@@ -75,10 +75,9 @@ def print_result(res: TrainResult, out=sys.stdout) -> None:
         return
     m = res.metrics
     sel = m["selection"]
-    n = int(sel["epochs_trained"])
-    print(f"run {res.run_name}: selected epoch {sel['selected_epoch']} of epochs {'0-' if n > 1 else ''}{n - 1} "
-          f"(numbered from 0, as in history.json and checkpoint_epoch=NNN), by {sel['metric']} ({sel['mode']}, "
-          "validation only); test evaluated once on it", file=out)
+    print(f"run {res.run_name}: selected epoch {sel['selected_epoch']} of {sel['epochs_trained']} trained (numbered "
+          f"from 0, as in history.json and checkpoint_epoch=NNN), by {sel['metric']} ({sel['mode']}, validation "
+          "only); test evaluated once on it", file=out)
     print(res.table or metrics_table(m), file=out)
     print(floors_line(m["baselines"]["test"]), file=out)
     if (line := chance_line(m)) is not None:
