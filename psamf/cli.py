@@ -77,11 +77,21 @@ def run_command(name: str, argv: list[str] | None = None, *, prog: str | None = 
 
 def _run(name: str, args: argparse.Namespace) -> int:
     """Run one command; an object store that cannot be reached ends it with one line and status 2, not a
-    botocore traceback (every command reads or writes storage before it starts work)."""
+    botocore traceback (every command reads or writes storage before it starts work); Ctrl+C with one line and
+    status 130."""
+    from psamf.runtime import Interrupted
     from psamf.storage import unreachable_store
 
     try:
         return int(command_module(name).run(args) or 0)
+    except Interrupted as e:
+        print(f"psamf {name}: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"psamf {name}: interrupted (Ctrl+C). Files are written whole or not at all (a temporary name, then "
+              "a rename; manifests and metrics.json last), so what is there is complete; run the command again",
+              file=sys.stderr)
+        return 130
     except Exception as e:
         msg = unreachable_store(e)
         if msg is None:

@@ -343,7 +343,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     runtime.init_ray(cfg.num_workers)
     trainer = build_trainer(cfg, _train_dataset(tokens["train"], data["train"].traits),
                             _lists(tokens["valid"], data["valid"].traits), storage)
-    result = runtime.fit_trainer(trainer)
+    result = runtime.fit_trainer(trainer, what=f"pretraining run {cfg.name}")
     if result.error is not None:
         raise result.error
     ret = result.return_value

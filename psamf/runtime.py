@@ -262,11 +262,20 @@ _POLL_LOCK = threading.Lock()
 _POLL_STATE = {"active": 0, "ours": False}  # fits in progress in this process; whether we set the variable
 
 
-def fit_trainer(trainer: Any, poll_s: float = DEFAULT_POLL_S) -> Any:
+class Interrupted(Exception):
+    """Ctrl+C or a stop signal ended a command's work part-way; what it had written stays valid (checkpoints,
+    finished runs). The command line answers it with one line and exit status 130."""
+
+
+def fit_trainer(trainer: Any, poll_s: float = DEFAULT_POLL_S, *, what: str = "the run") -> Any:
     """`trainer.fit()` with its Ray Train controller polling the workers every `poll_s` seconds (unless the user set
     `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`, which wins). The variable is set only while fits run, which is when Ray
     reads it, and this process's environment is left as it was; fits that overlap in threads share the first one's
-    value."""
+    value.
+
+    Ctrl+C: in the main thread Ray Train's own SIGINT handler aborts the run and then ends `fit()` with `sys.exit`
+    (and Ray's SIGTERM handler with `sys.exit(15)`), with its log line hidden by the quiet console; that, and a
+    KeyboardInterrupt in local mode, become `Interrupted` naming `what`."""
     with _POLL_LOCK:
         if _POLL_STATE["active"] == 0:
             _POLL_STATE["ours"] = POLL_ENV not in os.environ
@@ -277,6 +286,11 @@ def fit_trainer(trainer: Any, poll_s: float = DEFAULT_POLL_S) -> Any:
         _POLL_STATE["active"] += 1
     try:
         return trainer.fit()
+    except (SystemExit, KeyboardInterrupt):
+        if threading.current_thread() is not threading.main_thread():
+            raise
+        raise Interrupted(f"{what} was interrupted (Ctrl+C or a stop signal); the checkpoints it wrote are kept, "
+                          "and the same command resumes it from the latest one") from None
     finally:
         with _POLL_LOCK:
             _POLL_STATE["active"] -= 1

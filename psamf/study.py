@@ -92,9 +92,20 @@ RIDGE_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 # =============================================================================================
 
 
+class GridInterrupted(Exception):
+    """Ctrl+C (or a stop) ended a grid before every run finished: nothing is summarised. Running the grid again
+    continues it (finished runs are kept, unfinished ones resume from their checkpoints)."""
+
+    def __init__(self, name: str, finished: int, total: int):
+        super().__init__(f"{name}: interrupted with {finished} of {total} run(s) finished; nothing was summarised "
+                         "(finished runs are kept, unfinished ones resume from their latest checkpoints)")
+        self.name, self.finished, self.total = name, finished, total
+
+
 @dataclass
 class GridResult:
-    """One trial of a grid. `status` is "ok" (metrics.json written) or "error" (`error` says why)."""
+    """One trial of a grid. `status` is "ok" (metrics.json written), "error" (`error` says why) or "unfinished"
+    (it neither finished nor failed: the grid was interrupted)."""
 
     row: str
     seed: int
@@ -273,17 +284,25 @@ def run_grid(rows: Sequence[tuple[str, Config]], seeds: Sequence[int], *, name: 
     _runtime.quiet_tune_console()
     grid = tuner.fit()
     errors = {(r.config["row"], int(r.config["seed"])): r.error for r in grid if r.config}
-    return [_collect(st, name, row, s, errors.get((row, s), "no trial result")) for row in names for s in seeds]
+    results = [_collect(st, name, row, s, errors.get((row, s))) for row in names for s in seeds]
+    unfinished = [g for g in results if g.status == "unfinished"]
+    if unfinished:  # Ctrl+C: Tune stopped its trials (no error) or never started them (no result)
+        log.warning("grid %s: unfinished run(s): %s", name, ", ".join(g.run_name for g in unfinished))
+        raise GridInterrupted(name, sum(g.status == "ok" for g in results), len(results))
+    return results
 
 
 def _collect(st: Any, name: str, row: str, seed: int, error: Any) -> GridResult:
-    """A trial's outcome from its run directory (metrics.json is written last: it means complete)."""
+    """A trial's outcome from its run directory (metrics.json is written last: it means complete). Without
+    metrics.json a trial that raised is an error; one that did not (or has no result) is unfinished."""
     run = trial_run_name(name, row, seed)
     d = st.run_dir(run)
     if exists(st.fs, f"{d}/metrics.json"):
         hist = read_json(st.fs, f"{d}/history.json") if exists(st.fs, f"{d}/history.json") else []
         return GridResult(row, seed, "ok", run, st.run_uri(run), read_json(st.fs, f"{d}/metrics.json"), hist)
-    return GridResult(row, seed, "error", run, st.run_uri(run), error=str(error or "metrics.json missing"))
+    if error is None:
+        return GridResult(row, seed, "unfinished", run, st.run_uri(run), error="interrupted before it finished")
+    return GridResult(row, seed, "error", run, st.run_uri(run), error=str(error))
 
 
 # =============================================================================================
@@ -595,9 +614,11 @@ def _fmt(metric: str, v: float | None, *, signed: bool = False) -> str:
     return f"{x:+.2f}" if signed and pct else f"{x:+.3f}" if signed else f"{x:.2f}" if pct else f"{x:.3f}"
 
 
-def _ms(stat: Mapping[str, Any] | None, m: str) -> str:
+def _ms(stat: Mapping[str, Any] | None, m: str, n: int) -> str:
     if not stat or m not in stat:
         return "—"
+    if n < 2:  # one seed has no spread to show: a std of 0 would read as a perfectly stable result
+        return f"{_fmt(m, stat[m]['mean'])} (n=1)"
     return f"{_fmt(m, stat[m]['mean'])} ± {_fmt(m, stat[m]['std'])}"
 
 
@@ -622,7 +643,7 @@ def format_study_table(summary: Mapping[str, Any], title: str = "Study") -> str:
     lines = [f"## {title}", "", f"Test metrics of the validation-selected checkpoint, mean ± population std over "
              f"seeds {summary['seeds']}; Acc/F1 in %.", "", head, "|" + "---|" * (len(cols) + 3)]
     for row, e in summary["rows"].items():
-        cells = [" / ".join(_ms(e.get("test"), k) for k in keys) for _, keys in cols]
+        cells = [" / ".join(_ms(e.get("test"), k, len(e["seeds_ok"])) for k in keys) for _, keys in cols]
         name = f"{row or 'run'} (reference)" if row == ref else row
         fail = f" ({len(e['failed'])} failed)" if e["failed"] else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(e['seeds_ok'])}{fail} | {_chance_cell(e)} |")
@@ -685,9 +706,14 @@ def run_study(rows: Sequence[tuple[str, Config]], reference: str, seeds: Sequenc
     st = storage_target(storage_path, cfg.run.s3_endpoint or cfg.data.s3_endpoint)
     d = f"{st.root.rstrip('/')}/{name}"
     write_bytes(st.fs, f"{d}/study.md", table.encode())
-    write_json(st.fs, f"{d}/study.json", summary)  # last: its presence means the study is complete
+    write_json(st.fs, f"{d}/study.json", summary)  # last: every run ended (finished, or failed: see "failed")
     print(table, file=out or sys.stdout)  # resolved at call time: sys.stdout may have been replaced
     base = f"{st.uri.rstrip('/')}/{name}"
+    failed = [g for g in grid if g.status == "error"]
+    if failed:  # the table covers the finished runs and says which failed; the command still fails
+        raise RuntimeError(f"{len(failed)} of {len(grid)} run(s) failed, and the table at {base}/study.md leaves "
+                           f"them out: " + "; ".join(f"{g.run_name}: {g.error}" for g in failed)
+                           + ". --resume runs them again")
     return StudyResult(name, summary, table, grid, {"table": f"{base}/study.md", "summary": f"{base}/study.json"})
 
 

@@ -610,7 +610,7 @@ def fit(pf: Preflight, *, datasets: Mapping[str, Any] | None = None, callbacks: 
     printer = (HistoryPrinter(st.fs, run_dir, cfg.optim.select_metric)
                if runtime.quiet() and cfg.run.num_workers > 0 else contextlib.nullcontext())
     with printer:
-        result = runtime.fit_trainer(trainer, cfg.run.controller_poll_s)
+        result = runtime.fit_trainer(trainer, cfg.run.controller_poll_s, what=f"run {cfg.run.name}")
     t2 = time.perf_counter()
     if result.error is not None:
         raise result.error

@@ -113,6 +113,39 @@ def test_study_table_has_the_papers_shape():
     json.dumps(summary, allow_nan=True)  # JSON-ready (written by write_json)
 
 
+def test_a_row_with_one_finished_seed_shows_no_spread():
+    grid = [_grid_result("full", s) for s in (1, 2)] + [_grid_result("one", 1)]
+    text = S.format_study_table(S.summarize_study(grid, reference="full", cfgs=_cfgs("full", "one")))
+    one = next(line for line in text.splitlines() if line.startswith("| one |") and "(n=1)" in line)
+    assert "0.710 (n=1)" in one and "±" not in one.split("|")[2]
+
+
+def test_a_study_with_a_failed_run_writes_the_table_of_the_others_and_fails(shards, tmp_path, monkeypatch, capsys):
+    """The grid itself is Ray's part (tested below); here its outcome has one failed run: study.md and study.json
+    are written (the failed seed named), the table printed, and the command fails with status 1 naming the run."""
+    from psamf.cli import main
+
+    uri, _ = shards
+    grid = [_grid_result("full", s) for s in (1, 2)] + [_grid_result("no_ps", 1),
+                                                        S.GridResult("no_ps", 2, "error", "f-no_ps-seed2", "/r/x",
+                                                                     error="RuntimeError: boom")]
+    monkeypatch.setattr(S, "run_grid", lambda *a, **k: grid)
+    assert main(["study", "ablations", "--preset", "tiny", "--rows", "full,no_ps", "--seeds", "1,2", "--name", "f",
+                 f"data.uri={uri}", f"run.storage_path={tmp_path}"]) == 1
+    out, err = capsys.readouterr()
+    assert "| no_ps | " in out and "1 (1 failed)" in out
+    assert "1 of 4 run(s) failed" in err and "f-no_ps-seed2: RuntimeError: boom" in err and "--resume" in err
+    assert json.loads((tmp_path / "f" / "study.json").read_text())["rows"]["no_ps"]["failed"] == {
+        "2": "RuntimeError: boom"}
+
+
+def test_study_ablations_refuses_an_ablation_of_its_reference_row(capsys):
+    from psamf.cli import main
+
+    assert main(["study", "ablations", "--preset", "tiny", "--ablation", "no_ps"]) == 2
+    assert "would turn the reference row 'full' into an ablation" in capsys.readouterr().err
+
+
 def test_chance_levels_follow_the_loss_definitions():
     cfg = Config.from_preset("tiny")  # batch 32, per_sample / batch dissimilarity weighting
     B = cfg.optim.batch_size
@@ -273,6 +306,47 @@ def test_a_real_grid_flags_a_crippled_row_and_writes_every_output(ray_cluster, s
     assert json.loads((tmp_path / "st" / S.GRID_SPEC).read_text()) == {"rows": ["full"], "seeds": [1, 2, 3]}
     same = S.run_grid([("full", base)], [1, 2, 3], name="st", storage_path=str(tmp_path), resume=True)
     assert [g.status for g in same] == ["ok"] * 3
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ctrl_c_on_a_study_exits_130_and_writes_no_table(ray_cluster, shards, tmp_path):
+    """SIGINT to `psamf study` (Ctrl+C) while its first run trains: Tune stops the grid; the study used to call the
+    missing runs "failed", write and print a partial table and exit 0. Now: status 130, the resume hint, no
+    study.md or study.json."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import ray
+
+    uri, _ = shards
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    cmd = [sys.executable, "-m", "psamf.cli", "study", "ablations", "--preset", "tiny", "--rows", "full,no_ps",
+           "--seeds", "1,2", "--name", "intr", f"data.uri={uri}", f"run.storage_path={tmp_path}",
+           "run.num_workers=0", "optim.epochs=200", "optim.early_stop_patience=500"]
+    with open(tmp_path / "study.log", "wb") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 180
+            while not any(p.stat().st_size > 2 for p in tmp_path.glob("intr-*/history.json")):
+                assert proc.poll() is None, (tmp_path / "study.log").read_text()[-3000:]
+                assert time.time() < deadline, "no run recorded an epoch in time"
+                time.sleep(0.5)
+            os.killpg(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    out = (tmp_path / "study.log").read_text()
+    assert rc == 130, out[-3000:]
+    assert "psamf study: intr: interrupted with 0 of 4 run(s) finished" in out and "with --resume" in out
+    assert not (tmp_path / "intr" / "study.md").exists() and not (tmp_path / "intr" / "study.json").exists()
+    assert "(reference)" not in out  # no table printed
 
 
 @pytest.mark.integration

@@ -28,15 +28,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit status 0 done, 2 bad configuration (no trial started), 1 a run failed."""
+    """Exit status 0 done, 2 bad configuration (no trial started), 1 a run failed (the table of the others is
+    written), 130 interrupted (nothing summarised; --resume continues)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        if args.kind == "ablations" and args.ablation:
+            raise ConfigError(f"--ablation {' --ablation '.join(args.ablation)}: psamf study ablations runs every "
+                              "ablation as its own row against the full model; an --ablation would turn the "
+                              "reference row 'full' into an ablation too. Pick rows with --rows")
         cfg, seeds = load_config(args), parse_seeds(args.seeds)
         only = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
         res = study.STUDIES[args.kind](cfg, seeds, name=args.name or args.kind, resume=args.resume, only=only)
     except ConfigError as e:
         print(f"psamf study: {e}", file=sys.stderr)
         return 2
+    except study.GridInterrupted as e:
+        print(f"psamf study: {e}. Continue it: the same command with --resume", file=sys.stderr)
+        return 130
     except RuntimeError as e:
         print(f"psamf study: {e}", file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ from psamf.commands.common import add_config_arguments, load_config, parse_seeds
 from psamf.config import Config, ConfigError
 from psamf.preflight import check_placeholders
 from psamf.results import TrainResult, chance_line, code_version, floors_line, metrics_table
+from psamf.study import GridInterrupted
 from psamf.train import train
 
 HELP = "train PSA-MF with Ray Train (embedded local Ray, or the cluster in RAY_ADDRESS)"
@@ -87,7 +88,8 @@ def print_result(res: TrainResult, out=sys.stdout) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`psamf train` / jobs/train.py. Exit status 0 done, 2 bad configuration (no worker started), 1 failed."""
+    """`psamf train` / jobs/train.py. Exit status 0 done, 2 bad configuration (no worker started), 1 failed, 130
+    a --seeds grid interrupted (the same command continues it)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
@@ -116,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"psamf train: {e}", file=sys.stderr)
         return 2
+    except GridInterrupted as e:  # --seeds
+        print(f"psamf train: {e}. Continue it: the same command again (runs resume by name)", file=sys.stderr)
+        return 130
     finally:
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
