@@ -38,7 +38,7 @@ from psamf.data import iter_batches, load_datasets
 from psamf.engine import EvalOutput, eval_metrics, eval_partition, evaluate, gather_eval, resolve_amp, \
     seed_everything
 from psamf.model import build_model
-from psamf.preflight import read_manifest
+from psamf.preflight import check_prediction_inputs, read_manifest
 
 __all__ = ["SplitEval", "evaluate_checkpoint", "write_eval_plots"]
 
@@ -162,6 +162,10 @@ def evaluate_checkpoint(checkpoint: str, *, splits: Sequence[str] = ("valid", "t
 
     from psamf import runtime
 
+    fixed = [o for o in overrides if not o.split("=", 1)[0].strip().startswith(("data.", "run."))]
+    if fixed:
+        raise ConfigError(f"overrides {fixed}: only data.* and run.* keys can change for evaluation (the model, its "
+                          "loss and optimiser are the checkpoint's; --batch-size sets the evaluation batch)")
     fs, ck_path = resolve_checkpoint(checkpoint, s3_endpoint=s3_endpoint)
     with tempfile.TemporaryDirectory(prefix="psamf-eval-") as tmp:
         local = os.path.join(tmp, "ckpt")
@@ -181,6 +185,8 @@ def evaluate_checkpoint(checkpoint: str, *, splits: Sequence[str] = ("valid", "t
             what = f"no split {', '.join(map(repr, missing))}" if missing else "no split given"
             raise ConfigError(f"--splits {','.join(splits)!r}: {what} (the data set at {cfg.data.uri} has "
                               f"{', '.join(have)})")
+        for split in splits:  # the shards must fit the fixed model: data set, tokenizers, text length, widths
+            check_prediction_inputs(cfg, manifest, split)
         log.info("evaluating %s on %s", ck_path, ", ".join(splits))
         note = worker_count_note(local, cfg, num_workers)
         if note:

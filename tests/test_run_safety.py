@@ -156,6 +156,37 @@ def test_evaluate_names_a_split_the_data_set_lacks_before_ray_starts(cfg, tmp_pa
     assert "Traceback" not in err
 
 
+def test_evaluate_refuses_model_overrides_unfitting_shards_and_bad_targets_before_ray_starts(
+        cfg, tmp_path, capsys, monkeypatch, synthetic_shards):
+    """Shards of another text length or feature width, a model.* override, a plots directory that is a file: each
+    used to start Ray and end in a traceback (a state-dict size mismatch, a shape error, FileExistsError after
+    metrics.json was written). Now one line, exit status 2, Ray never started, nothing written."""
+    from psamf import runtime
+    from psamf.cli import main
+
+    started = []
+    monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: started.append(1))
+    uri, man = synthetic_shards
+    d = str(tmp_path / "checkpoint_epoch=002")
+    fit = cfg.override([f"data.uri={uri}", f"model.audio_dim={man['feature_dims']['audio']}",
+                        f"model.visual_dim={man['feature_dims']['visual']}",
+                        f"data.max_text_len={man['tokenizers']['text']['max_len']}"])
+    _save(fit, d, 2, [{"epoch": 2}])
+    assert main(["evaluate", d, "model.hidden_size=64"]) == 2
+    assert "only data.* and run.* keys can change for evaluation" in capsys.readouterr().err
+    assert main(["evaluate", d, "data.max_text_len=16"]) == 2
+    assert "data.max_text_len=16 but the shards" in capsys.readouterr().err
+    other = str(tmp_path / "ck-other-width")
+    _save(fit.override(["model.audio_dim=3"]), other, 2, [{"epoch": 2}])
+    assert main(["evaluate", other]) == 2
+    assert "audio features of width" in capsys.readouterr().err
+    (tmp_path / "plots-file").write_text("")
+    assert main(["evaluate", d, "--out", str(tmp_path / "m.json"), "--plots-dir", str(tmp_path / "plots-file")]) == 2
+    err = capsys.readouterr().err
+    assert "--plots-dir" in err and "is a file, not a directory" in err, err
+    assert not started and not (tmp_path / "m.json").exists()
+
+
 # ----------------------------------------------------------------------------- item 8: missing S3 bucket
 def test_storage_path_on_a_missing_bucket_is_refused_and_not_created(cfg, tmp_path, s3_server):
     import boto3
