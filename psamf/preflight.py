@@ -215,9 +215,38 @@ def _has_checkpoint(storage: Any, name: str) -> bool:
     return any(re.fullmatch(r"checkpoint_epoch=\d+", i.base_name) for i in storage.fs.get_file_info(sel))
 
 
-def _check_run_name(cfg: Config) -> Any:
-    """The resolved storage; a re-used run name must resume a compatible run. A run directory without any
-    checkpoint is a run that never finished an epoch: it does not hold its name (its config.yaml is replaced)."""
+DATA_RECORD = "data.json"  # in a run directory: which prepared data set (data_version) the run started on
+
+
+def data_record(cfg: Config, man: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run records of its data set when it starts (`DATA_RECORD`), for the resume check."""
+    return {"uri": cfg.data.uri, "data_version": man.get("data_version"), "created_utc": man.get("created_utc"),
+            "counts": man.get("counts")}
+
+
+def _check_same_data(cfg: Config, storage: Any, man: Mapping[str, Any]) -> None:
+    """A resumed run must train on the data set it started on: `psamf prepare` into the same directory gives the
+    data set a new data_version, and resuming would continue on other samples, select the epoch on two different
+    validation sets and test on a third test set."""
+    path = f"{storage.run_dir(cfg.run.name)}/{DATA_RECORD}"
+    if not exists(storage.fs, path):  # a run from before the record existed: nothing to compare
+        return
+    from psamf.storage import read_json
+
+    old = read_json(storage.fs, path)
+    old = old if isinstance(old, dict) else {}
+    was, now = old.get("data_version"), man.get("data_version")
+    if was and now and was != now:
+        raise ConfigError(f"run.name={cfg.run.name!r} started on the data set at {old.get('uri')} with data_version "
+                          f"{was} (prepared {old.get('created_utc')}); {cfg.data.uri} now holds data_version {now} "
+                          f"(prepared {man.get('created_utc')}): it was prepared again. Resuming would train on "
+                          "other data; choose a new run.name")
+
+
+def _check_run_name(cfg: Config, man: Mapping[str, Any] | None = None) -> Any:
+    """The resolved storage; a re-used run name must resume a compatible run, on the same data set. A run directory
+    without any checkpoint is a run that never finished an epoch: it does not hold its name (its config.yaml is
+    replaced)."""
     storage = resolve(cfg.run.storage_path, cfg.run.s3_endpoint or cfg.data.s3_endpoint)
     _check_bucket(cfg, storage)
     old_cfg_path = f"{storage.run_dir(cfg.run.name)}/config.yaml"
@@ -227,6 +256,8 @@ def _check_run_name(cfg: Config) -> Any:
         elif exists(storage.fs, old_cfg_path):
             old = Config.from_dict(yaml.safe_load(read_bytes(storage.fs, old_cfg_path)) or {}, source=old_cfg_path)
             check_resume_compatible(old, cfg)
+            if man is not None:
+                _check_same_data(cfg, storage, man)
     except OSError as e:
         raise ConfigError(f"run.storage_path={cfg.run.storage_path!r}: cannot access {storage.run_uri(cfg.run.name)}"
                           f": {e}") from None
@@ -245,7 +276,7 @@ def preflight(cfg: Config, *, check_resources: bool = True, manifest: Mapping[st
     _check_model_fits_shards(new, man)
     _warn_unused_personality_model(new, man)
     _check_splits(new, man)
-    storage = _check_run_name(new)
+    storage = _check_run_name(new, man)
     if check_resources:
         check_cluster_resources(new)
     return Preflight(cfg=new, manifest=man, storage=storage)

@@ -54,7 +54,8 @@ from psamf.engine import (EvalOutput, Selector, all_gather, build_optimizer, bui
                           memory_stats, release_memory, reset_gpu_peak, resolve_amp, rng_state, seed_everything,
                           set_rng_state, train_epoch)
 from psamf.model import build_model
-from psamf.preflight import Preflight, check_cluster_resources, check_placeholders, preflight, read_manifest
+from psamf.preflight import (DATA_RECORD, Preflight, check_cluster_resources, check_placeholders, data_record,
+                             preflight, read_manifest)
 from psamf.results import (HistoryPrinter, ProgressFiles, TrainResult, format_record, read_run_outputs,
                            write_run_outputs)
 
@@ -584,7 +585,7 @@ def fit(pf: Preflight, *, datasets: Mapping[str, Any] | None = None, callbacks: 
     grid's), where a run with `run.num_workers=0` trains in this process through `train_in_trial` (Ray Train's
     local mode refuses to run in a Tune function). `prepared`: the caller has called `prepare_run(pf)` and it
     returned None."""
-    from psamf.storage import write_bytes
+    from psamf.storage import write_bytes, write_json
 
     cfg, st = pf.cfg, pf.storage
     run_dir = st.run_dir(cfg.run.name)
@@ -594,6 +595,7 @@ def fit(pf: Preflight, *, datasets: Mapping[str, Any] | None = None, callbacks: 
     # the resolved config goes into the run directory before any worker starts (the resume guard, once the run
     # has a checkpoint: preflight lets a run name without one be reused)
     write_bytes(st.fs, f"{run_dir}/config.yaml", cfg.to_yaml().encode())
+    write_json(st.fs, f"{run_dir}/{DATA_RECORD}", data_record(cfg, pf.manifest))  # the resume check's record
     t0 = time.perf_counter()
     if datasets is None:
         datasets = load_datasets(cfg.data, pf.manifest)

@@ -237,6 +237,25 @@ def test_a_resumed_run_may_train_longer_but_not_change_its_recipe(cfg, tmp_path)
             preflight.preflight(c.override([change]), manifest=_manifest(), check_resources=False)
 
 
+def test_a_run_does_not_resume_on_a_data_set_prepared_again(cfg, tmp_path):
+    """`psamf prepare` into the run's data directory again (another corpus, or the same one re-prepared) gives it a
+    new data_version; the resumed run used to train on, select on and test on the new data without a word."""
+    c = cfg.override([f"run.storage_path={tmp_path}", "run.name=r3"])
+    man = _manifest(data_version="v-aaaaaaaaaaaa", created_utc="2026-12-01T10:00:00+00:00")
+    resolved = preflight.preflight(c, manifest=man, check_resources=False).cfg
+    (tmp_path / "r3").mkdir()
+    (tmp_path / "r3" / "config.yaml").write_text(resolved.to_yaml())
+    (tmp_path / "r3" / preflight.DATA_RECORD).write_text(json.dumps(preflight.data_record(resolved, man)))
+    _save(cfg, str(tmp_path / "r3" / "checkpoint_epoch=000"), 0, [{"epoch": 0}])
+    preflight.preflight(c, manifest=man, check_resources=False)  # the same data set: resumes
+    again = dict(man, data_version="v-bbbbbbbbbbbb", created_utc="2026-12-02T10:00:00+00:00")
+    with pytest.raises(ConfigError, match=r"run\.name='r3' started on the data set at .* data_version v-aaaaaaaaaaaa "
+                                          r".*now holds data_version v-bbbbbbbbbbbb .*prepared again"):
+        preflight.preflight(c, manifest=again, check_resources=False)
+    (tmp_path / "r3" / preflight.DATA_RECORD).unlink()  # runs from before the record: resumed as before
+    preflight.preflight(c, manifest=again, check_resources=False)
+
+
 # ----------------------------------------------------------------------------- item 11: placeholders
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "jobs", "configs", "*.yaml"))))
 def test_job_config_placeholders_are_named_before_ray_starts(path, monkeypatch, capsys):

@@ -115,6 +115,7 @@ def test_two_worker_ddp_on_s3_learns_and_writes_every_output(s3_run, shards):
     tb = fs.get_file_info(pafs.FileSelector(f"{run}/tensorboard"))
     assert len(tb) == 1 and tb[0].base_name.startswith("events.out.tfevents")
     assert read_json(fs, f"{run}/metrics.json")["selection"]["selected_epoch"] == sel
+    assert read_json(fs, f"{run}/data.json")["data_version"] == man["data_version"]  # what a resume must match
     assert Config.from_dict(__import__("yaml").safe_load(read_bytes(fs, f"{run}/config.yaml"))).run.name == "s3run"
     with fs.open_input_file(f"{run}/predictions.parquet") as f:
         pred = pq.read_table(f).to_pandas()
