@@ -59,14 +59,15 @@ Why it is built this way:
   Train's own local mode cannot do this. Tune restarts a failed trial `run.max_failures` times (there is no Train
   restart inside it) and the trial resumes from its latest checkpoint.
 
-Outputs in `<storage>/<name>/`: `search.yaml` (the resolved search), `trials.parquet` + `trials.csv`,
-`best.yaml`, `metrics.json`, `plots/*.png`, and per trial `trials/<id>/` (Train run: checkpoints,
+Outputs in `<storage>/<name>/`: `search.yaml` (the resolved search), `trials.parquet` + `trials.csv` (in start
+order: each trial records its first start in `trials/<id>/started.json`), `best.yaml`, `metrics.json`, `plots/*.png`, and per trial `trials/<id>/` (Train run: checkpoints,
 history.json, tensorboard/ with the trial's curves and its HParams entry).
 """
 
 from __future__ import annotations
 
 import copy
+import datetime as _dt
 import itertools
 import json
 import logging
@@ -92,6 +93,7 @@ SEARCHES = ("optuna", "random", "grid")
 SCHEDULERS = ("asha", "none")
 TRIAL_STATUSES = ("finished", "stopped-early", "pruned", "error", "unfinished")
 ENDED = "ended.json"  # in a trial's directory: Tune ended it (written by the console-line callback)
+STARTED = "started.json"  # in a trial's directory: when it first started (trials.csv is in that order)
 MARKERS = "trials-marked-ended"  # in the search directory: its trials get ENDED markers (searches since 2026-12-02)
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
 TOP_KEYS = ("base", "metric", "mode", "num_samples", "search", "scheduler", "grace_period", "reduction_factor",
@@ -469,11 +471,13 @@ def _trial_driver(params: dict[str, Any], *, base: dict[str, Any], manifest: dic
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from psamf.runtime import fit_trainer
-    from psamf.storage import write_bytes, write_json
+    from psamf.storage import exists, write_bytes, write_json
 
     trial_id = ray.tune.get_context().get_trial_id()
     st = _storage(trials_uri, s3_endpoint)
     run_dir = st.run_dir(trial_id)
+    if not exists(st.fs, f"{run_dir}/{STARTED}"):  # its first start (a restored trial keeps it): the table's order
+        write_json(st.fs, f"{run_dir}/{STARTED}", {"started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat()})
     base_cfg = Config.from_dict(base, source="search base")
     base_cfg.preset = base.get("preset", "custom")
     try:
@@ -677,7 +681,9 @@ def _trial_row(fs: Any, trials_dir: str, trial_id: str, params: Mapping[str, Any
         status = "finished"
     else:  # a trial that ended without recording an epoch was interrupted (Ctrl+C), not cut by the scheduler
         status = "stopped-early" if ended and history else "unfinished"
-    row: dict[str, Any] = {"trial_id": trial_id, "status": status, "epochs_run": len(history),
+    started = _read_json_or_none(fs, f"{run_dir}/{STARTED}") or {}
+    row: dict[str, Any] = {"trial_id": trial_id, "started_utc": started.get("started_utc"), "status": status,
+                           "epochs_run": len(history),
                            "sessions": 1 + max((int(r.get("session", 0)) for r in history), default=-1)
                            if history else 0,
                            "pruned_reason": pruned["reason"] if pruned else None}
@@ -1096,7 +1102,7 @@ def _collect(space: SearchSpace, name: str, st: Any, grid: Any, elapsed: float, 
             if r["status"] in ("finished", "stopped-early") and not exists(
                     st.fs, f"{trials_dir}/{r['trial_id']}/{ENDED}"):
                 r["status"] = "unfinished"
-    rows.sort(key=lambda r: r["trial_id"])
+    rows.sort(key=lambda r: (r["started_utc"] or "~", r["trial_id"]))  # start order (by id where unrecorded)
     _write_table(st.fs, search_dir, rows)
     for r in rows:
         if r["status"] in ("finished", "stopped-early"):

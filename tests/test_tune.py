@@ -195,6 +195,9 @@ def test_a_killed_search_resumes_only_unfinished_trials_and_writes_every_output(
         assert "val/mae" in runs[run]["scalars"] and "hparam/val_mae" in runs[run]["scalars"]
         assert "_hparams_/session_start_info" in hparams.get(run, {})
     assert "s3t" in res.summary and "pruned" in res.summary
+    starts = [r["started_utc"] for r in table]  # the table (and the plot's x axis) is in start order
+    assert all(starts) and starts == sorted(starts), starts
+    assert table[0]["trial_id"] == first  # the trial that ran before the kill started first
     # the resumed session trained the unfinished trials only, and its rate counts those
     resumed_now = int(re.search(r"(\d+) trial\(s\) ended in it", res.summary).group(1))
     assert 1 <= resumed_now < len(table), res.summary
