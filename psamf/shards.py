@@ -93,6 +93,9 @@ def read_manifest(uri: str, s3_endpoint: str | None = None, *,
         with fs.open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
+        if not fs.exists(root):  # a typo in the path, not an interrupted prepare
+            raise IncompleteDatasetError(f"{uri}: no such directory: a prepared data set is the directory `psamf "
+                                         "prepare --out` wrote (check data.uri / --shards)") from None
         raise IncompleteDatasetError(
             f"{uri}: no {MANIFEST_NAME} — not a complete prepared data set (psamf prepare was interrupted, is "
             f"still running, or never ran here). Re-run `psamf prepare --out {uri} ...`.") from None

@@ -32,9 +32,12 @@ def test_shard_error_is_a_config_error():
 
 
 def test_missing_manifest_names_the_directory(tmp_path):
-    with pytest.raises(ShardError, match=f"{tmp_path}/missing: no {MANIFEST_NAME}") as e:
-        read_manifest(str(tmp_path / "missing"))
+    (tmp_path / "half").mkdir()  # a directory without a manifest: an interrupted or running prepare
+    with pytest.raises(ShardError, match=f"{tmp_path}/half: no {MANIFEST_NAME}") as e:
+        read_manifest(str(tmp_path / "half"))
     assert isinstance(e.value, IncompleteDatasetError)
+    with pytest.raises(IncompleteDatasetError, match=f"{tmp_path}/missing: no such directory"):  # a typo
+        read_manifest(str(tmp_path / "missing"))
 
 
 def test_bad_json_names_the_file(tmp_path):
@@ -63,7 +66,7 @@ def test_read_manifest_round_trip_local_and_s3(tmp_path, s3_bucket):
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint())
     fs.pipe_file(f"{s3_bucket}/d/{MANIFEST_NAME}", json.dumps(man).encode())
     assert read_manifest(f"s3://{s3_bucket}/d") == man
-    with pytest.raises(IncompleteDatasetError, match=f"s3://{s3_bucket}/empty: no manifest.json"):
+    with pytest.raises(IncompleteDatasetError, match=f"s3://{s3_bucket}/empty: no such directory"):
         read_manifest(f"s3://{s3_bucket}/empty")
 
 
