@@ -80,6 +80,11 @@ def test_cli_synth_bigfive(tmp_path, capsys):
     assert main(["synth", "--kind", "bigfive", "--format", "mmsa", "--out", str(tmp_path)]) == 2
     assert "--kind bigfive writes --format csv or parquet" in capsys.readouterr().err
     assert main(["synth", "--kind", "mosi", "--format", "parquet", "--out", str(tmp_path)]) == 2
+    capsys.readouterr()
+    for kind in ("mosi", "bigfive"):  # a scale that cannot be: one line, no traceback, nothing written
+        assert main(["synth", "--kind", kind, "--out", str(tmp_path / "zero"), "--scale", "0"]) == 2
+        assert "psamf synth: error: synth: scale must be a finite number > 0, got 0.0" in capsys.readouterr().err
+    assert not (tmp_path / "zero").exists()
 
 
 # ------------------------------------------------------------------------------------------------

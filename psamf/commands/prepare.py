@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, choices=DATASETS,
                    help="which corpus the input holds (label range, metrics and the manifest's identity)")
     p.add_argument("--out", required=True, help="output directory or URI (local, s3://, gs://)")
-    p.add_argument("--tokenizer", default="bert-base-uncased", help="sentiment tokenizer (HF name/path, psamf:tiny)")
+    p.add_argument("--tokenizer", default="bert-base-uncased", help="sentiment tokenizer: HF name or path, or psamf:tiny "
+                                                                  "(default bert-base-uncased)")
     p.add_argument("--personality-tokenizer", default=None, help="default: --tokenizer")
     p.add_argument("--max-text-len", type=int, default=50,
                    help="tokens per transcript, [CLS] and [SEP] included (default 50, the paper's); `psamf train` "
@@ -40,12 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--row-group-mb", type=float, default=DEFAULT_ROW_GROUP_MB,
                    help=f"approximate size of one Parquet row group in MB (default {DEFAULT_ROW_GROUP_MB:g})")
     p.add_argument("--personality-cls", action="store_true",
-                   help="precompute the frozen personality encoder's CLS (a Ray Data pass)")
-    p.add_argument("--preset", default="paper", help="config preset giving the personality encoder geometry")
+                   help="precompute the frozen personality encoder's CLS (a Ray Data pass); without "
+                        "--personality-model the encoder is --preset's seeded random-init BERT (for plumbing tests)")
+    p.add_argument("--preset", default="paper", help="config preset giving the random-init personality encoder's geometry (default "
+                                                       "paper: 12 layers, width 768; use the preset you train with)")
     p.add_argument("--personality-model", default=None,
                    help="HF name/path of the personality BERT (implies --personality-cls)")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL_S3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train row order")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train row order (default 0)")
     p.add_argument("--allow-nonempty", action="store_true",
                    help="write into a directory that holds other files (not a psamf data set); they are left "
                         "alone. prepare only ever deletes the shards a previous prepare recorded in manifest.json")
@@ -61,6 +64,11 @@ def run(args: argparse.Namespace) -> int:
         mc = Config.from_preset(args.preset).model
         if args.personality_model:
             mc.personality_model = args.personality_model
+        else:
+            logging.getLogger("psamf.prepare").warning(
+                "--personality-cls without --personality-model: CLS_p from the seeded random-init personality BERT "
+                "of preset %r (%d layers, width %d), which knows nothing of personality; a model trained on it "
+                "needs model.hidden_size=%d", args.preset, mc.personality_layers, mc.hidden_size, mc.hidden_size)
         personality_model = mc
     try:
         check_output(args.out, s3_endpoint=args.s3_endpoint, allow_nonempty=args.allow_nonempty)

@@ -14,12 +14,13 @@ BIGFIVE = "bigfive"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", choices=[*sorted(KINDS), BIGFIVE], default="mosi",
                         help="which release to imitate; bigfive = a Big Five personality corpus (text + five "
-                             "trait scores) from the same speakers' personality model")
+                             "trait scores) from the same speakers' personality model (default mosi)")
     parser.add_argument("--format", dest="fmt", choices=[*FORMATS, *BIGFIVE_FORMATS], default=None,
                         help=f"output format: {', '.join(FORMATS)} (default mmsa) for the sentiment kinds, "
                              f"{' or '.join(BIGFIVE_FORMATS)} (default csv) for bigfive")
-    parser.add_argument("--out", required=True, help="output directory (created if missing)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed => identical bytes)")
+    parser.add_argument("--out", required=True, help="output directory (created if missing; files of the same names are "
+                                                             "replaced: a seed always writes the same bytes)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed => identical bytes; default 0)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="split sizes relative to the canonical ones (docs/data-formats.md); default 1.0")
     parser.add_argument("--full-text-features", action="store_true",
@@ -40,8 +41,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"psamf synth: error: --kind bigfive writes --format {' or '.join(BIGFIVE_FORMATS)}, not {fmt}",
                   file=sys.stderr)
             return 2
-        paths = synthesize_bigfive(args.out, fmt, seed=args.seed, scale=args.scale,
-                                   personality_signal=args.personality_signal)
+        try:
+            paths = synthesize_bigfive(args.out, fmt, seed=args.seed, scale=args.scale,
+                                       personality_signal=args.personality_signal)
+        except ValueError as e:
+            print(f"psamf synth: error: {e}", file=sys.stderr)
+            return 2
         sizes = BIGFIVE_SPLIT_SIZES
     else:
         fmt = args.fmt or FORMATS[0]
@@ -49,9 +54,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"psamf synth: error: --kind {args.kind} writes --format {', '.join(FORMATS)}, not {fmt}",
                   file=sys.stderr)
             return 2
-        paths = synthesize(args.kind, fmt, args.out, seed=args.seed, scale=args.scale,
-                           full_text_features=args.full_text_features, progress=not args.no_progress,
-                           personality_signal=args.personality_signal)
+        try:
+            paths = synthesize(args.kind, fmt, args.out, seed=args.seed, scale=args.scale,
+                               full_text_features=args.full_text_features, progress=not args.no_progress,
+                               personality_signal=args.personality_signal)
+        except ValueError as e:
+            print(f"psamf synth: error: {e}", file=sys.stderr)
+            return 2
         sizes = KINDS[args.kind].split_sizes
     corpus_sizes = {s: scaled_size(n, args.scale, 2) for s, n in zip(SPLITS, sizes)}
     print(f"psamf synth: {args.kind} ({fmt}, seed {args.seed}, scale {args.scale}, personality signal "
