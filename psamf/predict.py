@@ -31,8 +31,8 @@ Output (`OUTPUT_SCHEMA`), one row per input sample: `id` (the sample id as prepa
 "<video>$_$<clip>"), `score` (float32), `class7` (int8, -3..3: `psamf.metrics.sentiment_class7`), `polarity`
 ("negative" / "neutral" / "positive": `psamf.metrics.polarity`), `label` (float32; null for a manifest
 without labels). `out` ending in `.parquet` is one file, rows in input order, written atomically
-(`psamf.storage.write_bytes`; an existing file only with `overwrite`); anything else is a directory written by Ray Data's `write_parquet` (an empty
-or new directory only), with `_predictions.json` (row count, files, checkpoint) written last: a directory
+(`psamf.storage.write_bytes`; an existing file only with `overwrite`); anything else is a directory written by
+Ray Data's `write_parquet` (an empty or new directory only), with `_predictions.json` (row count, files, checkpoint) written last: a directory
 without it is incomplete. Before anything is written, the row count must be the input's and every id must
 occur exactly once.
 """
@@ -368,8 +368,8 @@ def predict(source: str, out: str, *, shards: str | None = None, split: str | No
             s3_endpoint: str | None = None, storage_path: str | None = None,
             overrides: Sequence[str] = (), overwrite: bool = False) -> PredictionReport:
     """Score `shards` (one split, default test) or `manifest` (whole) with the model `source` names; write `out`.
-    See the module docstring. `use_gpu=None`: one GPU per actor when the Ray cluster has GPUs. Raises ConfigError (bad input,
-    naming the field and file) or ValueError (a bad manifest row, from the reader and prepare)."""
+    See the module docstring. `use_gpu=None`: one GPU per actor when the Ray cluster has GPUs. Raises ConfigError
+    (bad input, naming the field and file) or ValueError (a bad manifest row, from the reader and prepare)."""
     import ray
 
     from psamf import runtime

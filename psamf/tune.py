@@ -60,8 +60,9 @@ Why it is built this way:
   restart inside it) and the trial resumes from its latest checkpoint.
 
 Outputs in `<storage>/<name>/`: `search.yaml` (the resolved search), `trials.parquet` + `trials.csv` (in start
-order: each trial records its first start in `trials/<id>/started.json`), `best.yaml`, `metrics.json`, `plots/*.png`, and per trial `trials/<id>/` (Train run: checkpoints,
-history.json, tensorboard/ with the trial's curves and its HParams entry).
+order: each trial records its first start in `trials/<id>/started.json`), `best.yaml`, `metrics.json`,
+`plots/*.png`, and per trial `trials/<id>/` (Train run: checkpoints, history.json, tensorboard/ with the trial's
+curves and its HParams entry).
 """
 
 from __future__ import annotations

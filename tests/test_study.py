@@ -224,6 +224,19 @@ def test_cli_parses_a_study():
     from psamf.commands.common import load_config, parse_seeds
 
     assert load_config(args).optim.epochs == 2 and parse_seeds(args.seeds) == [1, 2]
+    with pytest.raises(ConfigError, match=r"--seeds 1,2,1: seed\(s\) 1 given twice"):
+        parse_seeds("1,2,1")
+
+
+def test_an_option_and_an_override_of_the_same_key_must_agree():
+    from psamf.cli import build_parser, parse_args
+    from psamf.commands.train import config_from_args
+
+    args = parse_args(build_parser("train"), ["train", "--preset", "tiny", "--run-name", "a", "run.name=b"])
+    with pytest.raises(ConfigError, match="run.name is given twice, 'a' by the option and 'b' as an override"):
+        config_from_args(args)
+    same = parse_args(build_parser("train"), ["train", "--preset", "tiny", "--run-name", "a", "run.name=a"])
+    assert config_from_args(same).run.name == "a"
 
 
 def test_a_study_can_run_a_subset_of_its_rows_that_holds_the_reference():

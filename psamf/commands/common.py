@@ -20,7 +20,7 @@ def add_config_arguments(p: argparse.ArgumentParser, *, default_preset: str = "t
     p.add_argument("--ablation", action="append", default=None,
                    help=f"apply a row of the paper's ablation table ({', '.join(sorted(ABLATIONS))}); repeat to "
                         "compose several")
-    p.add_argument("overrides", nargs="*", help="section.key=value (e.g. optim.epochs=3 run.num_workers=1)")
+    p.add_argument("overrides", nargs="*", default=[], help="section.key=value (e.g. optim.epochs=3 run.num_workers=1)")
     p.set_defaults(default_preset=default_preset)
 
 
@@ -33,7 +33,13 @@ def load_config(args: argparse.Namespace, extra: dict | None = None) -> Config:
         cfg = Config.from_preset(getattr(args, "preset", None) or getattr(args, "default_preset", "tiny"))
     for name in getattr(args, "ablation", None) or []:
         cfg = ablate(cfg, name)
-    cfg = cfg.override(list(getattr(args, "overrides", None) or []))
+    overrides = list(getattr(args, "overrides", None) or [])
+    for key, value in (extra or {}).items():  # an option and an override of the same key must agree
+        said = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == key]
+        if said and said[-1] != str(value):
+            raise ConfigError(f"{key} is given twice, {value!r} by the option and {said[-1]!r} as an override; "
+                              "keep one")
+    cfg = cfg.override(overrides)
     return cfg.replace(extra, source="command line") if extra else cfg
 
 
@@ -47,4 +53,7 @@ def parse_seeds(text: str | None) -> list[int] | None:
         raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}") from None
     if not seeds:
         raise ConfigError("--seeds is empty")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:  # a seed twice is one run: the summary would count fewer seeds than the user asked for
+        raise ConfigError(f"--seeds {text}: seed(s) {', '.join(map(str, twice))} given twice; each seed is one run")
     return seeds

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plots-dir", default=None,
                    help="write <split>_confusion_7class.png/.csv and <split>_scatter.png here (local or s3://; "
                         "default: the directory of --out; neither given: no plots)")
-    p.add_argument("overrides", nargs="*", help="data.* and run.* keys (section.key=value) applied to the "
+    p.add_argument("overrides", nargs="*", default=[], help="data.* and run.* keys (section.key=value) applied to the "
                                                 "checkpoint's config (e.g. data.uri=...)")
 
 

@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = PretrainConfig(data=args.data, model=args.model, out=args.out, tokenizer=args.tokenizer,
                              name=args.name, storage_path=args.storage_path, s3_endpoint=args.s3_endpoint,
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
-                             weight_decay=args.weight_decay, max_len=args.max_len, num_workers=args.num_workers, use_gpu=args.use_gpu,
+                             weight_decay=args.weight_decay, max_len=args.max_len, num_workers=args.num_workers,
+                             use_gpu=args.use_gpu,
                              seed=args.seed, patience=args.patience)
         res = pretrain(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:

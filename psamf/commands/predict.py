@@ -39,8 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gpu.add_argument("--cpu", dest="use_gpu", action="store_const", const=False, help="never use a GPU")
     p.add_argument("--storage-path", default=None, help="where run names are looked up (default: runs)")
     p.add_argument("--s3-endpoint", default=None, help="custom S3 endpoint (else AWS_ENDPOINT_URL_S3)")
-    p.add_argument("overrides", nargs="*", help="section.key=value applied to the checkpoint's config (data and "
-                                                "run keys only; the model's shape is the checkpoint's)")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="section.key=value applied to the checkpoint's config (data and run keys only; the model's "
+                        "shape is the checkpoint's)")
 
 
 def run(args: argparse.Namespace) -> int:

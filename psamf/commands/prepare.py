@@ -25,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, choices=DATASETS,
                    help="which corpus the input holds (label range, metrics and the manifest's identity)")
     p.add_argument("--out", required=True, help="output directory or URI (local, s3://, gs://)")
-    p.add_argument("--tokenizer", default="bert-base-uncased", help="sentiment tokenizer: HF name or path, or psamf:tiny "
-                                                                  "(default bert-base-uncased)")
+    p.add_argument("--tokenizer", default="bert-base-uncased",
+                   help="sentiment tokenizer: HF name or path, or psamf:tiny (default bert-base-uncased)")
     p.add_argument("--personality-tokenizer", default=None, help="default: --tokenizer")
     p.add_argument("--max-text-len", type=int, default=50,
                    help="tokens per transcript, [CLS] and [SEP] included (default 50, the paper's); `psamf train` "
@@ -43,8 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--personality-cls", action="store_true",
                    help="precompute the frozen personality encoder's CLS (a Ray Data pass); without "
                         "--personality-model the encoder is --preset's seeded random-init BERT (for plumbing tests)")
-    p.add_argument("--preset", default="paper", help="config preset giving the random-init personality encoder's geometry (default "
-                                                       "paper: 12 layers, width 768; use the preset you train with)")
+    p.add_argument("--preset", default="paper",
+                   help="config preset giving the random-init personality encoder's geometry (default paper: 12 "
+                        "layers, width 768; use the preset you train with)")
     p.add_argument("--personality-model", default=None,
                    help="HF name/path of the personality BERT (implies --personality-cls)")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL_S3)")

@@ -18,8 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", dest="fmt", choices=[*FORMATS, *BIGFIVE_FORMATS], default=None,
                         help=f"output format: {', '.join(FORMATS)} (default mmsa) for the sentiment kinds, "
                              f"{' or '.join(BIGFIVE_FORMATS)} (default csv) for bigfive")
-    parser.add_argument("--out", required=True, help="output directory (created if missing; files of the same names are "
-                                                             "replaced: a seed always writes the same bytes)")
+    parser.add_argument("--out", required=True,
+                        help="output directory (created if missing; files of the same names are replaced: a seed "
+                             "always writes the same bytes)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed => identical bytes; default 0)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="split sizes relative to the canonical ones (docs/data-formats.md); default 1.0")
