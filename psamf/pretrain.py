@@ -197,8 +197,11 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
     optimizer = _optimizer(raw, cfg)
     start, history = _restore(store, raw, optimizer, selector, rank, world, cfg.seed)
     model = ray.train.torch.prepare_model(raw)
-    if start > 0 and rank == 0:
-        log.info("resumed %s from epoch %d", cfg.name, start - 1)
+    if start >= cfg.epochs and rank == 0:
+        log.info("%s had trained all %d epochs: nothing to train; its selected epoch is evaluated and exported "
+                 "again", cfg.name, cfg.epochs)
+    elif start > 0 and rank == 0:
+        log.info("resumed %s after epoch %d (epochs are numbered from 0)", cfg.name, start - 1)
     valid = {k: np.asarray(v) for k, v in loop_config["valid"].items()}
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start, cfg.epochs):
@@ -284,19 +287,23 @@ RECIPE_KEYS = ("lr", "head_lr", "weight_decay", "batch_size", "seed")
 def _guard_run(storage: Any, cfg: PretrainConfig) -> None:
     """Refuse to resume a run name that was started on another corpus, model, tokenizer or training recipe
     (RECIPE_KEYS); record a new one."""
-    from psamf.storage import exists, read_json, write_json
+    from psamf.storage import absolute_local, exists, read_json, same_model_name, write_json
 
     path = f"{storage.run_dir(cfg.name)}/{RUN_FILE}"
-    ident = {"data": cfg.data, "model": cfg.model, "tokenizer": cfg.tokenizer, "max_len": cfg.max_len,
-             **{k: getattr(cfg, k) for k in RECIPE_KEYS}}
+    # local paths are recorded absolute: the same file named from another directory is the same run
+    local = {k: absolute_local(v) if os.path.exists(os.path.expanduser(v)) else v
+             for k, v in (("data", cfg.data), ("model", cfg.model), ("tokenizer", cfg.tokenizer))}
+    ident = {**local, "max_len": cfg.max_len, **{k: getattr(cfg, k) for k in RECIPE_KEYS}}
     if exists(storage.fs, path):
         old = read_json(storage.fs, path)
         # the recipe is compared where the run recorded it (runs started before 2026-12-02 did not)
         diff = {k: (old.get(k), v) for k, v in ident.items()
-                if old.get(k) != v and (k in old or k not in RECIPE_KEYS)}
+                if not (same_model_name(old.get(k), v) if k in local else old.get(k) == v)
+                and (k in old or k not in RECIPE_KEYS)}
         if diff:
-            raise ConfigError(f"run {cfg.name!r} in {storage.uri} was started with other settings "
-                              f"{ {k: o for k, (o, _) in diff.items()} }; use a new --name to start afresh")
+            changes = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in diff.items())
+            raise ConfigError(f"run {cfg.name!r} in {storage.uri} was started with other settings ({changes}); "
+                              "use a new --name to start afresh")
         return
     storage.fs.create_dir(storage.run_dir(cfg.name))
     write_json(storage.fs, path, ident)

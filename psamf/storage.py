@@ -340,16 +340,16 @@ def unreachable_store(e: BaseException) -> str | None:
 
 
 def same_model_name(a: str | None, b: str | None) -> bool:
-    """Whether two model or tokenizer names (hub names, `psamf:` names, local directories) name the same thing:
-    equal strings, or local directories that resolve to one directory (a relative one against this process's
-    working directory). `psamf prepare` records names as given, while configs handed to workers carry absolute
+    """Whether two model or tokenizer names (hub names, `psamf:` names, local directories or files) name the same
+    thing: equal strings, or local paths that resolve to one path (a relative one against this process's working
+    directory). `psamf prepare` records names as given, while configs handed to workers carry absolute
     directories (`absolute_model_paths`): `encoders/persona` and `/home/me/encoders/persona` are one encoder."""
     if a == b:
         return True
 
     def norm(v: str | None) -> str | None:
         if isinstance(v, str) and v and "://" not in v and not v.startswith("psamf:") \
-                and os.path.isdir(os.path.expanduser(v)):
+                and os.path.exists(os.path.expanduser(v)):
             return os.path.realpath(os.path.expanduser(v))
         return v
 

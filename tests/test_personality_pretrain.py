@@ -5,6 +5,7 @@ take as they are."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -52,12 +53,19 @@ def test_pretraining_raises_mean_trait_r_well_above_the_untrained_encoder(pretra
     assert m["selected_epoch"] == min(hist, key=lambda r: (r["val_mean_mae"], -r["epoch"]))["epoch"]
 
 
-def test_rerun_of_the_same_name_resumes_and_a_changed_one_is_refused(pretrained, capsys):
+def test_rerun_of_the_same_name_resumes_and_a_changed_one_is_refused(pretrained, capsys, monkeypatch, caplog):
+    import logging
+
     from psamf.cli import main
 
     root, argv = pretrained
     before = json.loads((root / "enc" / P.METRICS_FILE).read_text())
-    assert main(argv) == 0  # finished run: no further epoch, same selection
+    monkeypatch.chdir(root)  # the same corpus named relative to another directory is the same run
+    data = argv[argv.index("--data") + 1]
+    relative = [os.path.relpath(data, root) if a == data else a for a in argv]
+    with caplog.at_level(logging.INFO, logger="psamf.pretrain"):
+        assert main(relative) == 0  # finished run: no further epoch, same selection
+    assert "had trained all 2 epochs: nothing to train" in caplog.text
     after = json.loads((root / "enc" / P.METRICS_FILE).read_text())
     assert after["history"] == before["history"] and after["selected_epoch"] == before["selected_epoch"]
     changed = [a if a != "32" else "24" for a in argv]  # --max-len
@@ -66,9 +74,9 @@ def test_rerun_of_the_same_name_resumes_and_a_changed_one_is_refused(pretrained,
     # the training recipe is part of the run too: another learning rate is refused, naming it
     assert main([a if a != "1e-3" else "5e-4" for a in argv]) == 2
     err = capsys.readouterr().err
-    assert "was started with other settings" in err and "'lr': 0.001" in err
+    assert "was started with other settings" in err and "lr: 0.001 -> 0.0005" in err
     assert main(argv + ["--weight-decay", "0.1"]) == 2  # the CLI passes it on: part of the recipe too
-    assert "'weight_decay': 0.01" in capsys.readouterr().err
+    assert "weight_decay: 0.01 -> 0.1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # --help shows the defaults the run uses
         main(["personality", "pretrain", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
