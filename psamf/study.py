@@ -235,13 +235,18 @@ def run_grid(rows: Sequence[tuple[str, Config]], seeds: Sequence[int], *, name: 
     storage_path = _storage.absolute_local(storage_path)
     rows = [(r, _storage.absolute_model_paths(c.replace({"data.uri": _storage.absolute_local(c.data.uri)},
                                                          source=f"grid row {r!r}"))) for r, c in rows]
-    _init_ray(max(c.run.num_workers for _, c in rows))
     pfs = []
     manifest = None
-    for row, cfg in rows:
+    for row, cfg in rows:  # data, storage and every run's resume compatibility: before Ray starts
         for s in seeds:
-            pfs.append(_preflight(_trial_config(cfg, name, row, s, storage_path), manifest=manifest))
+            pfs.append(_preflight(_trial_config(cfg, name, row, s, storage_path), manifest=manifest,
+                                  check_resources=False))
             manifest = pfs[-1].manifest
+    _init_ray(max(c.run.num_workers for _, c in rows))
+    from psamf.preflight import check_cluster_resources
+
+    for p in pfs:  # then what the cluster must hold
+        check_cluster_resources(p.cfg)
     st = storage_target(storage_path, pfs[0].cfg.run.s3_endpoint or pfs[0].cfg.data.s3_endpoint)
     k = max_concurrent_trials([p.cfg for p in pfs], len(pfs), ray.cluster_resources())
     trainable = ray.tune.with_resources(ray.tune.with_parameters(

@@ -642,7 +642,6 @@ def train(cfg: Config, *, seeds: Sequence[int] | None = None) -> TrainResult:
         runtime.init_ray(cfg.run.num_workers)
         check_cluster_resources(pf.cfg)  # the one check that needs Ray
         return fit(pf, prepared=True)
-    runtime.init_ray(cfg.run.num_workers)
-    from psamf.study import train_seeds
+    from psamf.study import train_seeds  # its grid checks every run, then starts Ray
 
     return train_seeds(cfg, seeds)

@@ -1001,8 +1001,8 @@ def run_search(space: SearchSpace, *, name: str, storage_path: str | None = None
         stored = _ended_search(space, name, st, out)
         if stored is not None:
             return stored
+    pf = _preflight(space.base)  # data and storage checked before Ray starts and any trial runs
     _init_ray(space.workers_per_trial)
-    pf = _preflight(space.base)  # data and storage checked before any trial starts
     space.base = pf.cfg
     if not resume:
         write_bytes(st.fs, f"{search_dir}/search.yaml", yaml.safe_dump(space.to_saved(), sort_keys=False).encode())

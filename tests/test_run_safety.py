@@ -322,6 +322,38 @@ def test_an_unreachable_object_store_is_one_line_and_status_2_not_a_traceback(tm
     assert "psamf tune: error: the object store could not be used" in err and "NETWORK_CONNECTION" in err, err
 
 
+def test_seed_grids_and_searches_check_their_data_and_runs_before_ray_starts(cfg, tmp_path, monkeypatch, capsys,
+                                                                            synthetic_shards):
+    """`psamf train --seeds` and `psamf study` used to start an embedded Ray before their preflight (a changed
+    recipe under a used name was refused about 4 s later); `psamf tune` without a data set likewise."""
+    import yaml
+
+    from psamf import runtime
+    from psamf.cli import main
+
+    started = []
+    monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: started.append(1))
+    assert main(["train", "--preset", "tiny", "--seeds", "1,2", f"data.uri={tmp_path / 'none'}",
+                 f"run.storage_path={tmp_path}"]) == 2
+    assert f"{tmp_path / 'none'}: no such directory" in capsys.readouterr().err
+    uri, _ = synthetic_shards
+    c = cfg.override([f"data.uri={uri}", f"run.storage_path={tmp_path}", "run.name=g-seed1"])
+    resolved = preflight.preflight(c, check_resources=False).cfg
+    (tmp_path / "g-seed1").mkdir()
+    (tmp_path / "g-seed1" / "config.yaml").write_text(resolved.replace({"optim.seed": 1}).to_yaml())
+    _save(cfg, str(tmp_path / "g-seed1" / "checkpoint_epoch=000"), 0, [{"epoch": 0}])
+    assert main(["train", "--preset", "tiny", "--seeds", "1,2", "--run-name", "g", f"data.uri={uri}",
+                 f"run.storage_path={tmp_path}", "optim.lr_main=0.0001"]) == 2
+    assert "optim.lr_main: 0.003 -> 0.0001" in capsys.readouterr().err
+    search = tmp_path / "s.yaml"
+    search.write_text(yaml.safe_dump({"base": {"preset": "tiny", "overrides": {"data.uri": str(tmp_path / "none")}},
+                                      "metric": "val_mae", "mode": "min", "num_samples": 2,
+                                      "space": {"optim.lr_main": {"uniform": [1e-4, 1e-3]}}}))
+    assert main(["tune", "--config", str(search), "--name", "s", "--storage", str(tmp_path / "runs")]) == 2
+    assert f"{tmp_path / 'none'}: no such directory" in capsys.readouterr().err
+    assert not started
+
+
 def test_a_refused_resume_fails_before_ray_starts(cfg, tmp_path, monkeypatch, capsys, synthetic_shards):
     from psamf import runtime
     from psamf.cli import main
