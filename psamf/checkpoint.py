@@ -146,10 +146,17 @@ def check_new_checkpoint_dir(uri: str, *, s3_endpoint: str | None = None) -> tup
     fs, dest = st.fs, st.root
     if fs is None:
         raise ConfigError(f"{uri}: checkpoints can be written to local paths and s3:// (or other pyarrow) URIs only")
-    if fs.get_file_info(dest).type == pafs.FileType.File or \
-            any(True for _ in fs.get_file_info(pafs.FileSelector(dest, allow_not_found=True))):
-        raise CheckpointError(f"{uri} already exists and is not empty; a checkpoint is never overwritten: choose "
-                              "another directory or remove it")
+    if fs.get_file_info(dest).type == pafs.FileType.File:
+        raise CheckpointError(f"{uri} is a file; a checkpoint is a directory: choose another path")
+    try:
+        if any(True for _ in fs.get_file_info(pafs.FileSelector(dest, allow_not_found=True))):
+            raise CheckpointError(f"{uri} already exists and is not empty; a checkpoint is never overwritten: choose "
+                                  "another directory or remove it")
+    except NotADirectoryError:  # a file where a parent directory should be
+        raise CheckpointError(f"{uri}: a part of the path is a file, not a directory") from None
+    parent = os.path.dirname(dest.rstrip("/"))
+    if isinstance(fs, pafs.LocalFileSystem) and parent and os.path.exists(parent) and not os.path.isdir(parent):
+        raise CheckpointError(f"{uri}: its parent {parent} is a file, not a directory")
     return fs, dest
 
 

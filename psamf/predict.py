@@ -210,7 +210,7 @@ class _Training:
     precomputed: bool  # that CLS_p came precomputed in the shards (a manifest input then gets it computed too)
 
 
-def _training_facts(cfg: Config, trained_cfg: Config) -> _Training:
+def _training_facts(cfg: Config, trained_cfg: Config, converted: bool = False) -> _Training:
     """Read from the training shards' manifest. `cfg`: the checkpoint's config with the command line's data.*
     overrides (where the training shards are now); `trained_cfg`: the config as trained (how it read them)."""
     from psamf.preflight import personality_source
@@ -223,7 +223,7 @@ def _training_facts(cfg: Config, trained_cfg: Config) -> _Training:
             raise ConfigError(f"the checkpoint normalises its inputs (data.normalize_features=true) with the "
                               f"statistics of its training shards, data.uri={cfg.data.uri!r}, which cannot be read: "
                               f"{e}") from None
-        if cfg.model.use_personality:
+        if cfg.model.use_personality and not converted:  # a converted checkpoint names no shards it trained on
             log.warning("the checkpoint's training shards (data.uri=%s) cannot be read (%s): which personality "
                         "encoder its CLS_p came from is not checked against the input", cfg.data.uri, e)
         return _Training(None, None, False)
@@ -233,6 +233,17 @@ def _training_facts(cfg: Config, trained_cfg: Config) -> _Training:
     source = personality_source(trained_cfg.replace({"data.uri": cfg.data.uri}, source="psamf predict"), man)
     precomputed = bool(source and man.get("personality_cls") and trained_cfg.data.use_precomputed_personality)
     return _Training(man.get("normalization") if cfg.data.normalize_features else None, source, precomputed)
+
+
+def _converted(checkpoint: str, s3_endpoint: str | None) -> bool:
+    """Whether the checkpoint was converted (`psamf convert`: no epoch in meta.json), not trained by psamf."""
+    from psamf.storage import read_json, resolve
+
+    st = resolve(checkpoint, s3_endpoint)
+    try:
+        return read_json(st.fs, st.join("meta.json")).get("epoch", 0) is None
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _personality_encoder_for(cfg: Config, trained: _Training) -> Any:
@@ -329,7 +340,11 @@ def _check_output(out: str, s3_endpoint: str | None, overwrite: bool = False) ->
 
     st = resolve(out, s3_endpoint)
     if _is_file_output(out):
-        if not overwrite and st.fs.get_file_info(st.root).type != pafs.FileType.NotFound:
+        kind = st.fs.get_file_info(st.root).type
+        if kind == pafs.FileType.Directory:
+            raise ConfigError(f"--out {out}: is a directory; a .parquet --out names one file (give a directory name "
+                              "without .parquet for a directory output)")
+        if not overwrite and kind != pafs.FileType.NotFound:
             raise ConfigError(f"--out {out}: exists; name a new file, or pass --overwrite to replace it (the new "
                               "file replaces it in one step, once every prediction is made)")
         return
@@ -388,7 +403,7 @@ def predict(source: str, out: str, *, shards: str | None = None, split: str | No
     t0 = time.perf_counter()
     ck = resolve_source(source, storage_path=storage_path, s3_endpoint=s3_endpoint)
     cfg = checkpoint_config_at(ck, s3_endpoint=s3_endpoint, overrides=overrides)
-    trained = _training_facts(cfg, checkpoint_config_at(ck, s3_endpoint=s3_endpoint))
+    trained = _training_facts(cfg, checkpoint_config_at(ck, s3_endpoint=s3_endpoint), _converted(ck, s3_endpoint))
     what = manifest if manifest is not None else f"{shards} (split {split})"
     _check_output(out, s3_endpoint, overwrite)
     with tempfile.TemporaryDirectory(prefix="psamf-predict-") as tmp:

@@ -311,6 +311,11 @@ def test_convert_refuses_a_truncated_file_an_unknown_key_and_an_existing_directo
     assert main(["convert", str(path), str(tmp_path / "c"), *args]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["notes.txt"]
+    (tmp_path / "f").write_text("")  # a file where the directory (or its parent) should be: no traceback
+    assert main(["convert", str(path), str(tmp_path / "f"), *args]) == 2
+    assert "f is a file; a checkpoint is a directory" in capsys.readouterr().err
+    assert main(["convert", str(path), str(tmp_path / "f" / "sub"), *args]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
 
 
 @pytest.mark.integration

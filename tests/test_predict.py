@@ -265,6 +265,9 @@ def test_personality_cls_must_come_from_the_encoder_the_checkpoint_was_trained_o
     with pytest.raises(ConfigError, match=r"scores\.parquet: exists; name a new file, or pass --overwrite"):
         predict(str(ck), str(out), shards=persona, split="valid")
     assert out.read_bytes() == first
+    (tmp_path / "dir.parquet").mkdir()
+    with pytest.raises(ConfigError, match=r"dir\.parquet: is a directory"):
+        predict(str(ck), str(tmp_path / "dir.parquet"), shards=persona, split="valid", overwrite=True)
     n_valid = predict(str(ck), str(out), shards=persona, split="valid", overwrite=True).rows
     assert n_valid > 0 and pq.read_table(str(out)).num_rows == n_valid
     with pytest.raises(ConfigError, match=r"trained on CLS_p from '.*persona-bert'.*hold no precomputed "

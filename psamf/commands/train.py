@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         # or job log
         names = (f"{cfg.run.name}-seed{{{','.join(map(str, seeds))}}}" if seeds and len(seeds) > 1
                  else f"{cfg.run.name}-seed{seeds[0]}" if seeds else cfg.run.name)
-        log.info("psamf train: run %s, code %s (psamf %s, source sha256 %s), resolved config to %s/%s/config.yaml",
+        log.info("psamf train: run %s, code %s (psamf %s, source sha256 %s); once the checks pass, its resolved config "
+                 "goes to %s/%s/config.yaml",
                  cfg.run.name, cv["git_sha"] or "unknown git commit", cv["psamf_version"], cv["source_sha256"][:12],
                  cfg.run.storage_path.rstrip("/"), names)
         res = train(cfg, seeds=seeds)
