@@ -1,4 +1,4 @@
-"""Small builders shared by the unit tests (no Ray)."""
+"""Small builders shared by the tests (no Ray, except `ctrl_c_when`, which joins the session's Ray)."""
 
 from __future__ import annotations
 
@@ -35,3 +35,36 @@ def make_batch(cfg: ModelConfig, B: int = 4, L: int = 12, T_a: int = 9, T_v: int
         "audio": audio, "audio_lengths": a_len, "visual": visual, "visual_lengths": v_len,
         "label": torch.empty(B).uniform_(-3, 3, generator=g),
     }
+
+
+def ctrl_c_when(args: list, log_path, ready, *, cwd=None, timeout: float = 180) -> tuple[int, str]:
+    """Run `python -m psamf.cli ARGS` in its own process group, joined to the test session's Ray, until `ready()`
+    is true; then send SIGINT to the group (what Ctrl+C sends) and wait for it to exit. Returns (exit status, the
+    output). The child is killed if it outlives the test's patience."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import ray
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "psamf.cli", *map(str, args)], env=env, cwd=cwd,
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + timeout
+            while not ready():
+                assert proc.poll() is None, Path(log_path).read_text()[-3000:]
+                assert time.time() < deadline, f"not ready within {timeout} s: {Path(log_path).read_text()[-2000:]}"
+                time.sleep(0.5)
+            os.killpg(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return rc, Path(log_path).read_text()

@@ -86,41 +86,26 @@ def test_ctrl_c_ends_psamf_train_with_one_line_and_status_130_and_the_same_comma
     handler aborts the run and ends fit() with sys.exit, which used to end psamf with status 1 and no word. Now:
     status 130, one line saying the run was interrupted and how to resume; the same command resumes from the latest
     checkpoint and trains every epoch once."""
-    import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     import ray
 
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root), RAY_ADDRESS=ray.get_runtime_context().gcs_address)
-    cmd = [sys.executable, "-m", "psamf.cli", "train", "--preset", "tiny", f"data.uri={shards}",
-           f"run.storage_path={tmp_path}", "run.name=sigint", "run.num_workers=1", "run.max_failures=0",
-           "optim.epochs=200", "optim.early_stop_patience=500"]
+    from tests.helpers import ctrl_c_when
+
+    args = ["train", "--preset", "tiny", f"data.uri={shards}", f"run.storage_path={tmp_path}", "run.name=sigint",
+            "run.num_workers=1", "run.max_failures=0", "optim.epochs=200", "optim.early_stop_patience=500"]
     hist = tmp_path / "sigint" / "history.json"
-    with open(tmp_path / "first.log", "wb") as log_file:
-        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.time() + 180
-            while not (hist.exists() and json.loads(hist.read_text())):
-                assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-                assert time.time() < deadline, "no epoch recorded in time"
-                time.sleep(0.5)
-            os.killpg(proc.pid, signal.SIGINT)
-            rc = proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    out = (tmp_path / "first.log").read_text()
+    rc, out = ctrl_c_when(args, tmp_path / "first.log", lambda: hist.exists() and bool(json.loads(hist.read_text())))
     assert rc == 130, out[-3000:]
     assert "psamf train: run sigint was interrupted (Ctrl+C or a stop signal)" in out and "Traceback" not in out
     done = len(json.loads(hist.read_text()))
     assert 1 <= done < 200 and not (tmp_path / "sigint" / "metrics.json").exists()
-    again = subprocess.run(cmd[:-2] + [f"optim.epochs={done + 1}", "optim.early_stop_patience=500"], env=env,
-                           capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    again = subprocess.run([sys.executable, "-m", "psamf.cli", *args[:-2], f"optim.epochs={done + 1}",
+                            "optim.early_stop_patience=500"], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     h = json.loads(hist.read_text())
     assert [r["epoch"] for r in h] == list(range(done + 1)) and h[-1]["session"] == 1

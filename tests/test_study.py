@@ -327,35 +327,14 @@ def test_ctrl_c_on_a_study_exits_130_and_writes_no_table(ray_cluster, shards, tm
     """SIGINT to `psamf study` (Ctrl+C) while its first run trains: Tune stops the grid; the study used to call the
     missing runs "failed", write and print a partial table and exit 0. Now: status 130, the resume hint, no
     study.md or study.json."""
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    import ray
+    from tests.helpers import ctrl_c_when
 
     uri, _ = shards
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root), RAY_ADDRESS=ray.get_runtime_context().gcs_address)
-    cmd = [sys.executable, "-m", "psamf.cli", "study", "ablations", "--preset", "tiny", "--rows", "full,no_ps",
-           "--seeds", "1,2", "--name", "intr", f"data.uri={uri}", f"run.storage_path={tmp_path}",
-           "run.num_workers=0", "optim.epochs=200", "optim.early_stop_patience=500"]
-    with open(tmp_path / "study.log", "wb") as log_file:
-        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.time() + 180
-            while not any(p.stat().st_size > 2 for p in tmp_path.glob("intr-*/history.json")):
-                assert proc.poll() is None, (tmp_path / "study.log").read_text()[-3000:]
-                assert time.time() < deadline, "no run recorded an epoch in time"
-                time.sleep(0.5)
-            os.killpg(proc.pid, signal.SIGINT)
-            rc = proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    out = (tmp_path / "study.log").read_text()
+    args = ["study", "ablations", "--preset", "tiny", "--rows", "full,no_ps", "--seeds", "1,2", "--name", "intr",
+            f"data.uri={uri}", f"run.storage_path={tmp_path}", "run.num_workers=0", "optim.epochs=200",
+            "optim.early_stop_patience=500"]
+    rc, out = ctrl_c_when(args, tmp_path / "study.log",
+                          lambda: any(p.stat().st_size > 2 for p in tmp_path.glob("intr-*/history.json")))
     assert rc == 130, out[-3000:]
     assert "psamf study: intr: interrupted with 0 of 4 run(s) finished" in out and "with --resume" in out
     assert not (tmp_path / "intr" / "study.md").exists() and not (tmp_path / "intr" / "study.json").exists()

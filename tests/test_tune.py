@@ -218,35 +218,20 @@ def test_ctrl_c_stops_a_search_with_status_130_marks_running_trials_unfinished_a
     """`psamf tune` gets SIGINT (what Ctrl+C sends its process group) while its first trial trains: it exits with
     status 130 and prints the resume command; the trial that was running is `unfinished` in trials.csv (not
     stopped early), nothing is tested (no metrics.json); `--resume` then finishes every trial and tests once."""
-    import ray
+    from tests.helpers import ctrl_c_when
 
     path = _space(tmp_path, {"model.text_layers": {"grid": [1, 2]}},
                   base={"preset": "tiny", "overrides": {"optim.epochs": 6, "data.uri": shards,
                                                         "run.max_failures": 0}},
                   search="grid", scheduler="none", num_samples=1, workers_per_trial=0, max_concurrent_trials=1)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS=ray.get_runtime_context().gcs_address)
-    log_path = tmp_path / "tune.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "psamf.cli", "tune", "--config", str(path), "--name", "sig",
-                                 "--storage", str(tmp_path / "runs")], env=env, cwd=tmp_path, stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        d = tmp_path / "runs" / "sig"
-        try:
-            deadline = time.time() + 240
-            while True:  # the first trial has recorded an epoch and trains on
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                assert time.time() < deadline, "no trial recorded an epoch in time"
-                hist = sorted((d / "trials").glob("*/history.json")) if (d / "trials").exists() else []
-                if hist and len(json.loads(hist[0].read_text())) >= 1:
-                    break
-                time.sleep(0.5)
-            os.killpg(proc.pid, signal.SIGINT)
-            rc = proc.wait(timeout=180)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    out = log_path.read_text()
+    d = tmp_path / "runs" / "sig"
+
+    def an_epoch_recorded() -> bool:  # the first trial has recorded an epoch and trains on
+        hist = sorted((d / "trials").glob("*/history.json")) if (d / "trials").exists() else []
+        return bool(hist) and len(json.loads(hist[0].read_text())) >= 1
+
+    rc, out = ctrl_c_when(["tune", "--config", path, "--name", "sig", "--storage", tmp_path / "runs"],
+                          tmp_path / "tune.log", an_epoch_recorded, cwd=tmp_path, timeout=240)
     assert rc == 130, out[-3000:]
     assert f"psamf tune --resume sig --storage {tmp_path / 'runs'}" in out
     assert not (d / "metrics.json").exists() and "test (once)" not in out
