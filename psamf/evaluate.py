@@ -162,10 +162,11 @@ def evaluate_checkpoint(checkpoint: str, *, splits: Sequence[str] = ("valid", "t
 
     from psamf import runtime
 
-    fixed = [o for o in overrides if not o.split("=", 1)[0].strip().startswith(("data.", "run."))]
+    fixed = [o for o in overrides if not (o.split("=", 1)[0].strip().startswith(("data.", "run."))
+                                          or o.split("=", 1)[0].strip() == "optim.amp")]
     if fixed:
-        raise ConfigError(f"overrides {fixed}: only data.* and run.* keys can change for evaluation (the model, its "
-                          "loss and optimiser are the checkpoint's; --batch-size sets the evaluation batch)")
+        raise ConfigError(f"overrides {fixed}: only data.*, run.* and optim.amp can change for evaluation (the "
+                          "model, its loss and optimiser are the checkpoint's; --batch-size sets the evaluation batch)")
     fs, ck_path = resolve_checkpoint(checkpoint, s3_endpoint=s3_endpoint)
     with tempfile.TemporaryDirectory(prefix="psamf-eval-") as tmp:
         local = os.path.join(tmp, "ckpt")

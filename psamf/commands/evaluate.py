@@ -37,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plots-dir", default=None,
                    help="write <split>_confusion_7class.png/.csv and <split>_scatter.png here (local or s3://; "
                         "default: the directory of --out; neither given: no plots)")
-    p.add_argument("overrides", nargs="*", default=[], help="data.* and run.* keys (section.key=value) applied to the "
-                                                "checkpoint's config (e.g. data.uri=...)")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="data.*, run.* and optim.amp (section.key=value) applied to the checkpoint's config (e.g. "
+                        "data.uri=... optim.amp=off)")
 
 
 def _check_targets(out: str | None, plots: str | None) -> None:
