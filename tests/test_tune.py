@@ -226,9 +226,8 @@ def test_ctrl_c_stops_a_search_with_status_130_marks_running_trials_unfinished_a
                   search="grid", scheduler="none", num_samples=1, workers_per_trial=0, max_concurrent_trials=1)
     d = tmp_path / "runs" / "sig"
 
-    def an_epoch_recorded() -> bool:  # the first trial has recorded an epoch and trains on
-        hist = sorted((d / "trials").glob("*/history.json")) if (d / "trials").exists() else []
-        return bool(hist) and len(json.loads(hist[0].read_text())) >= 1
+    def an_epoch_recorded() -> bool:  # the first trial has a complete checkpoint and trains on
+        return any((d / "trials").glob("*/checkpoint_epoch=*/meta.json")) if (d / "trials").exists() else False
 
     rc, out = ctrl_c_when(["tune", "--config", path, "--name", "sig", "--storage", tmp_path / "runs"],
                           tmp_path / "tune.log", an_epoch_recorded, cwd=tmp_path, timeout=240)
