@@ -221,7 +221,7 @@ def test_ctrl_c_stops_a_search_with_status_130_marks_running_trials_unfinished_a
     from tests.helpers import ctrl_c_when
 
     path = _space(tmp_path, {"model.text_layers": {"grid": [1, 2]}},
-                  base={"preset": "tiny", "overrides": {"optim.epochs": 6, "data.uri": shards,
+                  base={"preset": "tiny", "overrides": {"optim.epochs": 12, "data.uri": shards,
                                                         "run.max_failures": 0}},
                   search="grid", scheduler="none", num_samples=1, workers_per_trial=0, max_concurrent_trials=1)
     d = tmp_path / "runs" / "sig"
@@ -243,7 +243,7 @@ def test_ctrl_c_stops_a_search_with_status_130_marks_running_trials_unfinished_a
     assert not res.interrupted and len(table) == 2 and {r["status"] for r in table} == {"finished"}, table
     for r in table:
         hist = json.loads((d / "trials" / r["trial_id"] / "history.json").read_text())
-        assert [h["epoch"] for h in hist] == list(range(6))  # every epoch once
+        assert [h["epoch"] for h in hist] == list(range(12))  # every epoch once
         if r["trial_id"] in running:  # it went on from its latest checkpoint, not from scratch
             assert hist[0]["session"] == 0 and hist[-1]["session"] == 1 and hist[-1]["resumed_from"] is not None
     m = json.loads((d / "metrics.json").read_text())
