@@ -57,6 +57,7 @@ __all__ = [
     "save_checkpoint",
     "write_inference_checkpoint",
     "check_new_checkpoint_dir",
+    "is_converted",
     "load_checkpoint",
     "load_model_weights",
     "checkpoint_config",
@@ -148,15 +149,15 @@ def check_new_checkpoint_dir(uri: str, *, s3_endpoint: str | None = None) -> tup
         raise ConfigError(f"{uri}: checkpoints can be written to local paths and s3:// (or other pyarrow) URIs only")
     if fs.get_file_info(dest).type == pafs.FileType.File:
         raise CheckpointError(f"{uri} is a file; a checkpoint is a directory: choose another path")
-    try:
-        if any(True for _ in fs.get_file_info(pafs.FileSelector(dest, allow_not_found=True))):
-            raise CheckpointError(f"{uri} already exists and is not empty; a checkpoint is never overwritten: choose "
-                                  "another directory or remove it")
-    except NotADirectoryError:  # a file where a parent directory should be
-        raise CheckpointError(f"{uri}: a part of the path is a file, not a directory") from None
-    parent = os.path.dirname(dest.rstrip("/"))
-    if isinstance(fs, pafs.LocalFileSystem) and parent and os.path.exists(parent) and not os.path.isdir(parent):
-        raise CheckpointError(f"{uri}: its parent {parent} is a file, not a directory")
+    if isinstance(fs, pafs.LocalFileSystem):  # the nearest existing directory above it must be one
+        above = os.path.dirname(dest.rstrip("/"))
+        while above and not os.path.exists(above) and above != os.path.dirname(above):
+            above = os.path.dirname(above)
+        if above and os.path.exists(above) and not os.path.isdir(above):
+            raise CheckpointError(f"{uri}: {above} on its path is a file, not a directory")
+    if any(True for _ in fs.get_file_info(pafs.FileSelector(dest, allow_not_found=True))):
+        raise CheckpointError(f"{uri} already exists and is not empty; a checkpoint is never overwritten: choose "
+                              "another directory or remove it")
     return fs, dest
 
 
@@ -361,6 +362,17 @@ def load_checkpoint(path: str, *, model: nn.Module | None = None, optimizer: tor
 def checkpoint_config(path: str) -> Config:
     """The resolved config a checkpoint directory carries."""
     return Config.from_yaml(os.path.join(path, "config.yaml"))
+
+
+def is_converted(fs: Any, path: str) -> bool:
+    """Whether the checkpoint directory `path` on `fs` was written by `write_inference_checkpoint` from weights
+    trained elsewhere (`psamf convert`: meta.json records no epoch), not by a psamf run. False when unreadable."""
+    try:
+        with fs.open_input_stream(f"{path.rstrip('/')}/meta.json") as f:
+            meta = json.loads(f.read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "epoch" in meta and meta["epoch"] is None
 
 
 @contextlib.contextmanager

@@ -21,7 +21,6 @@ its metrics JSON.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -31,8 +30,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from psamf.checkpoint import (CheckpointError, checkpoint_config, load_model_weights, open_checkpoint,
-                              resolve_checkpoint, verify_checkpoint)
+from psamf.checkpoint import (CheckpointError, checkpoint_config, is_converted, load_model_weights,
+                              open_checkpoint, resolve_checkpoint, verify_checkpoint)
 from psamf.config import Config, ConfigError
 from psamf.data import iter_batches, load_datasets
 from psamf.engine import EvalOutput, eval_metrics, eval_partition, evaluate, gather_eval, resolve_amp, \
@@ -124,9 +123,10 @@ def _evaluate_on_workers(cfg: Config, ck: Any, datasets: Mapping[str, Any], spli
 def worker_count_note(checkpoint_dir: str, cfg: Config, num_workers: int) -> str | None:
     """Why the loss terms of this evaluation may differ from the run's own validation: None when the worker
     counts agree, or when the checkpoint was never validated by a psamf run (a converted one: no epoch)."""
-    with open(os.path.join(checkpoint_dir, "meta.json")) as f:
-        if json.load(f).get("epoch") is None:
-            return None
+    import pyarrow.fs as pafs
+
+    if is_converted(pafs.LocalFileSystem(), checkpoint_dir):
+        return None
     trained_on = max(1, cfg.run.num_workers)
     if trained_on == max(1, num_workers):
         return None

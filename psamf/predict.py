@@ -32,9 +32,9 @@ Output (`OUTPUT_SCHEMA`), one row per input sample: `id` (the sample id as prepa
 ("negative" / "neutral" / "positive": `psamf.metrics.polarity`), `label` (float32; null for a manifest
 without labels). `out` ending in `.parquet` is one file, rows in input order, written atomically
 (`psamf.storage.write_bytes`; an existing file only with `overwrite`); anything else is a directory written by
-Ray Data's `write_parquet` (an empty or new directory only), with `_predictions.json` (row count, files, checkpoint) written last: a directory
-without it is incomplete. Before anything is written, the row count must be the input's and every id must
-occur exactly once.
+Ray Data's `write_parquet` (an empty or new directory only), with `_predictions.json` (row count, files,
+checkpoint) written last: a directory without it is incomplete. Before anything is written, the row count must
+be the input's and every id must occur exactly once.
 """
 
 from __future__ import annotations
@@ -235,17 +235,6 @@ def _training_facts(cfg: Config, trained_cfg: Config, converted: bool = False) -
     return _Training(man.get("normalization") if cfg.data.normalize_features else None, source, precomputed)
 
 
-def _converted(checkpoint: str, s3_endpoint: str | None) -> bool:
-    """Whether the checkpoint was converted (`psamf convert`: no epoch in meta.json), not trained by psamf."""
-    from psamf.storage import read_json, resolve
-
-    st = resolve(checkpoint, s3_endpoint)
-    try:
-        return read_json(st.fs, st.join("meta.json")).get("epoch", 0) is None
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def _personality_encoder_for(cfg: Config, trained: _Training) -> Any:
     """The ModelConfig that makes `prepare` precompute a manifest input's CLS_p with the encoder the checkpoint was
     trained on (None when it was not trained on precomputed CLS_p, or that encoder cannot be named again)."""
@@ -402,8 +391,13 @@ def predict(source: str, out: str, *, shards: str | None = None, split: str | No
                           "loss and optimiser are the checkpoint's)")
     t0 = time.perf_counter()
     ck = resolve_source(source, storage_path=storage_path, s3_endpoint=s3_endpoint)
-    cfg = checkpoint_config_at(ck, s3_endpoint=s3_endpoint, overrides=overrides)
-    trained = _training_facts(cfg, checkpoint_config_at(ck, s3_endpoint=s3_endpoint), _converted(ck, s3_endpoint))
+    from psamf.checkpoint import is_converted
+    from psamf.storage import resolve
+
+    trained_cfg = checkpoint_config_at(ck, s3_endpoint=s3_endpoint)
+    cfg = trained_cfg.override(list(overrides))
+    ck_st = resolve(ck, s3_endpoint)
+    trained = _training_facts(cfg, trained_cfg, is_converted(ck_st.fs, ck_st.root))
     what = manifest if manifest is not None else f"{shards} (split {split})"
     _check_output(out, s3_endpoint, overwrite)
     with tempfile.TemporaryDirectory(prefix="psamf-predict-") as tmp:

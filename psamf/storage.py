@@ -325,8 +325,7 @@ def absolute_model_paths(cfg: Any) -> Any:
 def unreachable_store(e: BaseException) -> str | None:
     """A one-line message when `e` says the object store could not be used at all (no connection to the endpoint,
     no credentials: botocore's own errors, which s3fs passes through untranslated, and pyarrow's NETWORK_CONNECTION
-    error), else None. The message names
-    the endpoint URL botocore tried, never a credential."""
+    error), else None. The message names the endpoint URL that was tried, never a credential."""
     # pyarrow's S3 filesystem reports the same as an OSError naming the AWS error and curl's code
     pyarrow_says = isinstance(e, OSError) and "AWS Error NETWORK_CONNECTION" in str(e)
     try:

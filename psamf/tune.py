@@ -947,6 +947,20 @@ def _plots(fs: Any, search_dir: str, rows: Sequence[Mapping[str, Any]], space: S
     return paths
 
 
+def _summary(rows: Sequence[Mapping[str, Any]], space: SearchSpace, best: Mapping[str, Any] | None,
+             metrics: Mapping[str, Any] | None, best_config: str | None, session: str) -> str:
+    """What a search prints at its end: the trial table, the status counts followed by `session` (this session's
+    time, or that nothing ran), and the best trial with its one test evaluation."""
+    counts = {s: sum(r["status"] == s for r in rows) for s in TRIAL_STATUSES}
+    text = (_summary_table(rows, space.metric, space.mode, best) + "\n" + f"{len(rows)} trial(s): "
+            + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + session)
+    if best is not None and metrics is not None:
+        text += (f"\nbest: {best['trial_id']} {space.metric}={best[f'best_{space.metric}']:.4f} (epoch "
+                 f"{best['best_epoch']}); test (once): mae={metrics['test'].get('mae', float('nan')):.4f} "
+                 f"corr={metrics['test'].get('corr', float('nan')):.4f}\nbest config: {best_config}")
+    return text
+
+
 def _summary_table(rows: Sequence[Mapping[str, Any]], metric: str, mode: str,
                    best: Mapping[str, Any] | None) -> str:
     """One line per trial, best first (trials without a finite metric last, by id)."""
@@ -1053,15 +1067,9 @@ def _ended_search(space: SearchSpace, name: str, st: Any, out: Any) -> SearchRes
              "metrics": f"{uri}/metrics.json",
              **{k: f"{uri}/plots/{k}.png" for k in ("metric_over_trials", "importance", "metric_vs_params")
                 if exists(st.fs, f"{search_dir}/plots/{k}.png")}}
-    counts = {s: sum(r["status"] == s for r in rows) for s in TRIAL_STATUSES}
-    summary = (_summary_table(rows, space.metric, space.mode, best) + "\n" +
-               f"{len(rows)} trial(s): " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) +
-               f"\nsearch {name} had already ended: nothing was trained and test was not evaluated again "
-               f"(metrics.json holds its one evaluation)")
-    if best is not None:
-        summary += (f"\nbest: {best['trial_id']} {space.metric}={best[f'best_{space.metric}']:.4f} (epoch "
-                    f"{best['best_epoch']}); test (once): mae={metrics['test'].get('mae', float('nan')):.4f} "
-                    f"corr={metrics['test'].get('corr', float('nan')):.4f}\nbest config: {paths['best_config']}")
+    summary = _summary(rows, space, best, metrics, paths.get("best_config"),
+                       f"\nsearch {name} had already ended: nothing was trained and test was not evaluated again "
+                       f"(metrics.json holds its one evaluation)")
     print(summary, file=out, flush=True)
     return SearchResult(name=name, path=uri, rows=rows, best=best, metrics=metrics, paths=paths, summary=summary)
 
@@ -1127,17 +1135,11 @@ def _collect(space: SearchSpace, name: str, st: Any, grid: Any, elapsed: float, 
         write_bytes(st.fs, f"{search_dir}/best.yaml", cfg.to_yaml().encode())
         metrics = _test_once(space, st, search_dir, best, name)
         paths.update(best_config=f"{st.run_uri(name)}/best.yaml", metrics=f"{st.run_uri(name)}/metrics.json")
-    counts = {s: sum(r["status"] == s for r in rows) for s in TRIAL_STATUSES}
     hours = max(elapsed, 1e-9) / 3600
     # the rate counts the trials that ended in this session: a resumed search's earlier trials took no time here
     now = sum(r["status"] != "unfinished" and r["trial_id"] not in ended_before for r in rows)
-    summary = (_summary_table(rows, space.metric, space.mode, best) + "\n" +
-               f"{len(rows)} trial(s): " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) +
-               f"; {elapsed:.0f} s this session, {now} trial(s) ended in it ({now / hours:.1f} trials/hour)")
-    if best is not None and metrics is not None:
-        summary += (f"\nbest: {best['trial_id']} {space.metric}={best[f'best_{space.metric}']:.4f} (epoch "
-                    f"{best['best_epoch']}); test (once): mae={metrics['test'].get('mae', float('nan')):.4f} "
-                    f"corr={metrics['test'].get('corr', float('nan')):.4f}\nbest config: {paths['best_config']}")
+    summary = _summary(rows, space, best, metrics, paths.get("best_config"),
+                       f"; {elapsed:.0f} s this session, {now} trial(s) ended in it ({now / hours:.1f} trials/hour)")
     print(summary, file=out, flush=True)
     return SearchResult(name=name, path=st.run_uri(name), rows=rows, best=best, metrics=metrics, paths=paths,
                         summary=summary, interrupted=stopped)

@@ -20,7 +20,8 @@ def add_config_arguments(p: argparse.ArgumentParser, *, default_preset: str = "t
     p.add_argument("--ablation", action="append", default=None,
                    help=f"apply a row of the paper's ablation table ({', '.join(sorted(ABLATIONS))}); repeat to "
                         "compose several")
-    p.add_argument("overrides", nargs="*", default=[], help="section.key=value (e.g. optim.epochs=3 run.num_workers=1)")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="section.key=value (e.g. optim.epochs=3 run.num_workers=1)")
     p.set_defaults(default_preset=default_preset)
 
 

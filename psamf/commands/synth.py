@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from psamf.synth import (BIGFIVE_FORMATS, BIGFIVE_SPLIT_SIZES, FORMATS, KINDS, SIGNALS, SPLITS, scaled_size,
                          synthesize, synthesize_bigfive)
@@ -35,34 +36,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="do not print progress on stderr")
 
 
-def run(args: argparse.Namespace) -> int:
+def _synthesize(args: argparse.Namespace) -> tuple[str, dict, Any]:
+    """(format, written paths, canonical split sizes); ValueError for a bad format or value."""
     if args.kind == BIGFIVE:
         fmt = args.fmt or BIGFIVE_FORMATS[0]
         if fmt not in BIGFIVE_FORMATS:
-            print(f"psamf synth: error: --kind bigfive writes --format {' or '.join(BIGFIVE_FORMATS)}, not {fmt}",
-                  file=sys.stderr)
-            return 2
-        try:
-            paths = synthesize_bigfive(args.out, fmt, seed=args.seed, scale=args.scale,
-                                       personality_signal=args.personality_signal)
-        except ValueError as e:
-            print(f"psamf synth: error: {e}", file=sys.stderr)
-            return 2
-        sizes = BIGFIVE_SPLIT_SIZES
-    else:
-        fmt = args.fmt or FORMATS[0]
-        if fmt not in FORMATS:
-            print(f"psamf synth: error: --kind {args.kind} writes --format {', '.join(FORMATS)}, not {fmt}",
-                  file=sys.stderr)
-            return 2
-        try:
-            paths = synthesize(args.kind, fmt, args.out, seed=args.seed, scale=args.scale,
-                               full_text_features=args.full_text_features, progress=not args.no_progress,
-                               personality_signal=args.personality_signal)
-        except ValueError as e:
-            print(f"psamf synth: error: {e}", file=sys.stderr)
-            return 2
-        sizes = KINDS[args.kind].split_sizes
+            raise ValueError(f"--kind bigfive writes --format {' or '.join(BIGFIVE_FORMATS)}, not {fmt}")
+        return fmt, synthesize_bigfive(args.out, fmt, seed=args.seed, scale=args.scale,
+                                       personality_signal=args.personality_signal), BIGFIVE_SPLIT_SIZES
+    fmt = args.fmt or FORMATS[0]
+    if fmt not in FORMATS:
+        raise ValueError(f"--kind {args.kind} writes --format {', '.join(FORMATS)}, not {fmt}")
+    return fmt, synthesize(args.kind, fmt, args.out, seed=args.seed, scale=args.scale,
+                           full_text_features=args.full_text_features, progress=not args.no_progress,
+                           personality_signal=args.personality_signal), KINDS[args.kind].split_sizes
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        fmt, paths, sizes = _synthesize(args)
+    except ValueError as e:
+        print(f"psamf synth: error: {e}", file=sys.stderr)
+        return 2
     corpus_sizes = {s: scaled_size(n, args.scale, 2) for s, n in zip(SPLITS, sizes)}
     print(f"psamf synth: {args.kind} ({fmt}, seed {args.seed}, scale {args.scale}, personality signal "
           f"{args.personality_signal}) sizes {corpus_sizes}")
