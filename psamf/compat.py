@@ -137,10 +137,11 @@ def _drop_reason(key: str, new: str, target: Mapping[str, Tensor]) -> str | None
     return reason
 
 
-def convert_reference_state_dict(ref: Mapping[str, Tensor], model: nn.Module) -> tuple[dict[str, Tensor],
-                                                                                         ConversionReport]:
-    """Rename a reference state dict for `model`. Shape mismatches are errors naming both shapes; keys that map
-    to nothing are reported (`report.unknown`), and `load_reference_checkpoint` decides whether that is fatal."""
+def convert_reference_state_dict(ref: Mapping[str, Tensor], model: nn.Module, *, name: str = "state dict",
+                                 ) -> tuple[dict[str, Tensor], ConversionReport]:
+    """Rename a reference state dict for `model`. Shape mismatches are errors naming both shapes and `name` (the
+    file); keys that map to nothing are reported (`report.unknown`), and `load_reference_checkpoint` decides
+    whether that is fatal."""
     target = model.state_dict()
     report = ConversionReport()
     out: dict[str, Tensor] = {}
@@ -166,7 +167,7 @@ def convert_reference_state_dict(ref: Mapping[str, Tensor], model: nn.Module) ->
         report.loaded.append(new)
     if mismatches:
         raise ReferenceCheckpointError(
-            "reference checkpoint does not fit this model configuration (check model.audio_dim, model.visual_dim, "
+            f"{name}: reference checkpoint does not fit this model configuration (check model.audio_dim, model.visual_dim, "
             "model.hidden_size, layers):\n  " + "\n  ".join(mismatches[:20]))
     report.missing = sorted(reference_key(k) for k in target if k not in out)
     if report.upcast:
@@ -235,7 +236,7 @@ def load_reference_checkpoint(model: nn.Module, source: str | Path | Mapping[str
         ref, name = read_reference_state_dict(source, s3_endpoint=s3_endpoint), str(source)
     else:
         ref, name = _check_state_dict(_unwrap(source), "state dict"), "state dict"
-    converted, report = convert_reference_state_dict(ref, model)
+    converted, report = convert_reference_state_dict(ref, model, name=name)
     if strict and (report.unknown or report.missing):
         parts = []
         if report.unknown:

@@ -596,7 +596,9 @@ def _read_table(path: Path) -> "Any":
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
             df = pd.read_parquet(path)
-            return df.astype({c: str for c in df.columns if df[c].dtype == object})
+            # non-numeric columns as text, nulls as "" (as in a CSV), not the strings "None" or "nan"
+            text = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+            return df.assign(**{c: df[c].where(df[c].notna(), "").astype(str) for c in text})
         return pd.read_csv(path, dtype=str, keep_default_na=False)
     except (ValueError, OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: could not be read as a table ({type(e).__name__}: {e})") from None
@@ -849,6 +851,8 @@ def read_custom(
             dims.setdefault(modality, (arr.shape[1], rid))
             sources[str(p)] = sha256_file(p)
             feats[modality] = _clean_frames(arr, modality, repairs)
+        if not str(rec["text"]).strip():
+            raise ValueError(f"{manifest}: row id {rid!r} field 'text' is empty (every sample needs a transcript)")
         acc = per_split[split]
         acc["ids"].append(_canonical(video, clip))
         acc["text"].append(str(rec["text"]))

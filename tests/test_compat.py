@@ -158,13 +158,17 @@ def test_reference_checkpoint_gives_the_same_predictions(tmp_path):
     assert torch.allclose(got, expected, atol=1e-5), (got, expected)
 
 
-def test_shape_mismatch_is_a_clear_error():
+def test_shape_mismatch_is_a_clear_error(tmp_path):
     cfg = _tiny_reference_cfg()
     sd = _random_reference_state_dict()
     sd["visual_enc.rnn.weight_ih_l0"] = torch.zeros(64, 35)  # MOSEI visual width into a MOSI model
     model = build_model(cfg.model)
     with pytest.raises(ValueError, match=r"visual_enc\.rnn\.weight_ih_l0.*\(64, 35\).*\(64, 20\)"):
         load_reference_checkpoint(model, sd)
+    path = tmp_path / "mosei_model.pt"
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"mosei_model\.pt: reference checkpoint does not fit"):
+        load_reference_checkpoint(build_model(cfg.model), path)
 
 
 def test_missing_keys_and_pickled_modules_are_refused(tmp_path):

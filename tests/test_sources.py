@@ -6,6 +6,7 @@ import csv
 import hashlib
 import os
 import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -505,6 +506,26 @@ def test_custom_bad_rows(custom_copy):
     _write_csv(custom_copy, rows, [c for c in rows[0] if c != "label"])
     with pytest.raises(ValueError, match="missing column 'label'"):
         read_custom(custom_copy)
+
+
+def test_custom_empty_or_null_transcripts_are_refused_naming_the_row(custom_copy):
+    import pandas as pd
+
+    rows = _read_csv(custom_copy)
+    bad = [dict(r) for r in rows]
+    bad[3]["text"] = "  "
+    _write_csv(custom_copy, bad)
+    with pytest.raises(ValueError, match=f"manifest.csv: row id '{re.escape(rows[3]['id'])}' field 'text' is empty"):
+        read_custom(custom_copy)
+    # a null in a Parquet manifest is an empty field, not the transcript "None" or "nan"
+    df = pd.DataFrame(rows).astype({"label": "float32"})
+    df["text"] = df["text"].astype(object)
+    df.loc[5, "text"] = None
+    df.to_parquet(custom_copy.with_suffix(".parquet"))
+    with pytest.raises(ValueError, match=f"row id '{re.escape(rows[5]['id'])}' field 'text' is empty"):
+        read_custom(custom_copy.with_suffix(".parquet"))
+    with pytest.raises(ValueError, match=f"row id '{re.escape(rows[5]['id'])}' field 'text' is empty"):
+        read_custom(custom_copy.with_suffix(".parquet"), for_prediction=True)
 
 
 def test_custom_ids_without_separator_use_the_speaker(custom_copy):
