@@ -263,7 +263,13 @@ class SearchSpace:
                 s.dims.append(dim)
         if not s.dims:
             raise ConfigError(f"{source}: 'space' has only fixed values: nothing to search")
+        known = {k: v for k, v in s.base.to_dict().items() if isinstance(v, dict)}  # the sections
         for key in [*fixed, *(dm.key for dm in s.dims)]:
+            sec, _, fld = key.partition(".")
+            if sec not in known or fld not in known[sec] or "." in fld:
+                allowed = (f"allowed in {sec}: {sorted(known[sec])}" if sec in known and "." not in fld
+                           else f"keys are <section>.<field> with section in {sorted(known)}")
+                raise ConfigError(f"{source}: space.{key}: unknown key; {allowed}")
             if key.startswith("run.") or key in ("optim.epochs", "optim.select_metric", "optim.select_mode"):
                 raise ConfigError(f"{source}: space.{key} cannot be searched (run.* is set per trial, optim.epochs "
                                   "is the scheduler's max_t, selection follows the search metric)")
