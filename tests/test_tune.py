@@ -35,7 +35,8 @@ def _space(tmp_path: Path, space: dict, **top) -> Path:
 # ---------------------------------------------------------------------------------------------- no Ray
 @pytest.mark.parametrize("top,space,match", [
     ({"num_sample": 3}, {"optim.lr_main": {"uniform": [1e-4, 1e-3]}}, r"num_sample"),
-    ({}, {"optim.lr_mian": {"uniform": [1e-4, 1e-3]}}, r"space\.optim\.lr_mian: unknown key; allowed in optim: .*lr_main"),
+    ({}, {"optim.lr_mian": {"uniform": [1e-4, 1e-3]}},
+     r"space\.optim\.lr_mian: unknown key; allowed in optim: .*lr_main"),
     ({}, {"lr_main": {"uniform": [1e-4, 1e-3]}}, r"space\.lr_main: unknown key; keys are <section>\.<field>"),
     ({}, {"optim.lr_main": {"uniform": [1e-4, 1e-3]}, "model.dropuot": 0.1}, r"space\.model\.dropuot: unknown key"),
     ({}, {"optim.lr_main": {"uniform": [1e-3, 1e-4]}}, r"space\.optim\.lr_main: impossible range uniform"),
