@@ -14,6 +14,17 @@ def tiny_cfg(**model_overrides) -> Config:
     return cfg
 
 
+def fake_manifest(**kw) -> dict:
+    """A shard manifest's fields that preflight reads (tiny widths, the packaged vocabulary), `kw` replacing."""
+    m = {"dataset": "mosi", "feature_dims": {"audio": 7, "visual": 9},
+         "counts": {"train": 200, "valid": 30, "test": 40},
+         "tokenizers": {"text": {"name": "psamf:tiny", "vocab_size": 333, "max_len": 32},
+                        "personality": {"name": "psamf:tiny", "vocab_size": 333, "max_len": 32}},
+         "personality_cls": None}
+    m.update(kw)
+    return m
+
+
 def make_batch(cfg: ModelConfig, B: int = 4, L: int = 12, T_a: int = 9, T_v: int = 11, seed: int = 0) -> dict:
     """A random batch with varied true lengths, valid frames first, zero padding after."""
     g = torch.Generator().manual_seed(seed)

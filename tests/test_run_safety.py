@@ -25,6 +25,7 @@ from psamf import checkpoint, preflight, results
 from psamf.config import Config, ConfigError, ablate
 from psamf.engine import Selector, build_optimizer, build_scheduler
 from psamf.model import build_model
+from tests.helpers import fake_manifest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL = pafs.LocalFileSystem()
@@ -47,16 +48,6 @@ def _save(cfg: Config, path: str, epoch: int, history: list) -> None:
 def _truncate(path: str) -> None:
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-
-
-def _manifest(**kw) -> dict:
-    m = {"dataset": "mosi", "feature_dims": {"audio": 7, "visual": 9},
-         "counts": {"train": 200, "valid": 30, "test": 40},
-         "tokenizers": {"text": {"name": "psamf:tiny", "vocab_size": 333, "max_len": 32},
-                        "personality": {"name": "psamf:tiny", "vocab_size": 333, "max_len": 32}},
-         "personality_cls": None}
-    m.update(kw)
-    return m
 
 
 # ----------------------------------------------------------------------------- item 3: checksums and repair
@@ -193,7 +184,7 @@ def test_storage_path_on_a_missing_bucket_is_refused_and_not_created(cfg, tmp_pa
 
     c = cfg.override(["run.storage_path=s3://psamf-no-such-bucket/runs", f"run.s3_endpoint={s3_server}"])
     with pytest.raises(ConfigError, match=r"run\.storage_path.*psamf-no-such-bucket.*does not exist"):
-        preflight.preflight(c, manifest=_manifest(), check_resources=False)
+        preflight.preflight(c, manifest=fake_manifest(), check_resources=False)
     names = [b["Name"] for b in boto3.client("s3", endpoint_url=s3_server).list_buckets()["Buckets"]]
     assert "psamf-no-such-bucket" not in names
 
@@ -201,7 +192,7 @@ def test_storage_path_on_a_missing_bucket_is_refused_and_not_created(cfg, tmp_pa
 # ----------------------------------------------------------------------------- item 9
 def test_preflight_takes_the_text_length_from_the_manifest(cfg, tmp_path):
     c = cfg.override([f"run.storage_path={tmp_path}", "data.max_text_len=32"])
-    man = _manifest()
+    man = fake_manifest()
     man["tokenizers"]["text"]["max_len"] = 50
     pf = preflight.preflight(c, manifest=man, check_resources=False)
     assert pf.cfg.data.max_text_len == 50
@@ -212,10 +203,10 @@ def test_a_run_that_never_started_does_not_block_its_name(cfg, tmp_path):
     (tmp_path / "r1").mkdir()
     (tmp_path / "r1" / "config.yaml").write_text(c.override(["model.hidden_size=64",
                                                              "model.num_attention_heads=2"]).to_yaml())
-    preflight.preflight(c, manifest=_manifest(), check_resources=False)  # no checkpoint: not a run to resume
+    preflight.preflight(c, manifest=fake_manifest(), check_resources=False)  # no checkpoint: not a run to resume
     _save(cfg, str(tmp_path / "r1" / "checkpoint_epoch=000"), 0, [{"epoch": 0}])
     with pytest.raises(ConfigError, match=r"already exists.*model\.hidden_size"):
-        preflight.preflight(c, manifest=_manifest(), check_resources=False)
+        preflight.preflight(c, manifest=fake_manifest(), check_resources=False)
 
 
 def test_a_resumed_run_may_train_longer_but_not_change_its_recipe(cfg, tmp_path):
@@ -224,24 +215,24 @@ def test_a_resumed_run_may_train_longer_but_not_change_its_recipe(cfg, tmp_path)
     both values named; how long it trains (and amp, compile) may change."""
     c = cfg.override([f"run.storage_path={tmp_path}", "run.name=r2"])
     (tmp_path / "r2").mkdir()
-    resolved = preflight.preflight(c, manifest=_manifest(), check_resources=False).cfg  # with the shards' dims
+    resolved = preflight.preflight(c, manifest=fake_manifest(), check_resources=False).cfg  # with the shards' dims
     (tmp_path / "r2" / "config.yaml").write_text(resolved.to_yaml())
     _save(cfg, str(tmp_path / "r2" / "checkpoint_epoch=000"), 0, [{"epoch": 0}])
     longer = c.override([f"optim.epochs={c.optim.epochs + 5}", "optim.early_stop_patience=3", "optim.amp=off",
                          "run.num_workers=1", "data.prefetch_batches=2"])
-    preflight.preflight(longer, manifest=_manifest(), check_resources=False)
+    preflight.preflight(longer, manifest=fake_manifest(), check_resources=False)
     for change, named in (("optim.lr_main=0.0001", r"optim\.lr_main: 0\.003 -> 0\.0001"),
                           ("optim.batch_size=8", r"optim\.batch_size: 32 -> 8"),
                           ("optim.plateau_factor=0.1", r"optim\.plateau_factor: 0\.5 -> 0\.1")):
         with pytest.raises(ConfigError, match=r"run\.name='r2' already exists.*" + named):
-            preflight.preflight(c.override([change]), manifest=_manifest(), check_resources=False)
+            preflight.preflight(c.override([change]), manifest=fake_manifest(), check_resources=False)
 
 
 def test_a_run_does_not_resume_on_a_data_set_prepared_again(cfg, tmp_path):
     """`psamf prepare` into the run's data directory again (another corpus, or the same one re-prepared) gives it a
     new data_version; the resumed run used to train on, select on and test on the new data without a word."""
     c = cfg.override([f"run.storage_path={tmp_path}", "run.name=r3"])
-    man = _manifest(data_version="v-aaaaaaaaaaaa", created_utc="2026-12-01T10:00:00+00:00")
+    man = fake_manifest(data_version="v-aaaaaaaaaaaa", created_utc="2026-12-01T10:00:00+00:00")
     resolved = preflight.preflight(c, manifest=man, check_resources=False).cfg
     (tmp_path / "r3").mkdir()
     (tmp_path / "r3" / "config.yaml").write_text(resolved.to_yaml())

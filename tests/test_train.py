@@ -18,7 +18,7 @@ from psamf import train as T
 from psamf.commands import train as train_cmd
 from psamf.config import Config, ConfigError
 from psamf.model import build_model
-from tests.helpers import make_batch, tiny_cfg
+from tests.helpers import fake_manifest, make_batch, tiny_cfg
 
 torch.set_num_threads(1)
 
@@ -379,19 +379,9 @@ def test_checkpoint_round_trip_resumes_identically(cfg, tmp_path):
 
 
 # ----------------------------------------------------------------------------- preflight (no Ray)
-def _manifest(**kw) -> dict:
-    m = {"dataset": "mosi", "feature_dims": {"audio": 7, "visual": 9},
-         "counts": {"train": 200, "valid": 30, "test": 40},
-         "tokenizers": {"text": {"name": "psamf:tiny", "vocab_size": 333, "max_len": 32},
-                        "personality": {"name": "psamf:tiny", "vocab_size": 333, "max_len": 32}},
-         "personality_cls": None}
-    m.update(kw)
-    return m
-
-
 def test_preflight_takes_dims_from_the_manifest(cfg, tmp_path):
     c = cfg.override([f"run.storage_path={tmp_path}"])
-    pf = preflight.preflight(c, manifest=_manifest())
+    pf = preflight.preflight(c, manifest=fake_manifest())
     assert (pf.cfg.model.audio_dim, pf.cfg.model.visual_dim) == (7, 9)
     assert pf.storage.root == str(tmp_path) and pf.cfg.preset == "tiny"
 
@@ -408,18 +398,19 @@ def test_preflight_takes_dims_from_the_manifest(cfg, tmp_path):
 def test_preflight_rejects_bad_configs(cfg, tmp_path, override, manifest, match):
     c = cfg.override([f"run.storage_path={tmp_path}", *override])
     with pytest.raises(ConfigError, match=match):
-        preflight.preflight(c, manifest=_manifest(**manifest))
+        preflight.preflight(c, manifest=fake_manifest(**manifest))
 
 
 def test_preflight_refuses_to_resume_a_run_with_another_model(cfg, tmp_path):
     c = cfg.override([f"run.storage_path={tmp_path}", "run.name=r1"])
-    pf = preflight.preflight(c, manifest=_manifest())
+    pf = preflight.preflight(c, manifest=fake_manifest())
     (tmp_path / "r1").mkdir()
     (tmp_path / "r1" / "config.yaml").write_text(pf.cfg.to_yaml())
     (tmp_path / "r1" / "checkpoint_epoch=000").mkdir()  # a run holds its name once it has a checkpoint
-    preflight.preflight(c.override(["optim.epochs=9"]), manifest=_manifest())  # more epochs: a resume, fine
+    preflight.preflight(c.override(["optim.epochs=9"]), manifest=fake_manifest())  # more epochs: a resume, fine
     with pytest.raises(ConfigError, match=r"already exists.*model\.hidden_size"):
-        preflight.preflight(c.override(["model.hidden_size=64", "model.num_attention_heads=2"]), manifest=_manifest())
+        preflight.preflight(c.override(["model.hidden_size=64", "model.num_attention_heads=2"]),
+                            manifest=fake_manifest())
 
 
 # ----------------------------------------------------------------------------- CLI, jobs entrypoint
