@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
+from psamf import datasets
 from psamf.config import ConfigError
 from psamf.storage import resolve, same_model_name
 
@@ -113,6 +114,13 @@ def read_manifest(uri: str, s3_endpoint: str | None = None, *,
     return man
 
 
+def _same_metrics(a: str, b: str) -> bool:
+    try:
+        return datasets.get(a).metric_family == datasets.get(b).metric_family
+    except ValueError:  # an unknown name: not the same
+        return False
+
+
 def check_manifest(manifest: Mapping[str, Any], data_cfg: Any) -> None:
     """The config's data section must describe the shards it reads: data set, tokenizers, text length.
 
@@ -122,7 +130,8 @@ def check_manifest(manifest: Mapping[str, Any], data_cfg: Any) -> None:
     """
     uri = data_cfg.uri
     mds = manifest.get("dataset")
-    if mds and data_cfg.dataset != "custom" and mds != data_cfg.dataset:
+    # data.dataset=custom reads any corpus scored with its metrics (MOSI/MOSEI's), never SIMS shards
+    if mds and mds != data_cfg.dataset and not (data_cfg.dataset == "custom" and _same_metrics(mds, "custom")):
         raise ShardError(f"data.dataset={data_cfg.dataset!r} but the shards at {uri} hold {mds!r}: "
                          "the metrics (and the preset's dims) would be the wrong ones")
     toks = manifest.get("tokenizers") or {}

@@ -72,12 +72,18 @@ def test_read_manifest_round_trip_local_and_s3(tmp_path, s3_bucket):
 
 def test_check_manifest_accepts_matching_config():
     check_manifest(_manifest(), _cfg())
-    check_manifest(_manifest(dataset="sims"), _cfg(dataset="custom"))  # custom reads any corpus
+    for corpus in ("mosi", "mosei", "custom"):  # custom reads any corpus scored with its (MOSI/MOSEI) metrics
+        check_manifest(_manifest(dataset=corpus), _cfg(dataset="custom"))
 
 
 def test_check_manifest_mismatched_dataset():
     with pytest.raises(ShardError, match="data.dataset='mosei' but the shards at /shards/x hold 'mosi'"):
         check_manifest(_manifest(), _cfg(dataset="mosei"))
+    for corpus in ("sims", "simsv2"):  # SIMS shards scored with MOSI's Acc-7 would be meaningless
+        with pytest.raises(ShardError, match=f"data.dataset='custom' but the shards at /shards/x hold '{corpus}'"):
+            check_manifest(_manifest(dataset=corpus), _cfg(dataset="custom"))
+    with pytest.raises(ShardError, match="data.dataset='custom'"):
+        check_manifest(_manifest(dataset="iemocap"), _cfg(dataset="custom"))
 
 
 def test_check_manifest_mismatched_tokenizers():
