@@ -251,7 +251,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "data.uri must not be empty")
-        _check(1 <= self.max_text_len <= 512, f"data.max_text_len must be in [1, 512], got {self.max_text_len}")
+        _check(3 <= self.max_text_len <= 512,
+               f"data.max_text_len must be in [3, 512] ([CLS], at least one token, [SEP]), got {self.max_text_len}")
         _check(self.group_window >= 1, "data.group_window must be >= 1")
         _check(0.0 <= self.length_noise < 1.0, f"data.length_noise must be in [0, 1) (a relative jitter of the "
                                                f"transcript length when grouping), got {self.length_noise}")

@@ -717,8 +717,8 @@ def _check_args(layout: str, max_text_len: int, rows_per_shard: int | None, targ
                 row_group_mb: float) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if not 1 <= int(max_text_len) <= 512:
-        raise ValueError(f"max_text_len must be in [1, 512], got {max_text_len}")
+    if not 3 <= int(max_text_len) <= 512:
+        raise ValueError(f"max_text_len must be in [3, 512] ([CLS], at least one token, [SEP]), got {max_text_len}")
     if rows_per_shard is not None and rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     if target_shard_mb <= 0 or row_group_mb <= 0:
@@ -733,6 +733,13 @@ def _tokenize_splits(raw: RawDataset, splits: Sequence[str], tok: Any, ptok: Any
         sp = raw.splits[s]
         tokens[s] = _tokenize(tok, sp.text, max_text_len)
         p_tokens[s] = tokens[s] if ptok is tok else _tokenize(ptok, sp.text, max_text_len)
+        for t, what in ((tok, tokens[s]), (ptok, p_tokens[s])):
+            empty = np.flatnonzero(what["full_len"] <= t.num_special_tokens_to_add())
+            if empty.size:  # a transcript of characters the tokenizer drops (zero-width spaces, control codes)
+                i = int(empty[0])
+                raise ValueError(f"text: no tokens after tokenisation with {getattr(t, 'name_or_path', '?')!r} "
+                                 f"(only [CLS] [SEP]; {empty.size} such transcript(s)), transcript {sp.text[i]!r} "
+                                 f"(split={s!r}, sample_id={sp.ids[i]!r}, source={_source_desc(raw)})")
         index[s] = np.arange(start, start + len(sp), dtype=np.int64)
         start += len(sp)
     return tokens, p_tokens, index

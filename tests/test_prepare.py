@@ -262,6 +262,9 @@ def _mutate(what):
     if what == "empty_text":
         sp.text[2] = "   "
         return raw, r"text: empty transcript.*split='valid'.*" + _re(sid) + r".*/data/x\.pkl"
+    if what == "text_without_tokens":  # zero-width spaces pass str.strip() but the tokenizer drops them
+        sp.text[2] = "\u200b\u200b"
+        return raw, r"text: no tokens after tokenisation.*only \[CLS\] \[SEP\].*split='valid'.*" + _re(sid)
     if what == "label_range":
         sp.label[2] = 3.5
         return raw, r"label: 3\.5 outside the label range \[-3\.0, 3\.0\].*'valid'.*" + _re(sid)
@@ -298,7 +301,7 @@ def _re(s: str) -> str:
     return re.escape(s)
 
 
-@pytest.mark.parametrize("what", ["empty_text", "label_range", "label_nan", "duplicate_id", "audio_dim",
+@pytest.mark.parametrize("what", ["empty_text", "text_without_tokens", "label_range", "label_nan", "duplicate_id", "audio_dim",
                                   "visual_zero_len", "audio_1d", "visual_nan", "length_mismatch", "no_train"])
 def test_bad_input_rejected_before_writing(tmp_path, what):
     raw, pattern = _mutate(what)
@@ -313,6 +316,8 @@ def test_bad_arguments(tmp_path):
         run_prepare(make_raw(), tmp_path / "x", layout="dense")
     with pytest.raises(ValueError, match="rows_per_shard"):
         run_prepare(make_raw(), tmp_path / "x", rows_per_shard=0)
+    with pytest.raises(ValueError, match=r"max_text_len must be in \[3, 512\]"):
+        run_prepare(make_raw(), tmp_path / "x", max_text_len=2)
     with pytest.raises(ValueError, match="tokenizer"):
         run_prepare(make_raw(), tmp_path / "x", tokenizer=str(tmp_path / "no-such-tokenizer"))
     assert not (tmp_path / "x").exists()
