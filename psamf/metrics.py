@@ -218,8 +218,17 @@ def sentiment_class7(pred: Any, dataset: str = "mosi") -> np.ndarray:
     CH-SIMS / SIMS v2 scores live on [-1, 1], where rounding would leave three classes: the same seven classes
     are taken on that scale, `round(3 * clip(p, -1, 1))` (steps of 1/3), so the label means the same thing
     whichever corpus the model was trained on."""
-    p = _as_float_array(pred, "pred")
+    p = _finite_scores(pred)
     return _class7(p, (-1.0, 1.0) if _family(dataset) == "sims" else (-3.0, 3.0)).astype(np.int8)
+
+
+def _finite_scores(pred: Any) -> np.ndarray:
+    p = _as_float_array(pred, "pred")
+    bad = np.flatnonzero(~np.isfinite(p))
+    if bad.size:
+        raise ValueError(f"pred: {bad.size} score(s) not finite (NaN or inf), first at position {int(bad[0])}: "
+                         "a score without a class or polarity")
+    return p
 
 
 def _class7(values: np.ndarray, label_range: tuple[float, float]) -> np.ndarray:
@@ -238,7 +247,7 @@ def polarity(pred: Any, dataset: str = "mosi") -> np.ndarray:
     MOSI / MOSEI / custom follow the non-zero convention of `acc2_non0`: a score above 0 is positive, below 0
     negative, and exactly 0 is the neutral class that convention leaves out. CH-SIMS / SIMS v2 use their Acc-3
     bins: [-1, -0.1] negative, (-0.1, 0.1] neutral, (0.1, 1] positive (after clipping to [-1, 1])."""
-    p = _as_float_array(pred, "pred")
+    p = _finite_scores(pred)
     if _family(dataset) == "sims":
         cls = _bins(np.clip(p, -1.0, 1.0), _SIMS_EDGES_3)  # 0, 1, 2
     else:

@@ -55,8 +55,8 @@ import pyarrow.parquet as pq
 
 from psamf.config import Config, ConfigError
 
-__all__ = ["OUTPUT_SCHEMA", "SUMMARY_NAME", "PredictionReport", "BatchPredictor", "resolve_source",
-           "checkpoint_config_at", "predict_dataset", "predict"]
+__all__ = ["OUTPUT_SCHEMA", "SUMMARY_NAME", "PredictionReport", "BatchPredictor", "NonFiniteScoreError",
+           "resolve_source", "checkpoint_config_at", "predict_dataset", "predict"]
 
 log = logging.getLogger("psamf.predict")
 
@@ -131,6 +131,10 @@ def _assigned_cpus() -> int:
     return int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
 
 
+class NonFiniteScoreError(ValueError):
+    """The model gave a NaN or inf score (raised in a prediction actor, reported by `predict` in one line)."""
+
+
 class BatchPredictor:
     """The `map_batches` callable: loads the model once per actor, scores one Arrow batch per call.
 
@@ -164,6 +168,12 @@ class BatchPredictor:
         with torch.inference_mode():
             out = self.model(**{k: v.to(self.device) for k, v in model_inputs(batch).items()})
         score = out.prediction.float().cpu().numpy().astype(np.float32).reshape(-1)
+        bad = np.flatnonzero(~np.isfinite(score))
+        if bad.size:  # inputs are checked finite before this: a diverged or damaged model
+            ids = ", ".join(repr(batch["sample_id"][i]) for i in bad[:5])
+            raise NonFiniteScoreError(f"the model scored {bad.size} of {len(score)} sample(s) in a batch as NaN or inf "
+                                      f"(ids {ids}{', ...' if bad.size > 5 else ''}): the checkpoint's weights are "
+                                      "not finite or the model diverged; nothing was written")
         dataset = self.cfg.data.dataset
         label = batch["label"].numpy().astype(np.float32) if self.labelled else None
         return pa.table({
@@ -174,6 +184,24 @@ class BatchPredictor:
             "label": pa.array(label, pa.float32()) if label is not None else pa.nulls(len(score), pa.float32()),
             "index": pa.array(batch["index"].numpy(), pa.int64()),
         })
+
+
+def _raised_in_actor(e: BaseException, kind: type[Exception]) -> Exception | None:
+    """The `kind` exception an actor raised behind `e`, or None. Ray Data re-raises it on the driver as a
+    `RayTaskError(UserCodeException)` that keeps the actor's error only as traceback text: its last
+    `module.Kind: message` line is rebuilt."""
+    tag = f"{kind.__module__}.{kind.__name__}: "
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, kind):
+            return x
+        lines = [ln for ln in str(x).splitlines() if ln.startswith(tag)]
+        if lines:
+            return kind(lines[-1][len(tag):])
+        x = getattr(x, "cause", None) or x.__cause__ or x.__context__
+    return None
 
 
 def predict_dataset(ds: Any, checkpoint: str, *, batch_size: int = 64, actors: int = 1, use_gpu: bool = False,
@@ -414,10 +442,16 @@ def predict(source: str, out: str, *, shards: str | None = None, split: str | No
         preds = predict_dataset(ds, ck, batch_size=batch_size, actors=actors, use_gpu=use_gpu,
                                 cpus_per_actor=cpus_per_actor, s3_endpoint=s3_endpoint, overrides=overrides,
                                 normalization=trained.normalization, labelled=labelled)
-        if _is_file_output(out):
-            files = _write_file(preds, out, s3_endpoint, n)
-        else:
-            files = _write_dir(preds, out, s3_endpoint, n, {"checkpoint": ck, "input": what})
+        try:
+            if _is_file_output(out):
+                files = _write_file(preds, out, s3_endpoint, n)
+            else:
+                files = _write_dir(preds, out, s3_endpoint, n, {"checkpoint": ck, "input": what})
+        except Exception as e:  # Ray wraps an actor's error twice: report a NaN score as itself, in one line
+            cause = _raised_in_actor(e, NonFiniteScoreError)
+            if cause is None:
+                raise
+            raise NonFiniteScoreError(f"{ck}: {cause}") from None
     report = PredictionReport(out=out, rows=n, checkpoint=ck, input=what, seconds=time.perf_counter() - t0,
                               files=files)
     log.info("predicted %d samples from %s with %s -> %s (%.1f samples/s)", n, what, ck, out, report.samples_per_s)

@@ -211,7 +211,7 @@ def test_bad_inputs_are_refused_naming_field_and_file(corpus, run_dir, tmp_path)
     bad = [dict(r) for r in rows]
     bad[1]["text"] = " "
     path = _write_csv(tmp_path / "empty-text.csv", fields, bad)
-    with pytest.raises(ValueError, match=r"text: empty transcript.*empty-text\.csv"):
+    with pytest.raises(ValueError, match=r"empty-text\.csv: row id .* field 'text' is empty"):
         predict(str(run_dir), str(out), manifest=path)
     with pytest.raises(ConfigError, match=r"data.max_text_len=50 .* hold 32 tokens"):
         predict(str(run_dir), str(out), shards=corpus["shards"], overrides=["data.max_text_len=50"])
@@ -224,6 +224,29 @@ def test_bad_inputs_are_refused_naming_field_and_file(corpus, run_dir, tmp_path)
     with pytest.raises(ConfigError, match="no run named 'nope'"):
         predict("nope", str(out), shards=corpus["shards"], storage_path=str(tmp_path))
     assert not out.exists()
+
+
+def test_a_model_that_scores_nan_is_reported_in_one_error_and_nothing_is_written(ray_cluster, corpus, run_dir,
+                                                                                  tmp_path):
+    """A checkpoint with non-finite weights (a diverged run): the actor's error reaches the caller as itself,
+    naming the sample ids, not as Ray's UDF error; no output file or directory is left."""
+    from psamf.predict import NonFiniteScoreError
+
+    model, cfg = checkpoint.load_model(str(run_dir / "checkpoint_epoch=001"))
+    with torch.no_grad():
+        model.fusion_prj.linear_3.bias.fill_(float("nan"))  # the regression output
+    ck = tmp_path / "diverged" / "checkpoint_epoch=000"
+    checkpoint.save_checkpoint(str(ck), model=model, optimizer=torch.optim.Adam(model.parameters()),
+                               scheduler=None, selector=Selector("val_mae"), epoch=0, history=[], cfg=cfg)
+    for out in (tmp_path / "p.parquet", tmp_path / "p-dir"):
+        with pytest.raises(NonFiniteScoreError, match=r"scored \d+ of \d+ sample\(s\) in a batch as NaN or inf "
+                                                      r"\(ids '.+\$_\$.+'.*nothing was written"):
+            predict(str(ck), str(out), shards=corpus["shards"], split="valid", batch_size=8)
+        assert not out.exists()
+    with pytest.raises(ValueError, match="1 score\\(s\\) not finite"):
+        sentiment_class7([0.5, float("nan")])
+    with pytest.raises(ValueError, match="not finite"):
+        polarity([float("inf")])
 
 
 def test_personality_cls_must_come_from_the_encoder_the_checkpoint_was_trained_on(ray_cluster, corpus, tmp_path):
