@@ -419,7 +419,11 @@ class _WindowCollate(ArrowBatchCollateFn):
             order = rng.permutation(n)
         else:
             order = np.arange(n)
-        batches = [order[i: i + bs] for i in range(0, n, bs)]
+        short = np.empty(0, np.int64)
+        if rng is not None and n % bs and n > bs:  # the short batch (dropped in training): random rows, not the
+            cut = rng.choice(n, n % bs, replace=False)  # longest transcripts that a sorted order leaves at its end
+            short, order = order[np.sort(cut)], np.delete(order, cut)
+        batches = [order[i: i + bs] for i in range(0, len(order), bs)] + ([short] if short.size else [])
         if rng is not None and len(batches) > 1:
             full = [b for b in batches if len(b) == bs]
             part = [b for b in batches if len(b) < bs]

@@ -289,6 +289,25 @@ def test_window_short_batch_last():
     assert [len(b["sample_id"]) for b in bs] == [8, 8, 8, 8, 5]
 
 
+def test_the_short_batch_training_drops_is_not_the_longest_transcripts():
+    """With length grouping, a window's rows sorted by length would leave its longest transcripts in the short
+    batch that training drops, every epoch. The short batch takes random rows: over 200 epochs the dropped rows'
+    mean length rank is near the middle, and every row is dropped in some epoch."""
+    wc = _WindowCollate(PadCollate(), 4, seed=0, epoch=0, shuffle=True, group=True, noise=0.05)
+    lens = np.arange(37) + 3  # distinct lengths: rank = length - 3
+    dropped = []
+    for epoch in range(200):
+        wc.epoch = epoch
+        bs = wc.batch_order(37, 0, lens)
+        assert sorted(np.concatenate(bs).tolist()) == list(range(37)) and [len(b) for b in bs][-1] == 1
+        assert all(len(b) == 4 for b in bs[:-1])
+        dropped += bs[-1].tolist()
+    assert 0.35 < np.mean(dropped) / 36 < 0.65, np.mean(dropped) / 36  # sorted order: 1.0 every epoch
+    assert len(set(dropped)) > 30
+    full = wc.batch_order(37, 0, lens)[:-1]
+    assert np.mean([np.ptp(lens[b]) for b in full]) < 4  # the full batches stay grouped by length
+
+
 def test_started_early_fetches_the_first_item_before_iteration_and_yields_all_in_order():
     import threading
 
