@@ -37,10 +37,12 @@ by `PadCollate` with the manifest's train-split statistics; shards always hold t
 Splits across Train workers: **only train is split** (`split_config()`: `streaming_split(n,
 equal=True)`: every rank gets the same number of rows — hence of batches with `drop_last=True` — and
 together they cover the split minus fewer than `n` rows). **valid and test are not split**: every
-rank streams the whole split in shard order (`preserve_order`) and computes the full metrics itself,
-so all ranks agree without any all-reduce / all-gather; rank 0 reports them. Evaluation is a small
-fraction of an epoch (MOSEI: 1,871 valid rows vs 16,326 train rows, forward only), so splitting it
-would save little and cost a gather of every prediction (Corr and F1 need them all, not sums).
+rank streams the whole split in shard order (`preserve_order`), evaluates the rows a stable hash of the
+sample id gives it (`engine.eval_partition`), and the predictions, labels and ids of all ranks are gathered
+(`engine.gather_eval`), so every rank computes the same metrics over the whole split (Corr and F1 need every
+prediction, not sums). Each rank forwards only its rows, so evaluation gets faster with more workers; the
+in-batch loss terms (ccl, clm, ps, total) are computed on a rank's part of a batch and therefore depend on the
+number of ranks, while MAE, Corr, the accuracies and the L1 loss do not.
 Evaluate with the unwrapped model (`model.module`) so that no DDP collective runs in forward.
 
 Batches (`iter_batches`) are dicts (B = rows, L_b / L_pb = the batch's longest transcript per

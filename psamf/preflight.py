@@ -55,6 +55,11 @@ def _check_selection(cfg: Config) -> None:
     lower_better = o.select_metric in ("val_loss", "val_mae") or o.select_metric in (f"val_{t}" for t in LOSS_TERMS)
     if (o.select_mode == "max") == lower_better:
         log.warning("optim.select_mode=%s with select_metric=%s: is that intended?", o.select_mode, o.select_metric)
+    if o.select_metric in {f"val_{t}" for t in LOSS_TERMS if t != "l1"} and cfg.run.num_workers > 1:
+        log.warning("optim.select_metric=%s is an in-batch loss term: each of the %d workers computes it on its "
+                    "part of every validation batch, so its value, and the epoch it selects, depend on "
+                    "run.num_workers (val_loss, val_mae and the accuracies do not)", o.select_metric,
+                    cfg.run.num_workers)
 
 
 def check_placeholders(cfg: Config, source: str | None = None) -> None:

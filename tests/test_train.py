@@ -401,6 +401,20 @@ def test_preflight_rejects_bad_configs(cfg, tmp_path, override, manifest, match)
         preflight.preflight(c, manifest=fake_manifest(**manifest))
 
 
+def test_selecting_on_an_in_batch_loss_term_with_several_workers_is_warned_about(cfg, tmp_path, caplog):
+    """val_ccl/val_clm/val_ps/val_total depend on how a validation batch is divided among the workers."""
+    c = cfg.override([f"run.storage_path={tmp_path}", "optim.select_metric=val_total"])
+    with caplog.at_level("WARNING", logger="psamf.preflight"):
+        preflight.preflight(c.override(["run.num_workers=1"]), manifest=fake_manifest(), check_resources=False)
+        assert "in-batch loss term" not in caplog.text
+        preflight.preflight(c.override(["run.num_workers=2"]), manifest=fake_manifest(), check_resources=False)
+        assert "select_metric=val_total is an in-batch loss term" in caplog.text
+        caplog.clear()
+        preflight.preflight(c.override(["run.num_workers=2", "optim.select_metric=val_loss"]),
+                            manifest=fake_manifest(), check_resources=False)
+        assert "in-batch loss term" not in caplog.text
+
+
 def test_preflight_refuses_to_resume_a_run_with_another_model(cfg, tmp_path):
     c = cfg.override([f"run.storage_path={tmp_path}", "run.name=r1"])
     pf = preflight.preflight(c, manifest=fake_manifest())
