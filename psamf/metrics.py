@@ -321,7 +321,9 @@ def format_table(
              else "all values unscaled (accuracies/F1 as fractions)")
     seeds = f"{n_seeds} seed(s), " if n_seeds is not None else ""
     lines = [title] if title else []
-    lines.append(f"# {seeds}mean ± population std (ddof=0); {units}")
+    one = n_seeds == 1  # one seed has no spread: "± 0.00" would claim a measured one
+    lines.append(f"# 1 seed, no spread to show; {units}" if one else
+                 f"# {seeds}mean ± population std (ddof=0); {units}")
     width = max([len("metric")] + [len(k) for k in rows])
     cells = []
     for k in rows:
@@ -330,9 +332,10 @@ def format_table(
         d = digits if scale == 100.0 else digits + 2
         cells.append((k, f"{mean * scale:.{d}f}", f"{std * scale:.{d}f}", "%" if scale == 100.0 else ""))
     mw = max([4] + [len(c[1]) for c in cells])
-    lines.append(f"{'metric':<{width}}  {'mean':>{mw}}   std")
+    lines.append(f"{'metric':<{width}}  {'value' if one else 'mean':>{mw}}{'' if one else '   std'}")
     for k, m, s, u in cells:
-        lines.append(f"{k:<{width}}  {m:>{mw}} ± {s}{(' ' + u) if u else ''}")
+        lines.append(f"{k:<{width}}  {m:>{mw}}{' ' + u if u else ''}" if one else
+                     f"{k:<{width}}  {m:>{mw}} ± {s}{(' ' + u) if u else ''}")
     return "\n".join(lines)
 
 

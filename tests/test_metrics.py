@@ -270,6 +270,8 @@ def test_format_table_units():
     assert "0.8250 ± 0.0050" in raw and "mae" not in raw
     with pytest.raises(KeyError):
         format_table(runs, keys=["acc9"])
+    one = format_table(runs[:1])  # one seed: values, no "± 0.00" spread
+    assert "1 seed, no spread" in one and "82.00 %" in one and "0.7000" in one and "±" not in one
 
 
 def test_trivial_baselines_hand_computed():
