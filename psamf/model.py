@@ -277,7 +277,8 @@ def run_bert_layer(layer: nn.Module, h: Tensor, mask4: Tensor) -> Tensor:
 @dataclass
 class PSAMFOutput:
     prediction: Tensor  # (B,) sentiment score
-    hidden_states: tuple[Tensor, ...]  # sentiment BERT states: 0 = embeddings, 1..N text, then multimodal
+    hidden_states: tuple[Tensor, ...]  # sentiment BERT states: 0 = embeddings, 1..N text, the pre-fusion input, then
+    #                                     one per multimodal layer (the pre-fusion input only with model.use_prefusion)
     cls_personality: Tensor | None = None  # (B, H_p) CLS_p, None without personality
     align_cos: Tensor | None = None  # (B,) cos(T_s, T_p) per sample
     ccl_pair: ClipPair | None = None  # CLIP(T_s, T_p) embeddings for L_ccl
