@@ -75,6 +75,9 @@ def check_placeholders(cfg: Config, source: str | None = None) -> None:
                           "line (model.personality_model=null trains without the pretrained personality BERT)")
 
 
+_TEXT_LEN_SAID: set[tuple[str, int, int]] = set()
+
+
 def _model_from_manifest(cfg: Config, man: Mapping[str, Any]) -> dict[str, Any]:
     """The config as a dict with the manifest's feature dims and text length (data facts fixed by `psamf
     prepare`: the manifest is authoritative, so `psamf train --preset tiny data.uri=...` works on shards of any
@@ -82,7 +85,10 @@ def _model_from_manifest(cfg: Config, man: Mapping[str, Any]) -> dict[str, Any]:
     d = cfg.to_dict()
     L = ((man.get("tokenizers") or {}).get("text") or {}).get("max_len")
     if L is not None and int(L) != d["data"]["max_text_len"]:
-        log.info("data.max_text_len: %d -> %d (from the shards' manifest)", d["data"]["max_text_len"], int(L))
+        said = (d["data"]["uri"], d["data"]["max_text_len"], int(L))
+        if said not in _TEXT_LEN_SAID:  # once per process and data set: a study preflights every run
+            _TEXT_LEN_SAID.add(said)
+            log.info("data.max_text_len: %d -> %d (from the shards' manifest)", d["data"]["max_text_len"], int(L))
         d["data"]["max_text_len"] = int(L)
     dims = man.get("feature_dims") or {}
     for key, name in (("audio", "audio_dim"), ("visual", "visual_dim")):

@@ -190,12 +190,15 @@ def test_storage_path_on_a_missing_bucket_is_refused_and_not_created(cfg, tmp_pa
 
 
 # ----------------------------------------------------------------------------- item 9
-def test_preflight_takes_the_text_length_from_the_manifest(cfg, tmp_path):
-    c = cfg.override([f"run.storage_path={tmp_path}", "data.max_text_len=32"])
+def test_preflight_takes_the_text_length_from_the_manifest(cfg, tmp_path, caplog):
+    c = cfg.override([f"run.storage_path={tmp_path}", "data.max_text_len=32", f"data.uri={tmp_path}/shards"])
     man = fake_manifest()
     man["tokenizers"]["text"]["max_len"] = 50
-    pf = preflight.preflight(c, manifest=man, check_resources=False)
-    assert pf.cfg.data.max_text_len == 50
+    with caplog.at_level("INFO", logger="psamf.preflight"):
+        for name in ("a", "b", "c"):  # a study preflights each of its runs: the change is said once
+            pf = preflight.preflight(c.override([f"run.name={name}"]), manifest=man, check_resources=False)
+            assert pf.cfg.data.max_text_len == 50
+    assert caplog.text.count("data.max_text_len: 32 -> 50 (from the shards' manifest)") == 1
 
 
 def test_a_run_that_never_started_does_not_block_its_name(cfg, tmp_path):
