@@ -72,9 +72,10 @@ def _read(path) -> dict:
 
 
 def _split_ids(shards: str, manifest: dict, split: str) -> list[str]:
-    return sorted(i for s in manifest["shards"] if s["split"] == split
-                  for i in pq.read_table(os.path.join(shards, s["path"]), columns=["sample_id"])
-                  .column("sample_id").to_pylist())
+    """The split's sample ids in input order: its shards as the manifest lists them, rows in shard order."""
+    return [i for s in manifest["shards"] if s["split"] == split
+            for i in pq.read_table(os.path.join(shards, s["path"]), columns=["sample_id"])
+            .column("sample_id").to_pylist()]
 
 
 def _forward_labels(shards: str, manifest: dict, split: str) -> list[float]:
@@ -124,14 +125,14 @@ def test_predictions_equal_forward_and_cover_every_id_once(ray_cluster, s3_bucke
     assert table.schema.remove_metadata() == OUTPUT_SCHEMA
     got = table.to_pydict()
     assert len(got["id"]) == len(set(got["id"])) == n_test
-    assert sorted(got["id"]) == _split_ids(corpus["shards"], corpus["manifest"], "test")
+    assert got["id"] == _split_ids(corpus["shards"], corpus["manifest"], "test")  # one file: input order
     ref = _forward_scores(run_dir, corpus["shards"], "test", batch_size=32)
     np.testing.assert_allclose(got["score"], [ref[i] for i in got["id"]], atol=1e-5, rtol=0)
     score = np.asarray(got["score"], np.float32)
     assert got["class7"] == sentiment_class7(score, "mosi").tolist()
     assert got["polarity"] == polarity(score, "mosi").tolist()
     label = np.asarray(got["label"], np.float32)
-    assert sorted(label.tolist()) == sorted(_forward_labels(corpus["shards"], corpus["manifest"], "test"))
+    assert label.tolist() == _forward_labels(corpus["shards"], corpus["manifest"], "test")
     acc7 = np.mean(np.asarray(got["class7"]) == sentiment_class7(label, "mosi"))
     assert acc7 == pytest.approx(regression_metrics(score, label)["acc7"])  # the metric's own classes
 
