@@ -296,10 +296,10 @@ def test_bad_input_is_a_clear_value_error(cfg, mutate, field):
     m = _model(cfg).eval()
     b = make_batch(cfg.model, B=4)
     mutate(b)
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=rf"^{field}: "):
         m.predict(**model_inputs(b))
     host = {k: v.numpy() for k, v in model_inputs(b).items()}
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=rf"^{field}: "):
         check_inputs(host, cfg.model, personality_dim=m.personality_dim)
 
 

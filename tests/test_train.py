@@ -606,7 +606,11 @@ def test_history_printer_prints_each_new_epoch_once_and_skips_those_of_a_resumed
     out = io.StringIO()
     with results.HistoryPrinter(fs, run_dir, "val_loss", interval_s=0.05, out=out):
         write_history(fs, run_dir, [rec(0), rec(1)])
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while "epoch 1" not in out.getvalue():  # printed by the background thread, while the run goes on
+            assert time.monotonic() < deadline, "the printer's thread did not print epoch 1"
+            time.sleep(0.02)
+        assert "epoch 2" not in out.getvalue()
         write_history(fs, run_dir, [rec(0), rec(1), rec(2)])  # the last one is caught by the final poll at exit
     lines = out.getvalue().splitlines()
     assert [ln.split(" (")[0] for ln in lines] == ["  [myrun] epoch 1", "  [myrun] epoch 2"]
