@@ -60,7 +60,13 @@ def cluster(s3_server, tmp_path_factory):
     h._extra_env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
                     "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     h.start()
+    try:
+        yield _cluster_data(h, s3_server, tmp_path_factory)
+    finally:  # also when the set-up below fails: the head, its autoscaler and fake nodes are stopped
+        h.stop()
 
+
+def _cluster_data(h: LocalHead, s3_server: str, tmp_path_factory) -> tuple[LocalHead, str, str]:
     import boto3
 
     bucket = f"psamf-as-{uuid.uuid4().hex[:8]}"
@@ -73,8 +79,7 @@ def cluster(s3_server, tmp_path_factory):
     prepare({"format": "mmsa", "input": str(pkl), "dataset": "mosi"}, data, tokenizer="psamf:tiny",
             personality_tokenizer="psamf:tiny", max_text_len=32)
     assert _status(h) == {"ray.head.default": 1}  # nothing but the head before any work
-    yield h, bucket, data
-    h.stop()
+    return h, bucket, data
 
 
 class Watch:
@@ -273,9 +278,17 @@ def test_a_search_with_more_trials_than_fit_grows_the_cluster_to_its_maximum_and
     from psamf.storage import atomic_open
 
     conf = head.tmp / "autoscaling.yaml"
-    new_conf = {**yaml.safe_load(conf.read_text()), "idle_timeout_minutes": SEARCH_IDLE_TIMEOUT_MIN}
+    old_conf = yaml.safe_load(conf.read_text())
     with atomic_open(conf, "w") as f:  # the monitor never reads a half-written file
-        yaml.safe_dump(new_conf, f)
+        yaml.safe_dump({**old_conf, "idle_timeout_minutes": SEARCH_IDLE_TIMEOUT_MIN}, f)
+    try:
+        _search_grows_the_cluster_to_its_maximum(head, bucket, data, tmp_path)
+    finally:  # the module's cluster is shared: a test run after this one gets the timeout it was started with
+        with atomic_open(conf, "w") as f:
+            yaml.safe_dump(old_conf, f)
+
+
+def _search_grows_the_cluster_to_its_maximum(head, bucket, data, tmp_path) -> None:
     search = tmp_path / "search.yaml"
     search.write_text(yaml.safe_dump({
         "base": {"preset": "tiny", "overrides": {"data.uri": data, "optim.epochs": 1, "optim.batch_size": 32,
