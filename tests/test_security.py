@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,8 @@ def test_embedded_ray_listens_on_loopback_only_and_refuses_clients_without_its_t
     (tmp / "home").mkdir()  # no ~/.ray/auth_token there: the clients have only what the test gives them
     driver = subprocess.Popen([sys.executable, "-c", _DRIVER, str(tmp)], env=_env(tmp), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(600, _kill_tree, (driver,))  # a stalled driver's output ends: the assert fails
+    watchdog.start()
     try:
         lines = []
         for line in driver.stdout:
@@ -178,14 +181,25 @@ def test_embedded_ray_listens_on_loopback_only_and_refuses_clients_without_its_t
         assert driver.returncode == 0 and "STOPPED" in out, out[-3000:]
         assert not token.parent.exists(), "the token directory outlived the driver"
     finally:
-        if driver.poll() is None:  # failed half way: stop only the processes this test started
-            import ray  # noqa: F401  (Ray ships the psutil it vendors on sys.path)
-            import psutil
-
-            for proc in psutil.Process(driver.pid).children(recursive=True) + [psutil.Process(driver.pid)]:
-                try:
-                    proc.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            driver.wait()
+        watchdog.cancel()
+        _kill_tree(driver)  # failed half way: stop only the processes this test started
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _kill_tree(driver: subprocess.Popen) -> None:
+    """Kill the driver and every process below it (its embedded Ray), if it still runs."""
+    if driver.poll() is not None:
+        return
+    import ray  # noqa: F401  (Ray ships the psutil it vendors on sys.path)
+    import psutil
+
+    try:
+        procs = psutil.Process(driver.pid).children(recursive=True) + [psutil.Process(driver.pid)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    driver.wait()

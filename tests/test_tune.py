@@ -146,9 +146,11 @@ def test_a_killed_search_resumes_only_unfinished_trials_and_writes_every_output(
         return h.exists() and len(json.loads(h.read_text())) == 2
 
     first = None
+    deadline = time.monotonic() + 600  # a search that stalls fails the test instead of hanging CI
     try:
         while first is None:
             assert proc.poll() is None, "the search ended before it could be killed"
+            assert time.monotonic() < deadline, "no trial ended with every epoch in 600 s"
             started = sorted(t for t in trials.iterdir() if (t / "config.yaml").exists()) if trials.exists() else []
             # the kill lands once a trial has ended with every epoch and the next one has started (one at a time)
             if len(started) >= 2 and trained_all_epochs(started[0]):
