@@ -175,10 +175,13 @@ def test_rerunning_an_interrupted_run_name_resumes_from_its_latest_checkpoint(ra
     storage = tmp_path / "runs"
     base = ["run.keep_checkpoints=1", "optim.select_metric=val_mae", "optim.select_mode=max", "run.max_failures=0",
             "run.num_workers=1"]
-    # 1. interrupted: rank 1 dies at epoch 2 and no restart is allowed
+    # 1. interrupted: the one worker (rank 0) dies at epoch 2 and no restart is allowed
+    import ray.train
+
     monkeypatch.setenv(T.FAULT_ENV, f"rank=0,epoch=2,marker={tmp_path / 'marker'}")
-    with pytest.raises(Exception):
+    with pytest.raises(ray.train.TrainingFailedError):  # the worker group failed: not some other error
         T.train(_cfg(local, str(storage), "resume", *base, "optim.epochs=3"))
+    assert (tmp_path / "marker").exists(), "the fault was never injected"
     monkeypatch.delenv(T.FAULT_ENV)
     run_dir = storage / "resume"
     kept = sorted(p.name for p in run_dir.glob("checkpoint_epoch=*"))
