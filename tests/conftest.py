@@ -23,13 +23,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _held_port() -> tuple[socket.socket, int]:
+    """A free port on 127.0.0.1, and the socket that holds it. The port goes into the environment now (Ray
+    workers inherit it), and the socket stays bound until the moto server starts, so that no other process
+    (a Ray worker, the other pytest-xdist worker) can be given the port in between."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s, s.getsockname()[1]
 
 
-S3_PORT = _free_port()
+_S3_PORT_HOLDER, S3_PORT = _held_port()
 S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
 AWS_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -70,6 +73,7 @@ def s3_server():
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    _S3_PORT_HOLDER.close()  # the port is free again only now, for the server to bind
     server.start()
     yield S3_ENDPOINT
     server.stop()
