@@ -243,10 +243,12 @@ def _checkpoint_dirs(fs: Any, run_dir: str) -> dict[int, str]:
 
 def _set_aside(fs: Any, path: str) -> str:
     """Rename a damaged checkpoint out of the names Ray and psamf look at (kept for a post-mortem)."""
+    from psamf.storage import move_dir
+
     k = 0
     while fs.get_file_info(f"{path}.corrupt-{k}").type.name != "NotFound":
         k += 1
-    fs.move(path, f"{path}.corrupt-{k}")
+    move_dir(fs, path, f"{path}.corrupt-{k}")
     return f"{path}.corrupt-{k}"
 
 

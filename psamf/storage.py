@@ -42,6 +42,7 @@ __all__ = [
     "s3_region",
     "s3_filesystem",
     "write_bytes",
+    "move_dir",
     "read_bytes",
     "exists",
     "write_json",
@@ -244,6 +245,19 @@ def write_bytes(fs: Any, path: str, data: bytes) -> None:
     finally:
         if exists(fs, tmp):
             fs.delete_file(tmp)
+
+
+def move_dir(fs: Any, src: str, dst: str) -> None:
+    """Move a directory on a pyarrow filesystem: a rename on a local disk; on an object store, where there are no
+    directories to rename (pyarrow's S3 `move` copies a single object and fails on a prefix), every object is
+    copied under `dst`, then `src` is deleted, so a failure half way leaves `src` whole."""
+    import pyarrow.fs as pafs
+
+    if _is_local(fs):
+        fs.move(src, dst)
+        return
+    pafs.copy_files(src, dst, source_filesystem=fs, destination_filesystem=fs)
+    fs.delete_dir(src)
 
 
 def read_bytes(fs: Any, path: str) -> bytes:

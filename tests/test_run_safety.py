@@ -98,6 +98,31 @@ def test_repair_sets_aside_a_corrupt_latest_checkpoint_and_rewrites_rays_snapsho
     assert checkpoint.repair_run(LOCAL, run) == 1  # idempotent
 
 
+def test_repair_sets_aside_a_damaged_checkpoint_on_s3(cfg, tmp_path, s3_bucket, caplog):
+    """On an object store there is no directory to rename: the damaged checkpoint's objects are copied under the
+    .corrupt-K name and deleted, and the run resumes from the intact one (pyarrow's S3 move failed on a prefix)."""
+    from psamf.storage import read_json, resolve
+
+    local = str(tmp_path / "run")
+    for e in range(2):
+        _save(cfg, f"{local}/checkpoint_epoch={e:03d}", e, [{"epoch": i} for i in range(e + 1)])
+    _snapshot(local, [0, 1])
+    _truncate(f"{local}/checkpoint_epoch=001/model.pt")
+    st = resolve(f"s3://{s3_bucket}/runs/run")
+    pafs.copy_files(local, st.root, source_filesystem=LOCAL, destination_filesystem=st.fs)
+    files = sorted(os.listdir(f"{local}/checkpoint_epoch=001"))
+    with caplog.at_level(logging.WARNING, logger="psamf.checkpoint"):
+        assert checkpoint.repair_run(st.fs, st.root) == 0
+    assert "checkpoint epoch 1 is damaged" in caplog.text and "model.pt" in caplog.text
+    listed = {i.base_name: i.type for i in st.fs.get_file_info(pafs.FileSelector(st.root))}
+    assert "checkpoint_epoch=001" not in listed and "checkpoint_epoch=000" in listed
+    moved = st.fs.get_file_info(pafs.FileSelector(f"{st.root}/checkpoint_epoch=001.corrupt-0"))
+    assert sorted(i.base_name for i in moved) == files  # every object kept for a post-mortem
+    snap = read_json(st.fs, f"{st.root}/{checkpoint.RAY_SNAPSHOT}")
+    assert [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]] == ["checkpoint_epoch=000"]
+    assert checkpoint.repair_run(st.fs, st.root) == 0  # idempotent
+
+
 def test_repair_with_no_intact_checkpoint_starts_afresh(cfg, tmp_path):
     run = str(tmp_path / "run")
     _save(cfg, f"{run}/checkpoint_epoch=000", 0, [{"epoch": 0}])
