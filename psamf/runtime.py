@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -130,14 +131,20 @@ def _require_loopback(what: str, host: str) -> None:
             "before ray, or start Ray yourself and set RAY_ADDRESS.")
 
 
-def _start_embedded(num_workers: int) -> None:
+def embedded_cpus(cpus: float) -> int:
+    """The embedded Ray's logical CPUs for work that reserves `cpus`: at least that plus two (room for Ray Data's
+    tasks beside the workers: the CPU-starvation hang), at least 4, and at least the machine's cores."""
+    return max(4, math.ceil(cpus) + 2, os.cpu_count() or 1)
+
+
+def _start_embedded(cpus: float) -> None:
     """Start the loopback-only, token-protected embedded Ray (see the module docstring)."""
     import ray
 
     _require_loopback("node IP before start", ray.util.get_node_ip_address())
     auth = _configure_auth()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    n = max(4, num_workers + 2, os.cpu_count() or 1)
+    n = embedded_cpus(cpus)
     quiet_logs = os.environ.get("PSAMF_RAY_LOGS", "0") != "1"
     if quiet_logs:
         _quiet_driver()
@@ -153,8 +160,9 @@ def _start_embedded(num_workers: int) -> None:
              f"; worker logs in {session_log_dir()} (PSAMF_RAY_LOGS=1 streams them)" if quiet_logs else "")
 
 
-def init_ray(num_workers: int = 2) -> None:
-    """Start or join Ray, unless already initialised (see the module docstring)."""
+def init_ray(cpus: float = 2) -> None:
+    """Start or join Ray, unless already initialised (see the module docstring). `cpus`: what the work about to
+    run reserves (workers x CPUs per worker); an embedded Ray gets at least that plus two logical CPUs."""
     import ray
 
     if ray.is_initialized():
@@ -164,7 +172,7 @@ def init_ray(num_workers: int = 2) -> None:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        _start_embedded(num_workers)
+        _start_embedded(cpus)
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     if not sys.stderr.isatty():
         from ray.util.debug import log_once

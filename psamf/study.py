@@ -62,8 +62,8 @@ def _fit_one(pf: Any) -> Any:
     return fit(pf, in_trial=True)  # a grid trial: run.num_workers=0 trains in the trial's own process
 
 
-def _init_ray(num_workers: int) -> None:
-    _runtime.init_ray(num_workers)
+def _init_ray(cpus: float) -> None:
+    _runtime.init_ray(cpus)
 
 
 def _read_manifest(uri: str, s3_endpoint: str | None) -> dict[str, Any]:
@@ -242,7 +242,7 @@ def run_grid(rows: Sequence[tuple[str, Config]], seeds: Sequence[int], *, name: 
             pfs.append(_preflight(_trial_config(cfg, name, row, s, storage_path), manifest=manifest,
                                   check_resources=False))
             manifest = pfs[-1].manifest
-    _init_ray(max(c.run.num_workers for _, c in rows))
+    _init_ray(max(max(1, c.run.num_workers) * c.run.cpus_per_worker for _, c in rows))
     from psamf.preflight import check_cluster_resources
 
     for p in pfs:  # then what the cluster must hold

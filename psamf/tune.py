@@ -146,10 +146,10 @@ def _selectable_metrics(dataset: str) -> list[str]:
     return selectable_metrics(dataset)
 
 
-def _init_ray(num_workers: int) -> None:
+def _init_ray(cpus: float) -> None:
     from psamf import runtime
 
-    runtime.init_ray(num_workers)
+    runtime.init_ray(cpus)
 
 
 def _quiet_tune_console() -> None:
@@ -1022,7 +1022,7 @@ def run_search(space: SearchSpace, *, name: str, storage_path: str | None = None
         if stored is not None:
             return stored
     pf = _preflight(space.base)  # data and storage checked before Ray starts and any trial runs
-    _init_ray(space.workers_per_trial)
+    _init_ray(max(1, space.workers_per_trial) * pf.cfg.run.cpus_per_worker)  # one trial's workers (or actor)
     space.base = pf.cfg
     if not resume:
         write_bytes(st.fs, f"{search_dir}/search.yaml", yaml.safe_dump(space.to_saved(), sort_keys=False).encode())

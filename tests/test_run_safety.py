@@ -226,6 +226,31 @@ def test_preflight_takes_the_text_length_from_the_manifest(cfg, tmp_path, caplog
     assert caplog.text.count("data.max_text_len: 32 -> 50 (from the shards' manifest)") == 1
 
 
+def test_the_embedded_ray_is_sized_for_the_workers_cpus(cfg, tmp_path, monkeypatch, synthetic_shards):
+    """2 workers x 2 CPUs reserve 4: the embedded Ray gets 6 logical CPUs, so the resource check passes on a 2-core
+    machine (it used to be sized for the worker count alone and refused the run: 'reserve 4, the cluster has 4')."""
+    from psamf import runtime
+    from psamf import train as T
+
+    asked = []
+
+    class Started(Exception):
+        pass
+
+    def init_ray(cpus=2):
+        asked.append(cpus)
+        raise Started
+
+    monkeypatch.setattr(runtime, "init_ray", init_ray)
+    uri, _ = synthetic_shards
+    c = cfg.override([f"run.storage_path={tmp_path}", f"data.uri={uri}", "run.num_workers=2",
+                      "run.cpus_per_worker=2", "run.name=sized"])
+    with pytest.raises(Started):
+        T.train(c)
+    assert asked == [4]
+    assert runtime.embedded_cpus(4) >= 6 and runtime.embedded_cpus(0.5) >= 4 and runtime.embedded_cpus(7.5) >= 10
+
+
 def test_a_run_that_never_started_does_not_block_its_name(cfg, tmp_path):
     c = cfg.override([f"run.storage_path={tmp_path}", "run.name=r1"])
     (tmp_path / "r1").mkdir()

@@ -33,7 +33,7 @@ _DRIVER = textwrap.dedent(
     import json, os, sys, time
     from pathlib import Path
     import psamf.runtime as rt
-    rt.init_ray(num_workers=2)
+    rt.init_ray(2)
     import ray, psutil
 
     go = Path(sys.argv[1]) / "go"
