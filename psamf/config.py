@@ -279,6 +279,11 @@ class RunConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     max_failures: int = 2  # worker-group restarts from the latest checkpoint; -1 = unlimited
+    # worker-group starts that time out (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) and other controller errors Ray Train
+    # retries before the run fails (its FailureConfig.controller_failure_limit), counted apart from max_failures.
+    # -1 = forever (Ray's default: nodes may take long to come through an autoscaler); a number ends a run whose
+    # workers can never be placed (a missing node type, a quota) instead of retrying it until someone stops the job
+    controller_failure_limit: int = -1
     keep_checkpoints: int = 2  # best k by optim.select_metric; Ray also always keeps the latest (resume point)
     s3_endpoint: str | None = None  # custom S3 endpoint for an s3:// storage_path (MinIO, moto); else data.s3_endpoint, then AWS_ENDPOINT_URL_S3
     # extra Ray resources each worker holds, e.g. {"accelerator_type:A10G": 0.001} to pin a GPU model, or a custom
@@ -306,6 +311,7 @@ class RunConfig:
         _check(self.cpus_per_worker > 0, "run.cpus_per_worker must be > 0")
         _check(self.gpus_per_worker > 0, "run.gpus_per_worker must be > 0")
         _check(self.max_failures >= -1, "run.max_failures must be >= -1")
+        _check(self.controller_failure_limit >= -1, "run.controller_failure_limit must be >= -1 (-1 = retry forever)")
         _check(self.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
         _check(bool(self.storage_path), "run.storage_path must not be empty")
         _check(self.s3_endpoint is None or self.s3_endpoint.startswith(("http://", "https://")),

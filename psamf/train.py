@@ -517,7 +517,8 @@ def build_trainer(cfg: Config, datasets: Mapping[str, Any], storage: Any, *,
 
     run_config = ray.train.RunConfig(
         name=cfg.run.name, storage_path=storage.storage_path, storage_filesystem=storage.storage_filesystem,
-        failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures,
+                                               controller_failure_limit=cfg.run.controller_failure_limit),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                      checkpoint_score_attribute=cfg.optim.select_metric,
                                                      checkpoint_score_order=cfg.optim.select_mode),

@@ -152,6 +152,7 @@ def test_worker_resources_and_elastic_workers_reach_ray_trains_scaling_config():
     ("run.min_workers=3", "run.min_workers must be in [0, run.num_workers=2]"),
     ("run.controller_poll_s=0", "run.controller_poll_s must be in (0, 60] seconds, got 0"),
     ("run.controller_poll_s=120", "run.controller_poll_s must be in (0, 60] seconds, got 120"),
+    ("run.controller_failure_limit=-2", "run.controller_failure_limit must be >= -1 (-1 = retry forever)"),
 ])
 def test_bad_worker_resources_and_min_workers_are_refused(override, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):

@@ -378,6 +378,19 @@ def test_checkpoint_round_trip_resumes_identically(cfg, tmp_path):
     assert T._next_epoch_hint(ray.train.Checkpoint(str(tmp_path), filesystem=pafs.LocalFileSystem())) == -1
 
 
+def test_the_trainer_gets_both_failure_limits_from_the_run_config(cfg, tmp_path):
+    """run.max_failures bounds worker-group restarts; run.controller_failure_limit bounds worker-group starts that
+    time out (Ray retries those forever by default: a job whose nodes never come would never end)."""
+    from psamf.storage import resolve
+
+    c = cfg.override([f"run.storage_path={tmp_path}", "run.max_failures=1", "run.controller_failure_limit=3"])
+    fc = T.build_trainer(c, {}, resolve(str(tmp_path)), counts={"valid": 1, "test": 1}).run_config.failure_config
+    assert (fc.max_failures, fc.controller_failure_limit) == (1, 3)
+    default = T.build_trainer(cfg.override([f"run.storage_path={tmp_path}"]), {}, resolve(str(tmp_path)),
+                              counts={"valid": 1, "test": 1}).run_config.failure_config
+    assert default.controller_failure_limit == -1
+
+
 # ----------------------------------------------------------------------------- preflight (no Ray)
 def test_preflight_takes_dims_from_the_manifest(cfg, tmp_path):
     c = cfg.override([f"run.storage_path={tmp_path}"])
