@@ -410,16 +410,7 @@ class Config:
 
     def override(self, items: list[str] | tuple[str, ...]) -> "Config":
         """Apply `section.key=value` overrides (values parsed as YAML scalars). Returns a new config."""
-        values: dict[str, Any] = {}
-        for item in items:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} must look like section.key=value")
-            key, raw = item.split("=", 1)
-            try:
-                values[key.strip()] = yaml.safe_load(raw) if raw != "" else None
-            except yaml.YAMLError:
-                values[key.strip()] = raw
-        return self.replace(values, source="override")
+        return self.replace(parse_overrides(items), source="override")
 
     def replace(self, values: Mapping[str, Any], *, source: str = "replace") -> "Config":
         """A new config with `values` applied, validated like a YAML file.
@@ -438,6 +429,21 @@ class Config:
                 raise ConfigError(f"{source}: unknown key '{sec}.{fld}'; allowed: {sorted(d[sec])}")
             d[sec][fld] = value
         return _from_sections(self.preset, d, source)
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["section.key=value", ...]` -> `{"section.key": value}`, values parsed as YAML scalars (the last of a key
+    wins). Keys are checked where the values are applied (`Config.replace`)."""
+    values: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            values[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            values[key.strip()] = raw
+    return values
 
 
 def read_yaml_file(path: str | Path, what: str) -> Any:

@@ -306,7 +306,7 @@ def compute_personality_cls(index: np.ndarray, p_tokens: Mapping[str, np.ndarray
 
     from psamf.runtime import init_ray
 
-    init_ray(0)  # embedded local Ray (oversubscribed CPUs, auth pinned off) unless RAY_ADDRESS is set
+    init_ray(0)  # the embedded local Ray (loopback, its own token) unless RAY_ADDRESS is set
     n = len(index)
     L = p_tokens["p_input_ids"].shape[1]
     tbl = pa.table({"index": pa.array(index, pa.int64())} | {

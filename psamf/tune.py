@@ -83,7 +83,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from psamf.config import Config, ConfigError, read_yaml_file
+from psamf.config import Config, ConfigError, parse_overrides, read_yaml_file
 
 __all__ = ["SearchSpace", "SearchResult", "Dimension", "run_search", "load_search", "max_concurrent_trials",
            "SEARCHES", "SCHEDULERS", "TRIAL_STATUSES"]
@@ -227,8 +227,24 @@ class SearchSpace:
     raw: dict[str, Any] = field(default_factory=dict)  # the file's content (saved with the search for --resume)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "SearchSpace":
-        return cls.from_dict(read_yaml_file(path, "search"), source=str(path), base_dir=Path(path).parent)
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> "SearchSpace":
+        """The search file at `path`; `overrides` (`section.key=value`, the command line's) are added to its
+        `base.overrides` and win over them, so a shipped file runs on other data or storage without an edit."""
+        d = read_yaml_file(path, "search")
+        if overrides:
+            if not isinstance(d, Mapping) or not isinstance(d.get("base") or {}, Mapping):
+                raise ConfigError(f"{path}: top level and base must be mappings")
+            base = dict(d.get("base") or {})
+            given = base.get("overrides") or {}
+            if not isinstance(given, Mapping):
+                raise ConfigError(f"{path}: base.overrides must be a mapping of section.key -> value")
+            searched = sorted(set(parse_overrides(list(overrides))) & {str(k) for k in (d.get("space") or {})})
+            if searched:
+                raise ConfigError(f"{path}: {searched} are in space: a command-line override would fix a searched "
+                                  "key; edit the space instead")
+            base["overrides"] = {**given, **parse_overrides(list(overrides))}
+            d = {**d, "base": base}
+        return cls.from_dict(d, source=str(path), base_dir=Path(path).parent)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "search", base_dir: Path | None = None) -> "SearchSpace":

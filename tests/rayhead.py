@@ -120,8 +120,20 @@ class LocalHead:
             return json.loads(r.read())
 
     def pids(self) -> list[int]:
-        return _pids_matching([str(self.tmp / "ray"), f"--address={self.gcs_address}",
+        """This head's processes: those whose command line names its temp dir or GCS address, and every process
+        below them (Ray renames its agents, `ray::DashboardAgent`, `ray::RuntimeEnvAgent`, so that their command
+        lines name neither, and they can outlive a killed raylet)."""
+        import psutil
+
+        pids = _pids_matching([str(self.tmp / "ray"), f"--address={self.gcs_address}",
                                f"--gcs-address={self.gcs_address}"])
+        below = set()
+        for pid in pids:
+            try:
+                below.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+            except psutil.Error:
+                pass
+        return pids + sorted(below - set(pids))
 
     def stop(self, grace_s: float = 3.0) -> list[int]:
         """What `ray stop` does, for this head's processes only. Returns the PIDs it signalled. The grace period is

@@ -323,10 +323,13 @@ def test_rayjobs_lifecycle_and_entrypoints():
         ep = s["entrypoint"]
         if fname == "rayjob-tune.yaml":
             m = re.match(r"python jobs/tune\.py --config (jobs/search/[\w.-]+\.yaml) --name \$\{SEARCH_ID\} "
-                         r"--storage s3://\S+$", ep)
+                         r"--storage s3://\S+((?: [\w.]+=\S+)*)$", ep)
             assert m and (ROOT / m.group(1)).is_file(), ep
             assert s["jobId"] == "${SEARCH_ID}", f"{fname}: submission id must equal the search name"
-            space = SearchSpace.from_yaml(ROOT / m.group(1))  # the search it runs is valid and sized for the cluster
+            overrides = m.group(2).split()  # section.key=value after the options, as `psamf tune` takes them
+            assert any(o.startswith("data.uri=s3://") for o in overrides), ep
+            space = SearchSpace.from_yaml(ROOT / m.group(1), overrides)  # valid, and sized for the cluster
+            assert space.base.data.uri == next(o.split("=", 1)[1] for o in overrides if o.startswith("data.uri="))
             groups = s["rayClusterSpec"]["workerGroupSpecs"]
             assert space.max_concurrent_trials and space.max_concurrent_trials <= sum(g["maxReplicas"] for g in groups)
             continue

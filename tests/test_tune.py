@@ -64,6 +64,21 @@ def test_combination_dependent_values_are_accepted(tmp_path):
     assert s.base.optim.batch_size == 16 and s.base.optim.select_metric == "val_mae"
 
 
+def test_command_line_overrides_join_the_base_and_cannot_fix_a_searched_key(tmp_path, capsys):
+    from psamf.cli import main
+
+    path = _space(tmp_path, {"optim.lr_main": {"uniform": [1e-4, 1e-3]}})  # base.overrides: optim.epochs=2
+    s = SearchSpace.from_yaml(path, ["optim.epochs=5", "data.uri=s3://b/shards", "optim.batch_size=8"])
+    assert (s.base.optim.epochs, s.base.data.uri, s.base.optim.batch_size) == (5, "s3://b/shards", 8)
+    assert s.to_saved()["base"]["config"]["data"]["uri"] == "s3://b/shards"  # what --resume reads back
+    with pytest.raises(ConfigError, match=r"\['optim\.lr_main'\] are in space"):
+        SearchSpace.from_yaml(path, ["optim.lr_main=1e-4"])
+    with pytest.raises(ConfigError, match=r"unknown key 'optim\.epoch'"):
+        SearchSpace.from_yaml(path, ["optim.epoch=5"])
+    assert main(["tune", "--resume", "s1", "--storage", str(tmp_path), "optim.epochs=5"]) == 2
+    assert "continues the search with the base it started with; drop optim.epochs=5" in capsys.readouterr().err
+
+
 def test_shipped_search_files_load():
     for name in ("tiny-demo.yaml", "alignment-fusion.yaml"):
         s = SearchSpace.from_yaml(ROOT / "jobs" / "search" / name)
