@@ -64,6 +64,7 @@ __all__ = ["train_fn_per_worker", "train_in_trial", "build_loop_config", "build_
 
 log = logging.getLogger("psamf.train")
 
+RAY_REPORT_LOGGER = "ray.train.v2._internal.execution.train_fn_utils"  # logs every ray.train.report() at INFO
 FAULT_ENV = "PSAMF_FAULT_INJECT"  # testing hook: "rank=1,epoch=2,marker=/tmp/x" -> that rank os._exit(1)s once
 
 
@@ -308,6 +309,8 @@ def train_fn_per_worker(loop_config: Mapping[str, Any]) -> dict[str, Any] | None
     ctx = ray.train.get_context()
     if cfg.run.num_workers > 0:  # local mode runs in the driver, whose logging is the command's business
         configure_worker_logging()
+    else:  # but Ray's "Reported metrics: {...}" INFO line per epoch repeats what psamf prints
+        logging.getLogger(RAY_REPORT_LOGGER).setLevel(logging.WARNING)
     selector = _selector(cfg)
     store = (_LocalModeCheckpoints(loop_config["storage"], cfg.run.name, cfg.run.keep_checkpoints, selector)
              if cfg.run.num_workers == 0 else RayCheckpoints())

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 
@@ -279,7 +280,17 @@ def test_local_mode_checkpoints_and_resumes_like_ray_train(ray_cluster, shards, 
     def kept() -> list[str]:
         return sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint_"))
 
-    first = T.train(_cfg(local, str(storage), "loc", *base, "optim.epochs=2"))
+    ray_log, seen = logging.getLogger(T.RAY_REPORT_LOGGER), []  # at INFO, as in a job's driver (nothing quiet)
+    level, ray_log.level = ray_log.level, logging.INFO
+    handler = logging.Handler()
+    handler.emit = lambda r: seen.append(r.getMessage())  # type: ignore[method-assign]
+    ray_log.addHandler(handler)
+    try:
+        first = T.train(_cfg(local, str(storage), "loc", *base, "optim.epochs=2"))
+    finally:
+        ray_log.removeHandler(handler)
+        ray_log.setLevel(level)
+    assert not [m for m in seen if m.startswith("Reported metrics")]  # Ray's INFO line per epoch, in this process
     sel = first.metrics["selection"]["selected_epoch"]
     assert _epochs(first.history) == [0, 1] and first.metrics["sessions"] == 1
     assert first.metrics["controller_poll_s"] is None  # no controller in local mode
