@@ -6,7 +6,8 @@
 
 Same arguments as `psamf train` (see `psamf train --help`). Inside a Ray job `RAY_ADDRESS` is set, so the run
 joins that cluster; run locally without it, an embedded local Ray starts (oversubscribed CPUs, on 127.0.0.1 only,
-with a token of its own: docs/ray-operations.md §2-3). The run name is the resume key: resubmitting the same `--run-name` resumes the run.
+with a token of its own: docs/ray-operations.md §2-3). The run name is the resume key: resubmitting the same
+`--run-name` resumes the run.
 Exit status: 0 done, 2 bad configuration (nothing started), 1 training failed.
 """
 

@@ -167,8 +167,8 @@ def convert_reference_state_dict(ref: Mapping[str, Tensor], model: nn.Module, *,
         report.loaded.append(new)
     if mismatches:
         raise ReferenceCheckpointError(
-            f"{name}: reference checkpoint does not fit this model configuration (check model.audio_dim, model.visual_dim, "
-            "model.hidden_size, layers):\n  " + "\n  ".join(mismatches[:20]))
+            f"{name}: reference checkpoint does not fit this model configuration (check model.audio_dim, "
+            "model.visual_dim, model.hidden_size, layers):\n  " + "\n  ".join(mismatches[:20]))
     report.missing = sorted(reference_key(k) for k in target if k not in out)
     if report.upcast:
         warnings.warn(f"reference checkpoint: {len(report.upcast)} half-precision ({', '.join(sorted(half))}) "

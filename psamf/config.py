@@ -325,6 +325,10 @@ class RunConfig:
                 "use_gpu": self.use_gpu, "resources_per_worker": self.resources_per_worker(),
                 **({"elastic_resize_monitor_interval_s": self.elastic_resize_interval_s} if elastic else {})}
 
+    def reserved_cpus(self) -> float:
+        """The CPUs a run's workers hold: num_workers x cpus_per_worker (local mode, 0 workers: its one process)."""
+        return max(1, self.num_workers) * self.cpus_per_worker
+
     def resources_per_worker(self) -> dict[str, float]:
         """What one Ray Train worker holds: its CPUs, its GPU share when use_gpu, and the custom resources."""
         res = {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}

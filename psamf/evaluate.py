@@ -162,8 +162,8 @@ def evaluate_checkpoint(checkpoint: str, *, splits: Sequence[str] = ("valid", "t
 
     from psamf import runtime
 
-    fixed = [o for o in overrides if not (o.split("=", 1)[0].strip().startswith(("data.", "run."))
-                                          or o.split("=", 1)[0].strip() == "optim.amp")]
+    fixed = [o for o in overrides
+             if not ((k := o.split("=", 1)[0].strip()).startswith(("data.", "run.")) or k == "optim.amp")]
     if fixed:
         raise ConfigError(f"overrides {fixed}: only data.*, run.* and optim.amp can change for evaluation (the "
                           "model, its loss and optimiser are the checkpoint's; --batch-size sets the evaluation batch)")

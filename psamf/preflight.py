@@ -326,7 +326,7 @@ def check_cluster_resources(cfg: Config) -> None:
     if not ray.is_initialized():
         return
     res = ray.cluster_resources()
-    need_cpu = max(1, cfg.run.num_workers) * cfg.run.cpus_per_worker
+    need_cpu = cfg.run.reserved_cpus()
     if cfg.run.use_gpu and res.get("GPU", 0) < max(1, cfg.run.num_workers) * cfg.run.gpus_per_worker:
         msg = (f"run.use_gpu=true with {cfg.run.num_workers} worker(s) x {cfg.run.gpus_per_worker} GPU, but the "
                f"cluster has {res.get('GPU', 0)} GPU(s)")

@@ -242,7 +242,7 @@ def run_grid(rows: Sequence[tuple[str, Config]], seeds: Sequence[int], *, name: 
             pfs.append(_preflight(_trial_config(cfg, name, row, s, storage_path), manifest=manifest,
                                   check_resources=False))
             manifest = pfs[-1].manifest
-    _init_ray(max(max(1, c.run.num_workers) * c.run.cpus_per_worker for _, c in rows))
+    _init_ray(max(c.run.reserved_cpus() for _, c in rows))
     from psamf.preflight import check_cluster_resources
 
     for p in pfs:  # then what the cluster must hold

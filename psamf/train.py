@@ -643,7 +643,7 @@ def train(cfg: Config, *, seeds: Sequence[int] | None = None) -> TrainResult:
         done = prepare_run(pf)
         if done is not None:  # finished, outputs complete: no Ray to start
             return done
-        runtime.init_ray(cfg.run.num_workers * cfg.run.cpus_per_worker)
+        runtime.init_ray(cfg.run.reserved_cpus())
         check_cluster_resources(pf.cfg)  # the one check that needs Ray
         return fit(pf, prepared=True)
     from psamf.study import train_seeds  # its grid checks every run, then starts Ray

@@ -238,11 +238,12 @@ class SearchSpace:
             given = base.get("overrides") or {}
             if not isinstance(given, Mapping):
                 raise ConfigError(f"{path}: base.overrides must be a mapping of section.key -> value")
-            searched = sorted(set(parse_overrides(list(overrides))) & {str(k) for k in (d.get("space") or {})})
+            values = parse_overrides(list(overrides))
+            searched = sorted(set(values) & {str(k) for k in (d.get("space") or {})})
             if searched:
                 raise ConfigError(f"{path}: {searched} are in space: a command-line override would fix a searched "
                                   "key; edit the space instead")
-            base["overrides"] = {**given, **parse_overrides(list(overrides))}
+            base["overrides"] = {**given, **values}
             d = {**d, "base": base}
         return cls.from_dict(d, source=str(path), base_dir=Path(path).parent)
 

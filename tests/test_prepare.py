@@ -302,7 +302,8 @@ def _re(s: str) -> str:
 
 
 @pytest.mark.parametrize("what", ["empty_text", "text_without_tokens", "label_range", "label_nan", "duplicate_id",
-                                  "audio_dim", "visual_zero_len", "audio_1d", "visual_nan", "length_mismatch", "no_train"])
+                                  "audio_dim", "visual_zero_len", "audio_1d", "visual_nan", "length_mismatch",
+                                  "no_train"])
 def test_bad_input_rejected_before_writing(tmp_path, what):
     raw, pattern = _mutate(what)
     out = tmp_path / "s"
