@@ -37,6 +37,15 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def ephemeral_low() -> int:
+    """The lowest port the kernel hands out for outgoing connections and port-0 binds (Linux: 32768 by default)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return max(low, 20000 + 201 + 1000)  # a kernel configured lower still leaves a 1000-port choice
+
+
 def _pids_matching(needles: list[str]) -> list[int]:
     import ray  # noqa: F401  (Ray puts the psutil it vendors on sys.path)
     import psutil
@@ -65,10 +74,15 @@ class LocalHead:
         (self.gcs_port, self.dashboard_port, self.client_port, nm, om, agent_http, agent_grpc, rt_env, metrics,
          worker_lo) = free_ports(10)
         # worker ports: a 200-port range that holds none of the ports above (Ray refuses a clash: seen in CI once)
+        # and lies below the kernel's ephemeral range. Ray checks a worker port is free when it hands it out, but a
+        # driver binds it seconds later; inside the ephemeral range any outgoing connection can take it meanwhile
+        # ("Address already in use" from a job driver's CoreWorker, seen in CI once). Ray's own default, 10002-19999,
+        # stays free for the embedded Ray of other tests.
         others = (self.gcs_port, self.dashboard_port, self.client_port, nm, om, agent_http, agent_grpc, rt_env, metrics)
-        worker_lo = 20000 + worker_lo % 20000
+        span = ephemeral_low() - 201 - 20000
+        worker_lo = 20000 + worker_lo % span
         while any(worker_lo <= p <= worker_lo + 200 for p in others):
-            worker_lo = 20000 + (worker_lo + 201) % 20000
+            worker_lo = 20000 + (worker_lo + 201) % span
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.num_cpus = num_cpus
