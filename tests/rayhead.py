@@ -137,7 +137,8 @@ class LocalHead:
         """This head's processes: those whose command line names its temp dir or GCS address, and every process
         below them (Ray renames its agents, `ray::DashboardAgent`, `ray::RuntimeEnvAgent`, so that their command
         lines name neither, and they can outlive a killed raylet)."""
-        import psutil
+        import ray  # noqa: F401  (Ray puts the psutil it vendors on sys.path; a module that starts a head by the
+        import psutil  # CLI alone, tests/test_jobs.py run by itself, has not imported Ray yet)
 
         pids = _pids_matching([str(self.tmp / "ray"), f"--address={self.gcs_address}",
                                f"--gcs-address={self.gcs_address}"])
