@@ -10,6 +10,7 @@ Ray turns a requested 127.0.0.1 into the machine's routable address; see psamf.r
 from __future__ import annotations
 
 import os
+import signal
 import socket
 
 import pytest
@@ -22,11 +23,15 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# SIGTERM (a CI cancel, `timeout`) unwinds like Ctrl+C, so fixture teardowns run: the Ray heads of tests/rayhead.py
+# are `ray start` daemons, not children that die with this process, and would otherwise keep running
+signal.signal(signal.SIGTERM, signal.default_int_handler)
+
 
 def _held_port() -> tuple[socket.socket, int]:
     """A free port on 127.0.0.1, and the socket that holds it. The port goes into the environment now (Ray
-    workers inherit it), and the socket stays bound until the moto server starts, so that no other process
-    (a Ray worker, the other pytest-xdist worker) can be given the port in between."""
+    workers inherit it), and the socket itself becomes the moto server's, so that no other process (a Ray
+    worker, the other pytest-xdist worker) can ever be given the port."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     return s, s.getsockname()[1]
@@ -68,15 +73,27 @@ def _restore_logging():
 def s3_server():
     """A real S3 HTTP endpoint (moto server) on 127.0.0.1 for the whole session. Yields its endpoint URL."""
     import logging
+    import threading
 
-    from moto.server import ThreadedMotoServer
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
-    _S3_PORT_HOLDER.close()  # the port is free again only now, for the server to bind
-    server.start()
+    # the server serves on the held socket itself: the port is never free, so no other bind can take it (with a
+    # close-then-bind, werkzeug's bind failure is a sys.exit in the server thread and moto's start() waits forever)
+    _S3_PORT_HOLDER.listen(128)
+    server = make_server("127.0.0.1", S3_PORT, DomainDispatcherApplication(create_backend_app), threaded=True,
+                         request_handler=MotoRequestHandler, fd=_S3_PORT_HOLDER.fileno())
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     yield S3_ENDPOINT
-    server.stop()
+    server.shutdown()
+    thread.join()
+    server.server_close()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _S3_PORT_HOLDER.close()  # held since import, whether or not a test started the server
 
 
 @pytest.fixture

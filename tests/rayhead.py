@@ -24,19 +24,6 @@ from pathlib import Path
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def ephemeral_low() -> int:
     """The lowest port the kernel hands out for outgoing connections and port-0 binds (Linux: 32768 by default)."""
     try:
@@ -44,6 +31,32 @@ def ephemeral_low() -> int:
     except (OSError, ValueError, IndexError):
         low = 32768
     return max(low, 20000 + 201 + 1000)  # a kernel configured lower still leaves a 1000-port choice
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def port_block(n: int) -> int:
+    """The first of `n` consecutive ports below the kernel's ephemeral range, each free now. The kernel never hands
+    these out for a port-0 bind or an outgoing connection, so they stay free until Ray binds them (a port taken
+    from a port-0 bind and closed lies in the ephemeral range: any port-0 bind on the machine can get it before
+    Ray does). Under pytest-xdist each test process draws from its own slice, so two heads never share a port."""
+    lo, hi = 20000, ephemeral_low()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    k, count = int(worker[2:] or 0), max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    width = (hi - lo) // count
+    lo, hi = lo + k * width, lo + (k + 1) * width
+    for _ in range(100):
+        start = lo + secrets.randbelow(hi - lo - n)
+        if all(_bindable(p) for p in range(start, start + n)):
+            return start
+    raise RuntimeError(f"no {n} free consecutive ports in {lo}-{hi}")
 
 
 def _pids_matching(needles: list[str]) -> list[int]:
@@ -71,18 +84,14 @@ class LocalHead:
         fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
-        (self.gcs_port, self.dashboard_port, self.client_port, nm, om, agent_http, agent_grpc, rt_env, metrics,
-         worker_lo) = free_ports(10)
-        # worker ports: a 200-port range that holds none of the ports above (Ray refuses a clash: seen in CI once)
-        # and lies below the kernel's ephemeral range. Ray checks a worker port is free when it hands it out, but a
-        # driver binds it seconds later; inside the ephemeral range any outgoing connection can take it meanwhile
-        # ("Address already in use" from a job driver's CoreWorker, seen in CI once). Ray's own default, 10002-19999,
-        # stays free for the embedded Ray of other tests.
-        others = (self.gcs_port, self.dashboard_port, self.client_port, nm, om, agent_http, agent_grpc, rt_env, metrics)
-        span = ephemeral_low() - 201 - 20000
-        worker_lo = 20000 + worker_lo % span
-        while any(worker_lo <= p <= worker_lo + 200 for p in others):
-            worker_lo = 20000 + (worker_lo + 201) % span
+        # every port of the head, listeners and the 201 worker ports, in one block below the kernel's ephemeral range
+        # (a worker port inside it was taken by an outgoing connection before the job driver bound it, seen in CI
+        # once: "Address already in use"); Ray's own default worker range, 10002-19999, stays free for the
+        # embedded Ray of other tests
+        base = port_block(9 + 201)
+        (self.gcs_port, self.dashboard_port, self.client_port, nm, om, agent_http, agent_grpc, rt_env,
+         metrics) = range(base, base + 9)
+        worker_lo = base + 9
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.num_cpus = num_cpus
@@ -93,7 +102,6 @@ class LocalHead:
             f"--ray-client-server-port={self.client_port}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
             f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
-            # a random range, not checked port by port (a busy worker port is retried by Ray)
             f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 200}",
             *extra_args,
         ]
