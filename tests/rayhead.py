@@ -59,10 +59,18 @@ def port_block(n: int) -> int:
     raise RuntimeError(f"no {n} free consecutive ports in {lo}-{hi}")
 
 
-def _pids_matching(needles: list[str]) -> list[int]:
-    import ray  # noqa: F401  (Ray puts the psutil it vendors on sys.path)
+def vendored_psutil():
+    """psutil as Ray ships it: it is not installed on its own, and importing Ray puts the copy Ray vendors on
+    sys.path. A test process may not have imported Ray yet (tests/test_jobs.py run by itself starts its head by
+    the CLI), so Ray is imported first every time."""
+    import ray  # noqa: F401
     import psutil
 
+    return psutil
+
+
+def _pids_matching(needles: list[str]) -> list[int]:
+    psutil = vendored_psutil()
     out = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
@@ -145,9 +153,7 @@ class LocalHead:
         """This head's processes: those whose command line names its temp dir or GCS address, and every process
         below them (Ray renames its agents, `ray::DashboardAgent`, `ray::RuntimeEnvAgent`, so that their command
         lines name neither, and they can outlive a killed raylet)."""
-        import ray  # noqa: F401  (Ray puts the psutil it vendors on sys.path; a module that starts a head by the
-        import psutil  # CLI alone, tests/test_jobs.py run by itself, has not imported Ray yet)
-
+        psutil = vendored_psutil()
         pids = _pids_matching([str(self.tmp / "ray"), f"--address={self.gcs_address}",
                                f"--gcs-address={self.gcs_address}"])
         below = set()

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.rayhead import LocalHead
+from tests.rayhead import LocalHead, vendored_psutil
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -152,9 +152,7 @@ def _nodes(head: LocalHead) -> list[dict]:
 
 def _kill_node(node_id: str) -> int:
     """SIGKILL one fake node's raylet, as a VM's loss kills it: its workers go with it. Returns the raylet's pid."""
-    import ray  # noqa: F401  (Ray's vendored psutil)
-    import psutil
-
+    psutil = vendored_psutil()
     for p in psutil.process_iter(["pid", "name", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
         if p.info["name"] == "raylet" and f"--node_id={node_id}" in cmd:

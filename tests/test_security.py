@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.rayhead import vendored_psutil
+
 pytestmark = pytest.mark.integration
 
 # Runs in the subprocess: start Ray like `psamf train`, keep a Ray Data pipeline's actors and two worker tasks
@@ -121,9 +123,7 @@ def _client(gcs: str, tmp: Path, **extra: str) -> str:
 
 
 def _non_loopback_ips() -> list[str]:
-    import ray  # noqa: F401  (Ray ships the psutil it vendors on sys.path)
-    import psutil
-
+    psutil = vendored_psutil()
     return [a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs
             if a.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(a.address)]
 
@@ -190,9 +190,7 @@ def _kill_tree(driver: subprocess.Popen) -> None:
     """Kill the driver and every process below it (its embedded Ray), if it still runs."""
     if driver.poll() is not None:
         return
-    import ray  # noqa: F401  (Ray ships the psutil it vendors on sys.path)
-    import psutil
-
+    psutil = vendored_psutil()
     try:
         procs = psutil.Process(driver.pid).children(recursive=True) + [psutil.Process(driver.pid)]
     except psutil.NoSuchProcess:
