@@ -92,6 +92,16 @@ def s3_server():
     server.server_close()
 
 
+
+@pytest.fixture
+def refusing_port() -> int:
+    """A port on 127.0.0.1 where a connection is refused: bound for the whole test and never listening, so no other
+    process can be given it (a port bound and closed again is free for the next port-0 bind on the machine)."""
+    s, port = _held_port()
+    yield port
+    s.close()
+
+
 def pytest_sessionfinish(session, exitstatus):
     _S3_PORT_HOLDER.close()  # held since import, whether or not a test started the server
 

@@ -337,17 +337,12 @@ def test_train_without_a_data_set_fails_before_ray_starts(tmp_path, monkeypatch,
 
 
 def test_an_unreachable_object_store_is_one_line_and_status_2_not_a_traceback(tmp_path, monkeypatch, capsys,
-                                                                             request):
+                                                                             refusing_port):
     """No S3 endpoint listening (a closed port on 127.0.0.1): botocore's EndpointConnectionError, which s3fs passes
     through untranslated, used to end `psamf train` and `psamf evaluate` with a traceback."""
-    import socket
-
     from psamf.cli import main
 
-    hold = socket.socket()  # bound for the whole test, never listening: refused, and no other process can take it
-    hold.bind(("127.0.0.1", 0))
-    request.addfinalizer(hold.close)
-    port = hold.getsockname()[1]
+    port = refusing_port
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "psamf-test-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "psamf-test-secret")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries would only make the test slower

@@ -5,7 +5,6 @@ HF_ENDPOINT / HF_HUB_OFFLINE when it is imported."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,31 +14,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _refusing_port() -> socket.socket:
-    """A socket bound on 127.0.0.1 that never listens: a connection to its port is refused, and while it is open
-    no other process can be given the port (a closed one is free for the next port-0 bind on the machine)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    return s
-
-
 @pytest.mark.filterwarnings("ignore::psamf.sources.ChecksumMismatchWarning")
 @pytest.mark.parametrize("offline", ["", "1"])
-def test_prepare_without_hub_fails_fast_with_instructions(tmp_path, offline):
+def test_prepare_without_hub_fails_fast_with_instructions(tmp_path, offline, refusing_port):
     from psamf.synth import synthesize
 
     pkl = synthesize("mosi", "mmsa", tmp_path / "src", seed=1, scale=0.02)["pickle"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
-    hold = _refusing_port()
     env.update(PYTHONPATH=str(REPO), HF_HOME=str(tmp_path / "hf-home"),
-               HF_ENDPOINT=f"http://127.0.0.1:{hold.getsockname()[1]}")
+               HF_ENDPOINT=f"http://127.0.0.1:{refusing_port}")
     if offline:
         env["HF_HUB_OFFLINE"] = offline
     out = tmp_path / "shards"
     proc = subprocess.run([sys.executable, "-m", "psamf.cli", "prepare", "--format", "mmsa", "--input", str(pkl),
                            "--dataset", "mosi", "--out", str(out), "--no-progress"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    hold.close()
     err = proc.stderr
     assert proc.returncode == 2, err[-2000:]
     assert "tokenizer 'bert-base-uncased'" in err and "--tokenizer /path/to/" in err and "psamf:tiny" in err
