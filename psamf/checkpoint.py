@@ -14,7 +14,11 @@ Integrity: `verify_checkpoint` re-hashes the files against meta.json. Before a r
 post-mortem, never deleted) with a warning until an intact one is found, and Ray's run snapshot
 (`checkpoint_manager_snapshot.json`, Ray 2.60) is rewritten to name only checkpoint directories that exist, so
 that the run resumes from the newest intact checkpoint instead of failing on restore, and a checkpoint directory
-that disappeared does not make Ray refuse the run (`CheckpointManagerInitializationError`).
+that disappeared does not make Ray refuse the run (`CheckpointManagerInitializationError`). The snapshot is also
+made to name that newest intact checkpoint: a run stopped (Ctrl+C, a killed driver) after a worker uploaded an
+epoch's checkpoint but before Ray's controller registered it leaves the directory whole and the snapshot without
+it (no snapshot at all after the first epoch), and Ray would restart from the snapshot's older checkpoint, or from
+scratch, while psamf reported resuming from the newer one.
 
 Ray keeps the best `run.keep_checkpoints` by the selection metric **and always the latest one** (Ray 2.60's
 `CheckpointManager` never deletes the latest registered checkpoint), so a restart or a re-run of the same
@@ -252,12 +256,14 @@ def _set_aside(fs: Any, path: str) -> str:
     return f"{path}.corrupt-{k}"
 
 
-def repair_run(fs: Any, run_dir: str) -> int | None:
+def repair_run(fs: Any, run_dir: str, *, ray_train: bool = True) -> int | None:
     """Make a run directory resumable; returns the epoch of its newest intact checkpoint (None: none).
 
     Damaged checkpoints, newest first, are set aside with a warning until an intact one is found (older ones are
     not read: a resume only needs the newest intact one). Then Ray's run snapshot is rewritten to name only the
-    checkpoint directories that exist (see the module docstring)."""
+    checkpoint directories that exist and, when Ray Train restores the run (`ray_train`; not in local mode, where
+    `LocalCheckpoints` reads the directories themselves), to name the newest intact one as the latest (see the
+    module docstring), so that Ray's `get_checkpoint()` in the workers is the checkpoint this returns."""
     dirs = _checkpoint_dirs(fs, run_dir)
     latest = None
     for epoch in sorted(dirs, reverse=True):
@@ -270,28 +276,55 @@ def repair_run(fs: Any, run_dir: str) -> int | None:
         log.warning("checkpoint epoch %d is damaged (%s); set aside as %s; %s", epoch, "; ".join(problems), moved,
                     f"falling back to the checkpoint of epoch {max(older)}" if older else "no older checkpoint")
         del dirs[epoch]
-    _repair_ray_snapshot(fs, run_dir, set(CHECKPOINT_DIR.format(epoch=e) for e in dirs))
+    _repair_ray_snapshot(fs, run_dir, set(CHECKPOINT_DIR.format(epoch=e) for e in dirs),
+                         newest=None if latest is None or not ray_train else dirs[latest])
     return latest
 
 
-def _repair_ray_snapshot(fs: Any, run_dir: str, present: set[str]) -> None:
-    """Drop the snapshot's references to checkpoint directories that are not `present`; the latest becomes the
-    remaining one reported last. Written only when something changed (atomically where the filesystem can)."""
-    from psamf.storage import exists, read_bytes, write_bytes
+def _empty_ray_snapshot() -> dict[str, Any]:
+    """Ray 2.60's run snapshot of a run that has registered no checkpoint (`_CheckpointManagerState`)."""
+    from importlib.metadata import version
 
-    path = f"{run_dir}/{RAY_SNAPSHOT}"
-    if not exists(fs, path):
-        return
-    try:
-        snap = json.loads(read_bytes(fs, path))
-        results, indices = snap["checkpoint_results"], snap["checkpoint_report_indices"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: Ray's run snapshot is unreadable ({e}); move the run directory aside or "
-                              "choose a new run.name") from None
+    return {"ray_version": version("ray"), "checkpoint_results": [], "checkpoint_report_indices": [],
+            "latest_checkpoint_result": None, "pending_training_results": [], "pending_validation_specs": [],
+            "current_report_index": 0, "validated_checkpoint_dir_names": [],
+            "timed_out_validation_checkpoint_dir_names": [], "failed_validation_checkpoint_dir_names": []}
+
+
+def _ray_score(metrics: Mapping[str, Any], metric: str, mode: str) -> tuple[bool, float]:
+    """The order Ray 2.60's checkpoint manager keeps its checkpoints in (worst first; `_get_checkpoint_score`):
+    NaN or a missing metric below every number, `mode="min"` negated."""
+    value = metrics.get(metric)
+    score = (1.0 if mode == "max" else -1.0) * float("-inf" if value is None else value)
+    return (False, float("-inf")) if math.isnan(score) else (True, score)
+
+
+def _adopt(fs: Any, snap: dict[str, Any], path: str) -> None:
+    """Register the intact checkpoint directory `path` in Ray's run snapshot `snap` as its latest checkpoint,
+    where Ray's controller would have put it: the metrics its worker reported (meta.json's, without the None
+    values the report leaves out), the next report index, the place its score gives it among the others."""
+    from psamf.storage import read_bytes
+
+    meta = json.loads(read_bytes(fs, f"{path}/meta.json"))
+    result = {"version": 0, "checkpoint_dir_name": path.rstrip("/").rsplit("/", 1)[-1],
+              "metrics": {k: v for k, v in (meta.get("metrics") or {}).items() if v is not None}}
+    index = int(snap["current_report_index"])
+    pairs = [*zip(snap["checkpoint_results"], snap["checkpoint_report_indices"]), (result, index)]
+    metric, mode = meta.get("select_metric", ""), meta.get("select_mode", "min")
+    pairs.sort(key=lambda ri: (*_ray_score(ri[0]["metrics"], metric, mode), ri[1]))  # ties: the later one last
+    snap["checkpoint_results"] = [r for r, _ in pairs]
+    snap["checkpoint_report_indices"] = [i for _, i in pairs]
+    snap["latest_checkpoint_result"] = result
+    snap["current_report_index"] = index + 1
+
+
+def _drop_missing(snap: dict[str, Any], present: set[str]) -> list[str]:
+    """Drop the references of Ray's run snapshot `snap` to checkpoint directories that are not `present`; the
+    latest becomes the remaining one reported last. Returns the names dropped."""
+    results, indices = snap["checkpoint_results"], snap["checkpoint_report_indices"]
     keep = [(r, i) for r, i in zip(results, indices) if r.get("checkpoint_dir_name") in present]
     if len(keep) == len(results):
-        return
-    dropped = sorted({r.get("checkpoint_dir_name") for r in results} - {r["checkpoint_dir_name"] for r, _ in keep})
+        return []
     snap["checkpoint_results"] = [r for r, _ in keep]
     snap["checkpoint_report_indices"] = [i for _, i in keep]
     snap["latest_checkpoint_result"] = max(keep, key=lambda ri: ri[1])[0] if keep else None
@@ -303,8 +336,39 @@ def _repair_ray_snapshot(fs: Any, run_dir: str, present: set[str]) -> None:
     for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
                 "failed_validation_checkpoint_dir_names"):
         snap[key] = [n for n in snap.get(key) or [] if n in present]
-    write_bytes(fs, path, json.dumps(snap).encode())
-    log.warning("%s: removed the references to %s (not in the run directory)", path, ", ".join(dropped))
+    return sorted({r.get("checkpoint_dir_name") for r in results} - {r["checkpoint_dir_name"] for r, _ in keep})
+
+
+def _repair_ray_snapshot(fs: Any, run_dir: str, present: set[str], newest: str | None = None) -> None:
+    """Make Ray's run snapshot name only checkpoint directories that are `present` (`_drop_missing`), and name the
+    directory `newest` (the newest intact checkpoint) as the latest, registering it when it is not there
+    (`_adopt`; a snapshot is created when there is none). Written only when something changed (atomically where
+    the filesystem can)."""
+    from psamf.storage import exists, read_bytes, write_bytes
+
+    path = f"{run_dir}/{RAY_SNAPSHOT}"
+    if exists(fs, path):
+        try:
+            snap = json.loads(read_bytes(fs, path))
+            dropped = _drop_missing(snap, present)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: Ray's run snapshot is unreadable ({e}); move the run directory aside or "
+                                  "choose a new run.name") from None
+    elif newest is None:
+        return
+    else:
+        snap, dropped = _empty_ray_snapshot(), []
+    registered = {r.get("checkpoint_dir_name") for r in snap["checkpoint_results"]}
+    adopt = newest is not None and newest.rstrip("/").rsplit("/", 1)[-1] not in registered
+    if adopt:
+        _adopt(fs, snap, newest)
+    if dropped or adopt:
+        write_bytes(fs, path, json.dumps(snap).encode())
+    if dropped:
+        log.warning("%s: removed the references to %s (not in the run directory)", path, ", ".join(dropped))
+    if adopt:
+        log.info("%s was written but not registered in Ray's run snapshot (the run was stopped in between): "
+                 "registered it as the latest checkpoint, which the run resumes from", newest)
 
 
 @contextlib.contextmanager

@@ -557,7 +557,7 @@ def prepare_run(pf: Preflight) -> TrainResult | None:
     (`psamf.results.read_run_outputs`: nothing to do), else None."""
     cfg, st = pf.cfg, pf.storage
     run_dir = st.run_dir(cfg.run.name)
-    resume_epoch = repair_run(st.fs, run_dir)
+    resume_epoch = repair_run(st.fs, run_dir, ray_train=cfg.run.num_workers > 0)
     _trim_history(st.fs, run_dir, resume_epoch)
     if resume_epoch is None:
         return None

@@ -48,6 +48,17 @@ def make_batch(cfg: ModelConfig, B: int = 4, L: int = 12, T_a: int = 9, T_v: int
     }
 
 
+def has_complete_checkpoint(root, pattern: str = "checkpoint_epoch=*") -> bool:
+    """Whether a checkpoint directory matching `pattern` under `root` holds every file its meta.json records, whole:
+    what a run stopped now resumes from. A meta.json alone is not enough: Ray uploads a checkpoint's files one by
+    one, maybe meta.json first, and a run stopped half way through the upload resumes from an older checkpoint."""
+    import pyarrow.fs as pafs
+
+    from psamf.checkpoint import verify_checkpoint
+
+    return any(not verify_checkpoint(pafs.LocalFileSystem(), str(d)) for d in root.glob(pattern) if d.is_dir())
+
+
 def ctrl_c_when(args: list, log_path, ready, *, cwd=None, timeout: float = 180) -> tuple[int, str]:
     """Run `python -m psamf.cli ARGS` in its own process group, joined to the test session's Ray, until `ready()`
     is true; then send SIGINT to the group (what Ctrl+C sends) and wait for it to exit. Returns (exit status, the

@@ -4,6 +4,8 @@
   more epochs, resumes from the newest intact checkpoint with a warning, trains to the end and records every
   epoch once; Ray's run snapshot no longer names the damaged checkpoint.
 * item 7: a finished run directory copied elsewhere, the original deleted, evaluates from the copy.
+* a checkpoint a worker uploaded but Ray's controller never registered (a run stopped in between) is resumed from.
+* Ctrl+C ends `psamf train` with status 130 and one line; the same command resumes.
 """
 
 from __future__ import annotations
@@ -80,6 +82,41 @@ def test_truncated_latest_checkpoint_falls_back_and_a_copied_run_evaluates_itsel
 
 
 @pytest.mark.slow
+def test_a_checkpoint_that_ray_never_registered_is_resumed_from(ray_cluster, shards, tmp_path, monkeypatch):
+    """A run stopped between a worker's upload of an epoch's checkpoint and its registration by Ray's controller
+    (Ctrl+C, a killed driver) leaves the directory whole and Ray's run snapshot without it: no snapshot at all when
+    that was the first checkpoint. The same command resumes from that checkpoint, as psamf says it does; Ray used to
+    restart from the snapshot's older checkpoint, or from scratch, training those epochs again."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    storage = tmp_path / "runs"
+    run, snap = storage / "rec", storage / "rec" / RAY_SNAPSHOT
+    T.train(_cfg(shards, str(storage), 2))
+    snap.unlink()  # stopped before Ray registered any checkpoint (and before the outputs)
+    (run / "metrics.json").unlink()
+    second = T.train(_cfg(shards, str(storage), 3))
+    assert [(r["epoch"], r["session"], r["resumed_from"]) for r in second.history[1:]] == [(1, 0, None), (2, 1, 1)]
+
+    # stopped between the upload of epoch 2 and its registration: the snapshot Ray wrote after epoch 1
+    s = json.loads(snap.read_text())
+    keep = [(r, i) for r, i in zip(s["checkpoint_results"], s["checkpoint_report_indices"])
+            if r["checkpoint_dir_name"] != "checkpoint_epoch=002"]
+    # (epoch 0's directory stays unregistered: the repair registers the newest intact checkpoint only)
+    assert [r["checkpoint_dir_name"] for r, _ in keep] == ["checkpoint_epoch=001"]
+    assert s["latest_checkpoint_result"]["checkpoint_dir_name"] == "checkpoint_epoch=002"
+    s.update(checkpoint_results=[r for r, _ in keep], checkpoint_report_indices=[i for _, i in keep],
+             latest_checkpoint_result=keep[-1][0], current_report_index=s["current_report_index"] - 1)
+    snap.write_text(json.dumps(s))
+    (run / "metrics.json").unlink()
+    third = T.train(_cfg(shards, str(storage), 4))
+    assert [r["session"] for r in third.history] == [0, 0, 1, 2] and third.history[3]["resumed_from"] == 2
+    assert [r["val_mae"] for r in third.history[:3]] == [r["val_mae"] for r in second.history]
+    s = json.loads(snap.read_text())
+    assert s["latest_checkpoint_result"]["checkpoint_dir_name"] == "checkpoint_epoch=003"
+    registered = {r["checkpoint_dir_name"] for r in s["checkpoint_results"]}
+    assert {"checkpoint_epoch=002", "checkpoint_epoch=003"} <= registered
+
+
+@pytest.mark.slow
 def test_ctrl_c_ends_psamf_train_with_one_line_and_status_130_and_the_same_command_resumes(ray_cluster, shards,
                                                                                            tmp_path):
     """SIGINT to `psamf train` (what Ctrl+C sends its process group) once an epoch is recorded: Ray Train's own
@@ -93,15 +130,15 @@ def test_ctrl_c_ends_psamf_train_with_one_line_and_status_130_and_the_same_comma
 
     import ray
 
-    from tests.helpers import ctrl_c_when
+    from tests.helpers import ctrl_c_when, has_complete_checkpoint
 
     args = ["train", "--preset", "tiny", f"data.uri={shards}", f"run.storage_path={tmp_path}", "run.name=sigint",
             "run.num_workers=1", "run.max_failures=0", "optim.epochs=200", "optim.early_stop_patience=500"]
     hist = tmp_path / "sigint" / "history.json"
-    # once a checkpoint is complete (history.json may run one epoch ahead of the checkpoints: a run interrupted
-    # before its first checkpoint starts afresh, which is not what this test is about)
-    rc, out = ctrl_c_when(args, tmp_path / "first.log",
-                          lambda: any((tmp_path / "sigint").glob("checkpoint_epoch=*/meta.json")))
+    # once a checkpoint is complete (history.json may run one epoch ahead of the checkpoints, and a checkpoint's
+    # meta.json may be uploaded before its other files): a run interrupted before its first complete checkpoint
+    # starts afresh, which is not what this test is about
+    rc, out = ctrl_c_when(args, tmp_path / "first.log", lambda: has_complete_checkpoint(tmp_path / "sigint"))
     assert rc == 130, out[-3000:]
     assert "psamf train: run sigint was interrupted (Ctrl+C or a stop signal)" in out and "Traceback" not in out
     # the workers stop too: Ray Train's abort (and the driver's exit) ends them within seconds, an epoch or a few
@@ -121,3 +158,7 @@ def test_ctrl_c_ends_psamf_train_with_one_line_and_status_130_and_the_same_comma
     h = json.loads(hist.read_text())
     assert [r["epoch"] for r in h] == list(range(done + 3)) and h[-1]["session"] == 1
     assert (tmp_path / "sigint" / "metrics.json").exists()
+    # the checkpoint the driver says it resumes from is the one the workers restored
+    first_new = next(r for r in h if r["session"] == 1)
+    assert f"resuming from the checkpoint of epoch {first_new['resumed_from']} " in again.stdout + again.stderr
+    assert first_new["resumed_from"] == first_new["epoch"] - 1

@@ -36,13 +36,13 @@ def cfg() -> Config:
     return Config.from_preset("tiny")
 
 
-def _save(cfg: Config, path: str, epoch: int, history: list) -> None:
+def _save(cfg: Config, path: str, epoch: int, history: list, metrics: dict | None = None) -> None:
     model = build_model(cfg.model)
     opt = build_optimizer(model, cfg.optim)
     sel = Selector(cfg.optim.select_metric, cfg.optim.select_mode, cfg.optim.early_stop_patience)
     sel.update(epoch, 1.0 / (epoch + 1))
     checkpoint.save_checkpoint(path, model=model, optimizer=opt, scheduler=build_scheduler(opt, cfg.optim),
-                               selector=sel, epoch=epoch, history=history, cfg=cfg)
+                               selector=sel, epoch=epoch, history=history, cfg=cfg, metrics=metrics)
 
 
 def _truncate(path: str) -> None:
@@ -131,6 +131,46 @@ def test_repair_with_no_intact_checkpoint_starts_afresh(cfg, tmp_path):
     assert checkpoint.repair_run(LOCAL, run) is None
     snap = json.load(open(os.path.join(run, checkpoint.RAY_SNAPSHOT)))
     assert snap["checkpoint_results"] == [] and snap["latest_checkpoint_result"] is None
+
+
+def test_repair_registers_the_newest_intact_checkpoint_that_rays_snapshot_lacks(cfg, tmp_path, caplog):
+    """A run stopped between a worker's upload of an epoch's checkpoint and its registration by Ray's controller
+    (Ctrl+C, a killed driver) leaves the directory whole and Ray's run snapshot without it: no snapshot at all after
+    the first epoch. Ray resumed from the snapshot's older checkpoint, or from scratch, while psamf logged resuming
+    from the newer one. repair_run registers it as the latest where Ray's controller would have: Ray's own
+    checkpoint manager loads the snapshot, resumes from it and keeps the order its own scores give."""
+    from ray.train import CheckpointConfig
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    run = str(tmp_path / "run")
+    losses = [0.9, 0.7, float("nan"), 0.8, 0.7]  # val_loss (lower is better): a NaN epoch and a tie
+    for e, loss in enumerate(losses):  # each epoch's upload, then the registration that never happened
+        _save(cfg, f"{run}/checkpoint_epoch={e:03d}", e, [{"epoch": i} for i in range(e + 1)],
+              metrics={"epoch": e, "val_loss": loss, "val_mae": 1.0, "grad_norm": None})
+        if e == 0:  # a local-mode run (`LocalCheckpoints`, no Ray Train) gets no snapshot
+            assert checkpoint.repair_run(LOCAL, run, ray_train=False) == 0
+            assert not os.path.exists(os.path.join(run, checkpoint.RAY_SNAPSHOT))
+        with caplog.at_level(logging.INFO, logger="psamf.checkpoint"):
+            assert checkpoint.repair_run(LOCAL, run) == e
+        assert f"checkpoint_epoch={e:03d} was written but not registered" in caplog.text
+        caplog.clear()
+    before = open(os.path.join(run, checkpoint.RAY_SNAPSHOT)).read()
+    assert checkpoint.repair_run(LOCAL, run) == 4 and "not registered" not in caplog.text  # idempotent
+    assert open(os.path.join(run, checkpoint.RAY_SNAPSHOT)).read() == before
+
+    ray_cfg = CheckpointConfig(checkpoint_score_attribute="val_loss", checkpoint_score_order="min")
+    mgr = CheckpointManager(checkpoint_config=ray_cfg, storage_context=StorageContext(str(tmp_path), "run"))
+    names = [os.path.basename(r.checkpoint.path) for r in mgr._checkpoint_results]
+    assert os.path.basename(mgr.latest_checkpoint_result.checkpoint.path) == "checkpoint_epoch=004"
+    assert os.path.basename(mgr.best_checkpoint_result.checkpoint.path) == "checkpoint_epoch=004"  # tie: the later
+    index = mgr._checkpoint_to_report_index
+    ray_order = sorted(mgr._checkpoint_results, key=lambda r: (mgr._get_checkpoint_score(r), index[r.checkpoint]))
+    assert names == [os.path.basename(r.checkpoint.path) for r in ray_order]
+    assert names == [f"checkpoint_epoch={e:03d}" for e in (2, 0, 3, 1, 4)]  # NaN worst, then by val_loss
+    assert [index[r.checkpoint] for r in mgr._checkpoint_results] == [2, 0, 3, 1, 4]
+    assert mgr._current_report_index == 5
+    assert all("grad_norm" not in r.metrics for r in mgr._checkpoint_results)  # what a report carries
 
 
 # ----------------------------------------------------------------------------- item 8: evaluate a truncated model.pt

@@ -238,7 +238,7 @@ def test_ctrl_c_stops_a_search_with_status_130_marks_running_trials_unfinished_a
     """`psamf tune` gets SIGINT (what Ctrl+C sends its process group) while its first trial trains: it exits with
     status 130 and prints the resume command; the trial that was running is `unfinished` in trials.csv (not
     stopped early), nothing is tested (no metrics.json); `--resume` then finishes every trial and tests once."""
-    from tests.helpers import ctrl_c_when
+    from tests.helpers import ctrl_c_when, has_complete_checkpoint
 
     path = _space(tmp_path, {"model.text_layers": {"grid": [1, 2]}},
                   base={"preset": "tiny", "overrides": {"optim.epochs": 12, "data.uri": shards,
@@ -247,7 +247,7 @@ def test_ctrl_c_stops_a_search_with_status_130_marks_running_trials_unfinished_a
     d = tmp_path / "runs" / "sig"
 
     def an_epoch_recorded() -> bool:  # the first trial has a complete checkpoint and trains on
-        return any((d / "trials").glob("*/checkpoint_epoch=*/meta.json")) if (d / "trials").exists() else False
+        return has_complete_checkpoint(d / "trials", "*/checkpoint_epoch=*") if (d / "trials").exists() else False
 
     rc, out = ctrl_c_when(["tune", "--config", path, "--name", "sig", "--storage", tmp_path / "runs"],
                           tmp_path / "tune.log", an_epoch_recorded, cwd=tmp_path, timeout=240)
