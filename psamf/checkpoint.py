@@ -299,14 +299,14 @@ def _ray_score(metrics: Mapping[str, Any], metric: str, mode: str) -> tuple[bool
     return (False, float("-inf")) if math.isnan(score) else (True, score)
 
 
-def _adopt(fs: Any, snap: dict[str, Any], path: str) -> None:
-    """Register the intact checkpoint directory `path` in Ray's run snapshot `snap` as its latest checkpoint,
-    where Ray's controller would have put it: the metrics its worker reported (meta.json's, without the None
-    values the report leaves out), the next report index, the place its score gives it among the others."""
+def _adopt(fs: Any, snap: dict[str, Any], path: str, name: str) -> None:
+    """Register the intact checkpoint directory `path` (named `name`) in Ray's run snapshot `snap` as its latest
+    checkpoint, where Ray's controller would have put it: the metrics its worker reported (meta.json's, without the
+    None values the report leaves out), the next report index, the place its score gives it among the others."""
     from psamf.storage import read_bytes
 
     meta = json.loads(read_bytes(fs, f"{path}/meta.json"))
-    result = {"version": 0, "checkpoint_dir_name": path.rstrip("/").rsplit("/", 1)[-1],
+    result = {"version": 0, "checkpoint_dir_name": name,
               "metrics": {k: v for k, v in (meta.get("metrics") or {}).items() if v is not None}}
     index = int(snap["current_report_index"])
     pairs = [*zip(snap["checkpoint_results"], snap["checkpoint_report_indices"]), (result, index)]
@@ -358,10 +358,10 @@ def _repair_ray_snapshot(fs: Any, run_dir: str, present: set[str], newest: str |
         return
     else:
         snap, dropped = _empty_ray_snapshot(), []
-    registered = {r.get("checkpoint_dir_name") for r in snap["checkpoint_results"]}
-    adopt = newest is not None and newest.rstrip("/").rsplit("/", 1)[-1] not in registered
+    name = None if newest is None else newest.rstrip("/").rsplit("/", 1)[-1]
+    adopt = name is not None and name not in {r.get("checkpoint_dir_name") for r in snap["checkpoint_results"]}
     if adopt:
-        _adopt(fs, snap, newest)
+        _adopt(fs, snap, newest, name)
     if dropped or adopt:
         write_bytes(fs, path, json.dumps(snap).encode())
     if dropped:

@@ -92,7 +92,6 @@ def s3_server():
     server.server_close()
 
 
-
 @pytest.fixture
 def refusing_port() -> int:
     """A port on 127.0.0.1 where a connection is refused: bound for the whole test and never listening, so no other
